@@ -1,0 +1,72 @@
+"""The character model: embedding -> GRU -> linear head.
+
+Attribute names (`embedding`, `gru`, `head`) are part of the checkpoint
+contract: export and any other reader find the weights by these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    embedding_dim: int = 256
+    hidden_size: int = 1024
+    num_layers: int = 1
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embedding_dim", "hidden_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """Build from a dict that may carry extra keys (training facts)."""
+        names = {f.name for f in fields(cls)}
+        missing = {"vocab_size"} - data.keys()
+        if missing:
+            raise ValueError(f"model config is missing {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class CharGRU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim)
+        self.gru = nn.GRU(
+            config.embedding_dim,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            # nn.GRU applies dropout between layers only; it warns on 1 layer.
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        c = self.config
+        return torch.zeros(c.num_layers, batch_size, c.hidden_size, device=device)  # [L, B, H]
+
+    def forward(
+        self, tokens: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] int64, hidden [L, B, H] or None (zeros).
+
+        Returns logits [B, T, V] and the final state [L, B, H].
+        """
+        x = self.embedding(tokens)  # [B, T, E]
+        out, hidden = self.gru(x, hidden)  # out [B, T, H], hidden [L, B, H]
+        return self.head(out), hidden  # [B, T, V], [L, B, H]
