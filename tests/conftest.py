@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random-weight checkpoint and its exported model directory.
+
+Made once per test session in a temporary directory; no test needs network or
+files outside the repository.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TINY_TEXT = (
+    "To be, or not to be, that is the question:\n"
+    "Whether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\n"
+    "Or to take arms against a sea of troubles.\n"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-weight checkpoint (embedding 8, hidden 16) over TINY_TEXT's characters."""
+    torch = pytest.importorskip("torch")
+    from training.checkpoint import save_model
+    from training.model import CharGRU, ModelConfig
+    from training.vocab import Vocab
+
+    torch.manual_seed(0)
+    vocab = Vocab.from_text(TINY_TEXT)
+    model = CharGRU(ModelConfig(vocab_size=len(vocab), embedding_dim=8, hidden_size=16, num_layers=2))
+    directory = tmp_path_factory.mktemp("tiny_checkpoint")
+    save_model(directory, model, vocab, {"steps": 0})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported to a model directory (fp32 model.onnx + manifest.json)."""
+    import onnx
+
+    from export.onnx_cell import build_cell
+    from training.checkpoint import load_model
+
+    model, vocab, config = load_model(tiny_checkpoint)
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    directory = tmp_path_factory.mktemp("tiny_model")
+    onnx.save(build_cell(weights, config, vocab.chars), str(directory / "model.onnx"))
+    manifest = {
+        "format": "charstream-model/1",
+        "default": "fp32",
+        "variants": {"fp32": {"file": "model.onnx"}},
+        "config": model.config.to_dict(),
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return directory
