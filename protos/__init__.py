@@ -1,0 +1,1 @@
+"""The charstream gRPC contract (.proto files) and its generated Python stubs."""

@@ -1,0 +1,1 @@
+"""charstream.v1: generator.proto and the stubs generated from it (do not edit them)."""
