@@ -34,6 +34,18 @@ META_VOCAB = "charstream.vocab"
 META_CONFIG = "charstream.config"
 
 
+MODEL_CONFIG_KEYS = ("vocab_size", "embedding_dim", "hidden_size", "num_layers", "dropout")
+
+
+def model_metadata(config: Mapping, vocab: list[str]) -> dict[str, str]:
+    """metadata_props that make an .onnx file describe itself (vocab and model config)."""
+    model_config = {k: config[k] for k in MODEL_CONFIG_KEYS if k in config}
+    return {
+        META_VOCAB: json.dumps(list(vocab), ensure_ascii=False),
+        META_CONFIG: json.dumps(model_config),
+    }
+
+
 def build_cell(
     weights: Mapping[str, np.ndarray],
     config: Mapping,
@@ -132,10 +144,6 @@ def build_cell(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="charstream"
     )
     model.ir_version = IR_VERSION
-    model_config = {k: config[k] for k in ("vocab_size", "embedding_dim", "hidden_size", "num_layers", "dropout") if k in config}
-    helper.set_model_props(
-        model,
-        {META_VOCAB: json.dumps(list(vocab), ensure_ascii=False), META_CONFIG: json.dumps(model_config)},
-    )
+    helper.set_model_props(model, model_metadata(config, vocab))
     onnx.checker.check_model(model, full_check=True)
     return model

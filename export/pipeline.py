@@ -1,0 +1,273 @@
+"""Checkpoint directory -> verified model directory, written atomically.
+
+Everything is built and verified in a hidden temporary directory next to the
+target (`.NAME.partial-XXXX`), manifest.json is written last, and only then is
+the directory renamed into place. A failure at any point removes the temporary
+directory, so a directory named MODEL_DIR only ever holds a verified export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from export.evaluate import DEFAULT_STREAMS, EvalTextError, cell_loss, load_streams
+from export.gru_op import build_gru_op_graph
+from export.reference import TorchReference
+from export.runtime import CPU, CUDA, CellRunner, cuda_available, make_session
+from export.variants import VARIANTS, Tolerance, parse_variants
+from export.verify import BATCH_SIZES, GREEDY_LENGTH, Subject, verify_cell, verify_prefill
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "charstream-model/1"
+PREFILL_FILE = "prefill.onnx"
+# The prompt graph is fp32 and is held to the fp32 cell's tolerance.
+PREFILL_TOLERANCE = VARIANTS["fp32"].tolerance
+DEFAULT_PROMPT_LENGTH = 16
+
+
+class ExportError(RuntimeError):
+    """An export that cannot start or finish: bad checkpoint, bad options, unwritable output."""
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _looks_like_model_dir(path: Path) -> bool:
+    return (path / MANIFEST_FILE).is_file() or (path / "model.onnx").is_file()
+
+
+def _check_target(out_dir: Path, checkpoint_dir: Path, force: bool) -> None:
+    """Refuse targets that would destroy something other than an earlier export."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"output path {out_dir} exists and is not a directory")
+    resolved_out, resolved_ckpt = out_dir.resolve(), checkpoint_dir.resolve()
+    if resolved_out == resolved_ckpt or resolved_out in resolved_ckpt.parents:
+        raise ExportError(f"output directory {out_dir} would contain or replace the checkpoint")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise ExportError(f"output directory {out_dir} is not empty; pass --force to replace an earlier export")
+        if not _looks_like_model_dir(out_dir):
+            raise ExportError(
+                f"output directory {out_dir} is not empty and holds no earlier export "
+                "(no manifest.json or model.onnx); --force only replaces model directories"
+            )
+
+
+def _prompt_ids(prompt: str | None, vocab: list[str], seed: int) -> list[int]:
+    if prompt is None:
+        rng = np.random.default_rng(seed)
+        return [int(i) for i in rng.integers(0, len(vocab), size=DEFAULT_PROMPT_LENGTH)]
+    index = {ch: i for i, ch in enumerate(vocab)}
+    unknown = sorted({ch for ch in prompt if ch not in index})
+    if not prompt or unknown:
+        raise ExportError(f"prompt must be non-empty and use only vocabulary characters; unknown: {unknown!r}")
+    return [index[ch] for ch in prompt]
+
+
+def _providers_for(target: str) -> list[str]:
+    """CPU always (verify wherever the export runs); CUDA too for GPU-meant graphs when present."""
+    return [CPU, CUDA] if target in ("any", "cuda") and cuda_available() else [CPU]
+
+
+def export_checkpoint(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    variants: Iterable[str] | str = ("fp32",),
+    *,
+    eval_text: str | Path | None = None,
+    prefill: bool = True,
+    force: bool = False,
+    default: str = "fp32",
+    prompt: str | None = None,
+    greedy_length: int = GREEDY_LENGTH,
+    eval_streams: int = DEFAULT_STREAMS,
+    seed: int = 0,
+    threads: int | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Export, verify and (when `eval_text` is given) score a checkpoint; returns the manifest.
+
+    `threads` caps PyTorch's and ONNX Runtime's CPU threads (default: their own
+    choice); on a busy machine 1 avoids threads spinning against each other.
+    Raises ExportError for unusable input and VerificationError (export.verify)
+    when a graph does not match PyTorch; in both cases `out_dir` is untouched.
+    """
+    from training.checkpoint import CheckpointError, load_model
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    try:
+        names = parse_variants(variants)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
+    if default not in names:
+        raise ExportError(f"default variant {default!r} is not among the exported variants {names}")
+    if greedy_length < 1:
+        raise ExportError("greedy length must be at least 1")
+    if threads is not None:
+        if threads < 1:
+            raise ExportError("threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        model, vocab, checkpoint_config = load_model(checkpoint_dir)
+    except CheckpointError as exc:
+        raise ExportError(f"bad checkpoint: {_one_line(exc)}") from exc
+    _check_target(out_dir, checkpoint_dir, force)
+    config = model.config.to_dict()
+    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    reference = TorchReference(model)
+    prompt_ids = _prompt_ids(prompt, vocab.chars, seed)
+    try:
+        streams = load_streams(Path(eval_text), vocab.chars, eval_streams) if eval_text is not None else None
+    except EvalTextError as exc:
+        raise ExportError(str(exc)) from exc
+
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    except OSError as exc:
+        raise ExportError(f"output directory {out_dir} is not writable: {exc.strerror or exc}") from exc
+    try:
+        manifest = _build_all(
+            staging, names, weights, config, vocab.chars, reference, prompt_ids,
+            greedy_length=greedy_length, seed=seed, threads=threads, prefill=prefill, streams=streams, log=log,
+        )
+        manifest["default"] = default
+        manifest["training"] = checkpoint_config.get("training", {})
+        if streams is not None:
+            manifest["evaluation"]["text"] = Path(eval_text).name
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir}")
+    return manifest
+
+
+def _build_all(
+    staging: Path, names: list[str], weights: dict, config: dict, vocab: list[str],
+    reference: TorchReference, prompt_ids: list[int], *,
+    greedy_length: int, seed: int, threads: int | None, prefill: bool, streams: np.ndarray | None,
+    log: Callable[[str], None],
+) -> dict:
+    check = dict(
+        vocab=vocab, config=config, prompt=prompt_ids, greedy_length=greedy_length, seed=seed, threads=threads
+    )
+    manifest: dict = {"format": MANIFEST_FORMAT, "default": "fp32", "variants": {}, "config": config}
+    for name in names:
+        variant = VARIANTS[name]
+        path = staging / variant.file
+        try:
+            variant.build(weights, config, vocab, path)
+        except Exception as exc:  # a builder failure is an export failure, named by variant
+            raise ExportError(f"building the {name} variant failed: {_one_line(exc)}") from exc
+        entry = {
+            "file": variant.file, "target": variant.target, "bytes": path.stat().st_size,
+            "sha256": _sha256(path), "tolerance": variant.tolerance.to_dict(), "verified": {},
+        }
+        for provider in _providers_for(variant.target):
+            facts = verify_cell(path, reference, variant.tolerance, subject=Subject(name, provider), **check)
+            entry["verified"][provider] = facts
+            log(_summary(name, provider, facts, variant.tolerance))
+        manifest["variants"][name] = entry
+    if prefill:
+        path = staging / PREFILL_FILE
+        onnx.save(build_gru_op_graph(weights, config, vocab, prefill=True), str(path))
+        entry = {
+            "file": PREFILL_FILE, "bytes": path.stat().st_size, "sha256": _sha256(path),
+            "tolerance": PREFILL_TOLERANCE.to_dict(), "verified": {},
+        }
+        for provider in _providers_for("any"):
+            facts = verify_prefill(
+                path, staging / VARIANTS["fp32"].file, reference, PREFILL_TOLERANCE,
+                subject=Subject("prefill", provider), **check,
+            )
+            entry["verified"][provider] = facts
+            log(_summary("prefill", provider, facts, PREFILL_TOLERANCE))
+        manifest["prefill"] = entry
+    manifest["verification"] = {
+        "batch_sizes": list(BATCH_SIZES), "greedy_chars": greedy_length,
+        "prompt": "".join(vocab[i] for i in prompt_ids),
+    }
+    if streams is not None:
+        manifest["evaluation"] = _evaluate(staging, manifest, names, reference, streams, threads, log)
+    return manifest
+
+
+def _evaluate(
+    staging: Path, manifest: dict, names: list[str], reference: TorchReference,
+    streams: np.ndarray, threads: int | None, log: Callable[[str], None],
+) -> dict:
+    """Teacher-forced validation loss of each variant on the CPU, checked against PyTorch's."""
+    from export.verify import VerificationError
+
+    torch_loss = reference.stream_losses(streams)
+    log(f"pytorch: val loss {torch_loss:.4f} over {streams.size} characters in {streams.shape[0]} streams")
+    for name in names:
+        variant = VARIANTS[name]
+        runner = CellRunner(make_session(staging / variant.file, CPU, threads))
+        loss = cell_loss(runner, streams, reference.num_layers, reference.hidden_size)
+        delta = loss - torch_loss
+        manifest["variants"][name]["val_loss"] = loss
+        log(f"{name}: val loss {loss:.4f} (Δ vs PyTorch {delta:+.4f}, allowed ±{variant.tolerance.max_loss_delta:g})")
+        if not abs(delta) <= variant.tolerance.max_loss_delta:
+            raise VerificationError(
+                f"{name} variant failed verification on {CPU}: val loss {loss:.4f} differs from "
+                f"PyTorch's {torch_loss:.4f} by {delta:+.4f}, more than {variant.tolerance.max_loss_delta:g}"
+            )
+    return {"pytorch_val_loss": torch_loss, "streams": int(streams.shape[0]), "chars": int(streams.size)}
+
+
+def _summary(name: str, provider: str, facts: dict, tolerance: Tolerance) -> str:
+    worst = max(facts["batches"].values(), key=lambda d: d["logits"])
+    greedy = facts["greedy"]
+    line = (
+        f"{name}: verified on {provider}: batches {','.join(facts['batches'])} "
+        f"max |Δlogits| {worst['logits']:.2g}, max |Δstate| "
+        f"{max(d['hidden'] for d in facts['batches'].values()):.2g}; "
+        f"greedy {greedy['identical_chars']}/{greedy['chars']} chars identical"
+    )
+    if "top1_agreement" in greedy:
+        line += f", top-1 agreement {greedy['top1_agreement']:.1%}"
+    return line
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Swap the finished directory in; an earlier export (checked by _check_target) is removed after."""
+    old = None
+    if out_dir.exists():
+        if any(out_dir.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+        else:
+            out_dir.rmdir()
+    os.replace(staging, out_dir)
+    os.chmod(out_dir, 0o777 & ~_current_umask())  # mkdtemp made it private (0700)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,72 @@
+"""PyTorch side of verification: the checkpoint's own CharGRU, driven with numpy arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from training.model import CharGRU
+
+
+class TorchReference:
+    """The trained module in float32 on the CPU, the ground truth every graph must match."""
+
+    def __init__(self, model: CharGRU):
+        self.model = model.float().cpu().eval()
+        config = model.config
+        self.num_layers, self.hidden_size = config.num_layers, config.hidden_size
+        self.vocab_size = config.vocab_size
+
+    def zero_state(self, batch: int) -> np.ndarray:
+        return np.zeros((self.num_layers, batch, self.hidden_size), dtype=np.float32)  # [L, B, H]
+
+    @torch.no_grad()
+    def step(self, tokens: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [B], hidden [L, B, H] -> logits [B, V], hidden [L, B, H]."""
+        logits, new_hidden = self.model(
+            torch.from_numpy(np.asarray(tokens, dtype=np.int64))[:, None],  # [B, 1]
+            torch.from_numpy(np.asarray(hidden, dtype=np.float32)),
+        )
+        return logits[:, 0].numpy(), new_hidden.numpy()
+
+    @torch.no_grad()
+    def prefill(
+        self, tokens: np.ndarray, lengths: np.ndarray, hidden: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """tokens [B, T] right-padded, lengths [B] -> logits after each row's last token, state."""
+        model = self.model
+        embedded = model.embedding(torch.from_numpy(np.asarray(tokens, dtype=np.int64)))  # [B, T, E]
+        packed = pack_padded_sequence(
+            embedded, torch.as_tensor(lengths, dtype=torch.int64), batch_first=True, enforce_sorted=False
+        )
+        _, final = model.gru(packed, torch.from_numpy(np.asarray(hidden, dtype=np.float32)))  # [L, B, H]
+        return model.head(final[-1]).numpy(), final.numpy()
+
+    @torch.no_grad()
+    def sequence_logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits after each token of one stream from the zero state: [T, V]."""
+        logits, _ = self.model(torch.tensor([tokens], dtype=torch.int64))  # [1, T, V]
+        return logits[0].numpy()
+
+    def greedy(self, prompt: list[int], length: int) -> list[int]:
+        """The `length` tokens that always picking the top logit generates after `prompt`."""
+        logits, hidden = self.prefill(
+            np.asarray([prompt]), np.asarray([len(prompt)]), self.zero_state(1)
+        )
+        generated: list[int] = []
+        for _ in range(length):
+            token = int(np.argmax(logits[0]))
+            generated.append(token)
+            logits, hidden = self.step(np.asarray([token]), hidden)
+        return generated
+
+    @torch.no_grad()
+    def stream_losses(self, streams: np.ndarray) -> float:
+        """Mean next-character cross-entropy (nats) over parallel streams [S, T] from zero state."""
+        tokens = torch.from_numpy(np.asarray(streams, dtype=np.int64))
+        logits, _ = self.model(tokens[:, :-1])  # [S, T-1, V]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+        )
+        return float(loss)

@@ -1,0 +1,125 @@
+"""The model variants an export can write, each with the tolerance it is verified against.
+
+fp32  model.onnx       the reference graph; must match PyTorch to float32 rounding.
+fp16  model.fp16.onnx  fp16 weights and maths inside, fp32 inputs/outputs (for GPUs).
+int8  model.int8.onnx  dynamic int8 quantization of the fp32 graph's MatMuls (for CPUs).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from export.onnx_cell import IR_VERSION, build_cell, model_metadata
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a variant promises against the PyTorch float32 model.
+
+    logits / hidden: bound on the max abs difference after one step from random
+        states, and at every step of the teacher-forced greedy trajectory.
+    exact_greedy: free-running greedy text must be identical (fp32 only; a lossy
+        variant may legitimately pick the other side of a near tie).
+    max_loss_delta: bound on |val loss - PyTorch val loss| in nats when an
+        evaluation text is given.
+    """
+
+    logits: float
+    hidden: float
+    exact_greedy: bool
+    max_loss_delta: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    file: str
+    tolerance: Tolerance
+    # Providers the variant is meant for; verification also runs it on the CPU
+    # so that every export is checked wherever it happens.
+    target: str
+    build: Callable[[Mapping[str, np.ndarray], Mapping, list[str], Path], None]
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.save(model, str(path))
+
+
+def _build_fp32(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[str], path: Path) -> None:
+    _save(build_cell(weights, config, vocab, float_type=np.float32), path)
+
+
+def _build_fp16(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[str], path: Path) -> None:
+    _save(build_cell(weights, config, vocab, float_type=np.float16), path)
+
+
+def _build_int8(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[str], path: Path) -> None:
+    """quantize_dynamic over the fp32 cell: MatMul weights to int8 per output column.
+
+    The folded layer-0 table stays fp32: it is a lookup (Gather), tiny, and
+    quantizing it would only add error. Activations are quantized per call by
+    DynamicQuantizeLinear, so nothing needs calibrating.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = build_cell(weights, config, vocab, float_type=np.float32)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        source = Path(scratch) / "fp32.onnx"
+        _save(fp32, source)
+        # quantize_dynamic logs a generic "consider pre-processing" warning on the
+        # root logger; our graph has nothing for that pre-processing to do.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(
+                source,
+                path,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+            )
+        finally:
+            logging.disable(logging.NOTSET)
+    quantized = onnx.load(str(path))
+    # The quantizer rewrites the model proto: restore the pinned IR version and
+    # make sure the file still describes itself.
+    quantized.ir_version = IR_VERSION
+    del quantized.metadata_props[:]
+    helper.set_model_props(quantized, model_metadata(config, vocab))
+    _save(quantized, path)
+
+
+VARIANTS: dict[str, Variant] = {
+    "fp32": Variant(
+        "fp32", "model.onnx", Tolerance(logits=1e-4, hidden=1e-4, exact_greedy=True, max_loss_delta=1e-3),
+        target="any", build=_build_fp32,
+    ),
+    "fp16": Variant(
+        "fp16", "model.fp16.onnx", Tolerance(logits=0.02, hidden=0.02, exact_greedy=False, max_loss_delta=0.01),
+        target="cuda", build=_build_fp16,
+    ),
+    "int8": Variant(
+        "int8", "model.int8.onnx", Tolerance(logits=0.05, hidden=0.1, exact_greedy=False, max_loss_delta=0.05),
+        target="cpu", build=_build_int8,
+    ),
+}
+
+
+def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[str]:
+    """'fp32,int8' -> ['fp32', 'int8'] (fp32 always included and first: it is the reference file)."""
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    names = [n for n in names if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    return ["fp32"] + [n for n in dict.fromkeys(names) if n != "fp32"]
