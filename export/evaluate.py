@@ -25,8 +25,9 @@ class EvalTextError(ValueError):
 
 
 def validation_part(text: str) -> str:
-    """The last 10% of the text (training's validation split)."""
-    return text[int(len(text) * (1.0 - VALIDATION_FRACTION)) :]
+    """The last 10% of the text, counted exactly as training's split counts it."""
+    validation_chars = int(len(text) * VALIDATION_FRACTION)
+    return text[len(text) - validation_chars :]
 
 
 def load_streams(path: Path, vocab: list[str], streams: int = DEFAULT_STREAMS) -> np.ndarray:

@@ -239,16 +239,20 @@ def _evaluate(
 
 
 def _summary(name: str, provider: str, facts: dict, tolerance: Tolerance) -> str:
-    worst = max(facts["batches"].values(), key=lambda d: d["logits"])
+    batches = facts["batches"].values()
+    worst = max(batches, key=lambda d: d["logits"] / d["logits_tolerance"])
     greedy = facts["greedy"]
     line = (
         f"{name}: verified on {provider}: batches {','.join(facts['batches'])} "
-        f"max |Δlogits| {worst['logits']:.2g}, max |Δstate| "
-        f"{max(d['hidden'] for d in facts['batches'].values()):.2g}; "
+        f"max |Δlogits| {worst['logits']:.2g} (tolerance {worst['logits_tolerance']:.2g}), "
+        f"max |Δstate| {max(d['hidden'] for d in batches):.2g} (tolerance {tolerance.hidden:g}); "
         f"greedy {greedy['identical_chars']}/{greedy['chars']} chars identical"
     )
     if "top1_agreement" in greedy:
-        line += f", top-1 agreement {greedy['top1_agreement']:.1%}"
+        line += (
+            f", top-1 agreement {greedy['top1_agreement']:.1%}, trajectory max |Δlogits| "
+            f"{greedy['max_logits_diff_vs_tolerance']:.0%} of tolerance"
+        )
     return line
 
 

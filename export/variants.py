@@ -24,8 +24,11 @@ from export.onnx_cell import IR_VERSION, build_cell, model_metadata
 class Tolerance:
     """What a variant promises against the PyTorch float32 model.
 
-    logits / hidden: bound on the max abs difference after one step from random
-        states, and at every step of the teacher-forced greedy trajectory.
+    logits: bound on max |Δlogits| as a fraction of the reference's max |logit|
+        (at least 1): logit errors grow with the logits themselves. Checked
+        after one step from random states and at every step of the
+        teacher-forced greedy trajectory.
+    hidden: bound on max |Δstate|, absolute (GRU states lie in (-1, 1)).
     exact_greedy: free-running greedy text must be identical (fp32 only; a lossy
         variant may legitimately pick the other side of a near tie).
     max_loss_delta: bound on |val loss - PyTorch val loss| in nats when an
@@ -105,11 +108,11 @@ VARIANTS: dict[str, Variant] = {
         target="any", build=_build_fp32,
     ),
     "fp16": Variant(
-        "fp16", "model.fp16.onnx", Tolerance(logits=0.02, hidden=0.02, exact_greedy=False, max_loss_delta=0.01),
+        "fp16", "model.fp16.onnx", Tolerance(logits=0.01, hidden=0.01, exact_greedy=False, max_loss_delta=0.005),
         target="cuda", build=_build_fp16,
     ),
     "int8": Variant(
-        "int8", "model.int8.onnx", Tolerance(logits=0.05, hidden=0.1, exact_greedy=False, max_loss_delta=0.05),
+        "int8", "model.int8.onnx", Tolerance(logits=0.05, hidden=0.1, exact_greedy=False, max_loss_delta=0.02),
         target="cpu", build=_build_int8,
     ),
 }

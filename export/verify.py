@@ -76,7 +76,7 @@ def _compare(
         raise subject.fail(
             f"{where}: max |Δstate| {hidden_diff:.3g} exceeds tolerance {tolerance.hidden:g}"
         )
-    return {"logits": logits_diff, "hidden": hidden_diff}
+    return {"logits": logits_diff, "logits_tolerance": bound, "hidden": hidden_diff}
 
 
 def check_file(subject: Subject, path: Path, vocab: list[str], config: dict) -> None:
@@ -154,7 +154,7 @@ def _check_greedy(
     stream = prompt + expected
     ref_logits = reference.sequence_logits(stream[:-1])  # [T, V]: logits after each token
     hidden = reference.zero_state(1)
-    max_diff = 0.0
+    max_diff, max_ratio = 0.0, 0.0
     agree = 0
     for t, token in enumerate(stream[:-1]):
         logits, hidden = runner.step(np.asarray([token]), hidden)
@@ -164,7 +164,7 @@ def _check_greedy(
             raise subject.fail(
                 f"greedy trajectory step {t}: max |Δlogits| {diff:.3g} exceeds tolerance {bound:.3g}"
             )
-        max_diff = max(max_diff, diff)
+        max_diff, max_ratio = max(max_diff, diff), max(max_ratio, diff / bound)
         if t >= len(prompt) - 1:
             agree += int(np.argmax(logits[0]) == stream[t + 1])
     generated = runner.greedy(prompt, length, reference.zero_state(1))
@@ -178,6 +178,7 @@ def _check_greedy(
         "identical_chars": identical,
         "top1_agreement": agree / length,
         "max_logits_diff": max_diff,
+        "max_logits_diff_vs_tolerance": max_ratio,
     }
 
 
