@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="text file whose last 10%% scores each variant's teacher-forced validation loss",
     )
     parser.add_argument("--eval-streams", type=int, default=DEFAULT_STREAMS, metavar="N", help="parallel streams for the loss (default: %(default)s)")
-    parser.add_argument("--no-prefill", action="store_true", help="do not write the prompt (prefill) graph")
+    parser.add_argument(
+        "--prefill", action="store_true",
+        help="also write prefill.onnx, a graph that consumes a whole prompt in one call",
+    )
     parser.add_argument("--force", action="store_true", help="replace MODEL_DIR if it holds an earlier export")
     parser.add_argument("--prompt", help="prompt for the greedy check (default: random characters, fixed seed)")
     parser.add_argument("--greedy-chars", type=int, default=GREEDY_LENGTH, metavar="N", help="greedy characters compared (default: %(default)s)")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_checkpoint(
             args.checkpoint, args.out, args.variants,
-            eval_text=args.eval_text, prefill=not args.no_prefill, force=args.force,
+            eval_text=args.eval_text, prefill=args.prefill, force=args.force,
             default=args.default, prompt=args.prompt, greedy_length=args.greedy_chars,
             eval_streams=args.eval_streams, seed=args.seed, threads=args.threads, log=log,
         )

@@ -93,7 +93,7 @@ def export_checkpoint(
     variants: Iterable[str] | str = ("fp32",),
     *,
     eval_text: str | Path | None = None,
-    prefill: bool = True,
+    prefill: bool = False,
     force: bool = False,
     default: str = "fp32",
     prompt: str | None = None,
@@ -119,8 +119,8 @@ def export_checkpoint(
         raise ExportError(str(exc)) from exc
     if default not in names:
         raise ExportError(f"default variant {default!r} is not among the exported variants {names}")
-    if greedy_length < 1:
-        raise ExportError("greedy length must be at least 1")
+    if greedy_length < 1 or eval_streams < 1:
+        raise ExportError("greedy length and evaluation streams must be at least 1")
     if threads is not None:
         if threads < 1:
             raise ExportError("threads must be at least 1")
@@ -245,7 +245,7 @@ def _summary(name: str, provider: str, facts: dict, tolerance: Tolerance) -> str
     line = (
         f"{name}: verified on {provider}: batches {','.join(facts['batches'])} "
         f"max |Δlogits| {worst['logits']:.2g} (tolerance {worst['logits_tolerance']:.2g}), "
-        f"max |Δstate| {max(d['hidden'] for d in batches):.2g} (tolerance {tolerance.hidden:g}); "
+        f"max |Δstate| {max(d['hidden'] for d in batches):.2g} (tolerance {tolerance.hidden_absolute:g}); "
         f"greedy {greedy['identical_chars']}/{greedy['chars']} chars identical"
     )
     if "top1_agreement" in greedy:

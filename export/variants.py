@@ -24,19 +24,19 @@ from export.onnx_cell import IR_VERSION, build_cell, model_metadata
 class Tolerance:
     """What a variant promises against the PyTorch float32 model.
 
-    logits: bound on max |Δlogits| as a fraction of the reference's max |logit|
-        (at least 1): logit errors grow with the logits themselves. Checked
-        after one step from random states and at every step of the
+    logits_relative: bound on max |Δlogits| as a fraction of the reference's
+        max |logit| (at least 1): logit errors grow with the logits themselves.
+        Checked after one step from random states and at every step of the
         teacher-forced greedy trajectory.
-    hidden: bound on max |Δstate|, absolute (GRU states lie in (-1, 1)).
+    hidden_absolute: bound on max |Δstate| (GRU states lie in (-1, 1)).
     exact_greedy: free-running greedy text must be identical (fp32 only; a lossy
         variant may legitimately pick the other side of a near tie).
     max_loss_delta: bound on |val loss - PyTorch val loss| in nats when an
         evaluation text is given.
     """
 
-    logits: float
-    hidden: float
+    logits_relative: float
+    hidden_absolute: float
     exact_greedy: bool
     max_loss_delta: float
 
@@ -102,17 +102,25 @@ def _build_int8(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[
     _save(quantized, path)
 
 
+# Bounds chosen from measurements (export/README.md): each is several times the
+# error the variant really shows on trained and random models. The fp32 and
+# fp16 bounds are far below what a structural bug produces (a GRU with
+# linear_before_reset=0 is off by 6-20% of max |logit|); int8 comes from
+# quantizing the fp32 graph, which is itself verified first.
 VARIANTS: dict[str, Variant] = {
     "fp32": Variant(
-        "fp32", "model.onnx", Tolerance(logits=1e-4, hidden=1e-4, exact_greedy=True, max_loss_delta=1e-3),
+        "fp32", "model.onnx",
+        Tolerance(logits_relative=1e-4, hidden_absolute=1e-4, exact_greedy=True, max_loss_delta=1e-3),
         target="any", build=_build_fp32,
     ),
     "fp16": Variant(
-        "fp16", "model.fp16.onnx", Tolerance(logits=0.01, hidden=0.01, exact_greedy=False, max_loss_delta=0.005),
+        "fp16", "model.fp16.onnx",
+        Tolerance(logits_relative=0.01, hidden_absolute=0.01, exact_greedy=False, max_loss_delta=0.005),
         target="cuda", build=_build_fp16,
     ),
     "int8": Variant(
-        "int8", "model.int8.onnx", Tolerance(logits=0.05, hidden=0.1, exact_greedy=False, max_loss_delta=0.02),
+        "int8", "model.int8.onnx",
+        Tolerance(logits_relative=0.05, hidden_absolute=0.1, exact_greedy=False, max_loss_delta=0.02),
         target="cpu", build=_build_int8,
     ),
 }

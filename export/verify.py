@@ -51,7 +51,7 @@ class Subject:
 
 def logits_bound(tolerance: Tolerance, reference_logits: np.ndarray) -> float:
     """Logit errors scale with the logits themselves, so the bound is relative to max |logit| (>= 1)."""
-    return tolerance.logits * max(1.0, float(np.abs(reference_logits).max()))
+    return tolerance.logits_relative * max(1.0, float(np.abs(reference_logits).max()))
 
 
 def _compare(
@@ -70,11 +70,11 @@ def _compare(
     if not logits_diff <= bound:  # `not <=` so that NaN fails too
         raise subject.fail(
             f"{where}: max |Δlogits| {logits_diff:.3g} exceeds tolerance {bound:.3g} "
-            f"({tolerance.logits:g} × max |logit| {bound / tolerance.logits:.3g})"
+            f"({tolerance.logits_relative:g} × max |logit| {bound / tolerance.logits_relative:.3g})"
         )
-    if not hidden_diff <= tolerance.hidden:
+    if not hidden_diff <= tolerance.hidden_absolute:
         raise subject.fail(
-            f"{where}: max |Δstate| {hidden_diff:.3g} exceeds tolerance {tolerance.hidden:g}"
+            f"{where}: max |Δstate| {hidden_diff:.3g} exceeds tolerance {tolerance.hidden_absolute:g}"
         )
     return {"logits": logits_diff, "logits_tolerance": bound, "hidden": hidden_diff}
 

@@ -41,7 +41,7 @@ def eval_text(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def full_export(tiny_checkpoint: Path, eval_text: Path, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("exports") / "model"
-    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "fp16", "int8"), eval_text=eval_text)
+    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "fp16", "int8"), eval_text=eval_text, prefill=True)
     return out, manifest
 
 
@@ -133,12 +133,13 @@ def test_failed_verification_leaves_nothing_behind(tiny_checkpoint, tmp_path, mo
 
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tiny_checkpoint, tmp_path):
     out = tmp_path / "model"
-    export_checkpoint(tiny_checkpoint, out, prefill=False)
+    export_checkpoint(tiny_checkpoint, out)
+    assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx"]  # prefill is opt-in
     first = (out / "manifest.json").read_text()
     with pytest.raises(ExportError, match="not empty; pass --force"):
         export_checkpoint(tiny_checkpoint, out)
     assert (out / "manifest.json").read_text() == first
-    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "int8"), force=True)
+    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "int8"), force=True, prefill=True)
     assert set(manifest["variants"]) == {"fp32", "int8"} and "prefill" in manifest
     assert (out / "model.int8.onnx").is_file()
     assert _no_leftovers(tmp_path) == []
@@ -158,7 +159,7 @@ def test_force_never_replaces_a_directory_that_is_not_an_export(tiny_checkpoint,
 def test_an_empty_existing_directory_is_used(tiny_checkpoint, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
-    export_checkpoint(tiny_checkpoint, out, prefill=False)
+    export_checkpoint(tiny_checkpoint, out)
     assert (out / "model.onnx").is_file()
 
 
@@ -238,10 +239,30 @@ def test_bad_options_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
 def test_python_dash_m_export_runs_end_to_end(tiny_checkpoint, tmp_path):
     out = tmp_path / "model"
     result = subprocess.run(
-        [sys.executable, "-m", "export", str(tiny_checkpoint), "--out", str(out), "--variants", "fp32", "--threads", "1"],
+        [sys.executable, "-m", "export", str(tiny_checkpoint), "--out", str(out), "--variants", "fp32", "--prefill", "--threads", "1"],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert "fp32: verified on CPUExecutionProvider" in result.stdout
     assert "prefill: verified on CPUExecutionProvider" in result.stdout
     assert json.loads((out / "manifest.json").read_text())["variants"]["fp32"]["file"] == "model.onnx"
+
+
+@pytest.mark.slow
+def test_default_size_random_checkpoint_exports_and_verifies(tmp_path):
+    """The default model size (embedding 256, hidden 1024, 1 layer) with random weights."""
+    import torch
+
+    from training.checkpoint import save_model
+    from training.model import CharGRU, ModelConfig
+    from training.vocab import Vocab
+
+    torch.manual_seed(1)
+    vocab = Vocab.from_text(TINY_TEXT)
+    checkpoint = tmp_path / "checkpoint"
+    save_model(checkpoint, CharGRU(ModelConfig(vocab_size=len(vocab))), vocab, {"steps": 0})
+    manifest = export_checkpoint(checkpoint, tmp_path / "model", ("fp32", "int8"))
+    assert manifest["config"]["hidden_size"] == 1024
+    fp32 = manifest["variants"]["fp32"]["verified"]["CPUExecutionProvider"]
+    assert fp32["greedy"]["identical_chars"] == 500
+    assert set(manifest["variants"]["int8"]["verified"]["CPUExecutionProvider"]["batches"]) == {"1", "3", "64"}

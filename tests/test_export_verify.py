@@ -100,10 +100,10 @@ def test_greedy_difference_fails_an_exact_variant(loaded, reference, tmp_path):
     nudged["head.bias"] = weights["head.bias"].copy()
     nudged["head.bias"][favourite] -= 10.0
     path = _save(build_cell(nudged, config, vocab), tmp_path)
-    loose = Tolerance(logits=100.0, hidden=100.0, exact_greedy=True, max_loss_delta=1.0)
+    loose = Tolerance(logits_relative=100.0, hidden_absolute=100.0, exact_greedy=True, max_loss_delta=1.0)
     with pytest.raises(VerificationError, match=r"greedy generation differs from PyTorch at character \d+ of 500"):
         _verify(path, reference, loaded, loose)
-    lossy = Tolerance(logits=100.0, hidden=100.0, exact_greedy=False, max_loss_delta=1.0)
+    lossy = Tolerance(logits_relative=100.0, hidden_absolute=100.0, exact_greedy=False, max_loss_delta=1.0)
     assert _verify(path, reference, loaded, lossy)["greedy"]["top1_agreement"] < 1.0
 
 
