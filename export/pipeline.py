@@ -32,6 +32,8 @@ PREFILL_FILE = "prefill.onnx"
 # The prompt graph is fp32 and is held to the fp32 cell's tolerance.
 PREFILL_TOLERANCE = VARIANTS["fp32"].tolerance
 DEFAULT_PROMPT_LENGTH = 16
+# Facts from the checkpoint's config.json worth keeping next to the graphs.
+TRAINING_FACTS = ("steps", "tokens_seen", "val_loss", "val_bpc")
 
 
 class ExportError(RuntimeError):
@@ -152,7 +154,8 @@ def export_checkpoint(
             greedy_length=greedy_length, seed=seed, threads=threads, prefill=prefill, streams=streams, log=log,
         )
         manifest["default"] = default
-        manifest["training"] = checkpoint_config.get("training", {})
+        training = checkpoint_config.get("training") or {}
+        manifest["training"] = {k: training[k] for k in TRAINING_FACTS if k in training}
         if streams is not None:
             manifest["evaluation"]["text"] = Path(eval_text).name
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -265,7 +268,13 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
             os.replace(out_dir, old / out_dir.name)
         else:
             out_dir.rmdir()
-    os.replace(staging, out_dir)
+    try:
+        os.replace(staging, out_dir)
+    except OSError:
+        if old is not None:  # put the earlier export back rather than lose it
+            os.replace(old / out_dir.name, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     os.chmod(out_dir, 0o777 & ~_current_umask())  # mkdtemp made it private (0700)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

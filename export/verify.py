@@ -50,7 +50,7 @@ class Subject:
 
 
 def logits_bound(tolerance: Tolerance, reference_logits: np.ndarray) -> float:
-    """Logit errors scale with the logits themselves, so the bound is relative to max |logit| (>= 1)."""
+    """Logit errors scale with the logits, so the bound is relative to the logit scale max(1, max |logit|)."""
     return tolerance.logits_relative * max(1.0, float(np.abs(reference_logits).max()))
 
 
@@ -70,7 +70,7 @@ def _compare(
     if not logits_diff <= bound:  # `not <=` so that NaN fails too
         raise subject.fail(
             f"{where}: max |Δlogits| {logits_diff:.3g} exceeds tolerance {bound:.3g} "
-            f"({tolerance.logits_relative:g} × max |logit| {bound / tolerance.logits_relative:.3g})"
+            f"= {tolerance.logits_relative:g} × logit scale {bound / tolerance.logits_relative:.3g}"
         )
     if not hidden_diff <= tolerance.hidden_absolute:
         raise subject.fail(
@@ -162,7 +162,7 @@ def _check_greedy(
         diff = float(np.abs(logits[0] - ref_logits[t]).max())
         if not diff <= bound:
             raise subject.fail(
-                f"greedy trajectory step {t}: max |Δlogits| {diff:.3g} exceeds tolerance {bound:.3g}"
+                f"greedy trajectory (batch 1) step {t}: max |Δlogits| {diff:.3g} exceeds tolerance {bound:.3g}"
             )
         max_diff, max_ratio = max(max_diff, diff), max(max_ratio, diff / bound)
         if t >= len(prompt) - 1:
