@@ -1,0 +1,1 @@
+"""charstream server: serves a model directory over gRPC on ONNX Runtime (never imports torch)."""

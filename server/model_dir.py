@@ -1,0 +1,126 @@
+"""Find the ONNX file to serve in a model directory and read what it says about itself.
+
+Model directory format (written by export):
+    MODEL_DIR/model.onnx            fp32, always present
+    MODEL_DIR/model.fp16.onnx ...   optional variants
+    MODEL_DIR/manifest.json         {"format": "charstream-model/1", "default": "fp32",
+                                     "variants": {"fp32": {"file": "model.onnx"}, ...}}
+Without manifest.json the directory serves model.onnx as variant "fp32".
+The vocabulary and model config come from the .onnx metadata, so the file
+alone describes itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "charstream-model/1"
+DEFAULT_FILE = "model.onnx"
+DEFAULT_VARIANT = "fp32"
+META_VOCAB = "charstream.vocab"
+META_CONFIG = "charstream.config"
+INPUT_NAMES = ("token_ids", "hidden")
+OUTPUT_NAMES = ("logits", "hidden_out")
+
+
+class ModelDirError(RuntimeError):
+    """A model directory or file that cannot be served; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """The .onnx file chosen from a model directory."""
+
+    directory: Path
+    variant: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a charstream .onnx file says about itself (its metadata)."""
+
+    vocab: list[str]
+    vocab_size: int
+    embedding_dim: int
+    hidden_size: int
+    num_layers: int
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelDirError(f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ModelDirError(f"{path} is not a charstream manifest (expected \"format\": \"{MANIFEST_FORMAT}\")")
+    if not isinstance(manifest.get("variants"), dict) or not manifest["variants"]:
+        raise ModelDirError(f"{path} lists no variants")
+    return manifest
+
+
+def choose_model_file(directory: Path | str, variant: str | None = None) -> ModelFile:
+    """The file to serve: `variant` from the manifest (default: the manifest's default)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ModelDirError(f"model directory not found: {directory}")
+    manifest_path = directory / MANIFEST_FILE
+    if manifest_path.is_file():
+        manifest = _read_manifest(manifest_path)
+        variants: Mapping[str, Any] = manifest["variants"]
+        chosen = variant or manifest.get("default") or DEFAULT_VARIANT
+        if chosen not in variants:
+            raise ModelDirError(
+                f"variant {chosen!r} is not in {manifest_path}; available: {', '.join(sorted(variants))}"
+            )
+        entry = variants[chosen]
+        file_name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(file_name, str) or not file_name:
+            raise ModelDirError(f"{manifest_path}: variant {chosen!r} names no file")
+    else:
+        chosen = variant or DEFAULT_VARIANT
+        if chosen != DEFAULT_VARIANT:
+            raise ModelDirError(
+                f"variant {chosen!r} asked for, but {directory} has no {MANIFEST_FILE} listing variants"
+            )
+        file_name = DEFAULT_FILE
+    path = directory / file_name
+    if not path.is_file():
+        raise ModelDirError(
+            f"{path} not found: {directory} is not a charstream model directory "
+            "(make one with charstream-export)"
+        )
+    return ModelFile(directory=directory, variant=chosen, path=path)
+
+
+def read_spec(metadata: Mapping[str, str], input_names: list[str], output_names: list[str], where: str) -> ModelSpec:
+    """Check the ONNX interface and parse the metadata into a ModelSpec."""
+    if tuple(input_names) != INPUT_NAMES or tuple(output_names) != OUTPUT_NAMES:
+        raise ModelDirError(
+            f"{where} is not a charstream step model: inputs {input_names} / outputs {output_names}, "
+            f"expected {list(INPUT_NAMES)} / {list(OUTPUT_NAMES)}"
+        )
+    missing = [key for key in (META_VOCAB, META_CONFIG) if key not in metadata]
+    if missing:
+        raise ModelDirError(f"{where} is not a charstream model: metadata {missing} missing")
+    try:
+        vocab = json.loads(metadata[META_VOCAB])
+        config = json.loads(metadata[META_CONFIG])
+        spec = ModelSpec(
+            vocab=list(vocab),
+            vocab_size=int(config["vocab_size"]),
+            embedding_dim=int(config.get("embedding_dim", 0)),
+            hidden_size=int(config["hidden_size"]),
+            num_layers=int(config["num_layers"]),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ModelDirError(f"{where}: unreadable charstream metadata: {exc}") from exc
+    if len(spec.vocab) != spec.vocab_size or not all(isinstance(c, str) and len(c) == 1 for c in spec.vocab):
+        raise ModelDirError(f"{where}: the vocabulary must be {spec.vocab_size} distinct single characters")
+    if len(set(spec.vocab)) != len(spec.vocab):
+        raise ModelDirError(f"{where}: the vocabulary has duplicate characters")
+    return spec

@@ -1,0 +1,82 @@
+"""Wrap the single-step cell in a graph that reads and writes the state pool itself.
+
+Used when states live on the GPU: ONNX Runtime has no Python API to gather or
+scatter rows of a device buffer, so the gather and scatter become graph ops
+and only token ids, slot ids and logits cross to the host.
+
+    inputs:  token_ids int64 [B], slots int64 [B], keep bool [B], pool float32 [S, L, H]
+    outputs: logits float32 [B, V], pool_out float32 [S, L, H]
+
+    hidden   = transpose(where(keep, pool[slots], 0))   [L, B, H]  (keep False = fresh zero state)
+    logits, hidden_out = cell(token_ids, hidden)
+    pool_out = pool with pool_out[slots] = transpose(hidden_out)
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from server.model_dir import ModelDirError
+
+INPUT_SLOTS = "slots"
+INPUT_KEEP = "keep"
+INPUT_POOL = "pool"
+OUTPUT_POOL = "pool_out"
+
+
+def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hidden_size: int) -> onnx.ModelProto:
+    """The pooled step graph around `cell` (the charstream step model), for `num_slots` slots."""
+    graph = cell.graph
+    if [i.name for i in graph.input] != ["token_ids", "hidden"]:
+        raise ModelDirError("the model's inputs are not (token_ids, hidden): cannot wrap it")
+    opset = next((o.version for o in cell.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelDirError(f"the model uses ONNX opset {opset}; wrapping it needs opset 13 or newer")
+    prefix = "charstream_pool."
+    taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+    if any(name.startswith(prefix) for name in taken):
+        raise ModelDirError(f"the model already uses names starting with {prefix!r}")
+
+    def name(suffix: str) -> str:
+        return prefix + suffix
+
+    before = [
+        helper.make_node("Gather", [INPUT_POOL, INPUT_SLOTS], [name("rows")], name=name("rows"), axis=0),  # [B, L, H]
+        helper.make_node("Unsqueeze", [INPUT_KEEP, name("keep_axes")], [name("keep3")], name=name("keep3")),  # [B, 1, 1]
+        # Where, not a multiply by 0: a stale row holding inf or NaN must still give zeros.
+        helper.make_node("Where", [name("keep3"), name("rows"), name("zero")], [name("kept")], name=name("kept")),
+        # The cell reads its state from the value named "hidden": produce it here.
+        helper.make_node("Transpose", [name("kept")], ["hidden"], name=name("hidden"), perm=[1, 0, 2]),  # [L, B, H]
+    ]
+    after = [
+        helper.make_node("Transpose", ["hidden_out"], [name("updates")], name=name("updates"), perm=[1, 0, 2]),  # [B, L, H]
+        helper.make_node("Unsqueeze", [INPUT_SLOTS, name("slot_axes")], [name("indices")], name=name("indices")),  # [B, 1]
+        helper.make_node("ScatterND", [INPUT_POOL, name("indices"), name("updates")], [OUTPUT_POOL], name=name("scatter")),
+    ]
+    constants = [
+        helper.make_tensor(name("keep_axes"), TensorProto.INT64, [2], [1, 2]),
+        helper.make_tensor(name("slot_axes"), TensorProto.INT64, [1], [1]),
+        helper.make_tensor(name("zero"), TensorProto.FLOAT, [], [0.0]),
+    ]
+    pool_shape = [num_slots, num_layers, hidden_size]
+    logits = next(o for o in graph.output if o.name == "logits")
+    wrapped = helper.make_graph(
+        before + list(graph.node) + after,
+        graph.name + "_pooled",
+        inputs=[
+            graph.input[0],
+            helper.make_tensor_value_info(INPUT_SLOTS, TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info(INPUT_KEEP, TensorProto.BOOL, ["batch"]),
+            helper.make_tensor_value_info(INPUT_POOL, TensorProto.FLOAT, pool_shape),
+        ],
+        outputs=[logits, helper.make_tensor_value_info(OUTPUT_POOL, TensorProto.FLOAT, pool_shape)],
+        initializer=list(graph.initializer) + constants,
+    )
+    model = helper.make_model(wrapped, opset_imports=cell.opset_import, producer_name="charstream-server")
+    model.ir_version = cell.ir_version
+    model.functions.extend(cell.functions)
+    for prop in cell.metadata_props:
+        model.metadata_props.add(key=prop.key, value=prop.value)
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,74 @@
+"""Preallocated hidden states for every session slot, and the slot allocator.
+
+A session owns one slot for its lifetime; its hidden state lives at that slot
+index in a pool allocated once at start-up, so a step gathers the states of
+the sessions it runs by index and scatters the new states back: no per-session
+allocation, and on a GPU the states never leave the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+
+class SlotAllocator:
+    """Hands out slot indices 0..size-1; the lowest free slot first."""
+
+    def __init__(self, size: int):
+        if size <= 0:
+            raise ValueError(f"pool size must be positive, got {size}")
+        self.size = size
+        self._free = list(range(size - 1, -1, -1))  # a stack: pop() yields the lowest index
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        """A free slot, or None when every slot is taken."""
+        return self._free.pop() if self._free else None
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+
+class HostStatePool:
+    """States in host memory, [L, S, H] float32 (S = number of slots)."""
+
+    def __init__(self, num_layers: int, num_slots: int, hidden_size: int):
+        self.states = np.zeros((num_layers, num_slots, hidden_size), dtype=np.float32)
+
+    def gather(self, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+        """States of `slots` [B] as a new [L, B, H] array; rows where `fresh` [B] is True are zeros."""
+        batch = self.states[:, slots, :]  # advanced indexing copies: [L, B, H]
+        batch[:, fresh, :] = 0.0
+        return batch
+
+    def scatter(self, slots: np.ndarray, states: np.ndarray) -> None:
+        """Store `states` [L, B, H] at `slots` [B]."""
+        self.states[:, slots, :] = states
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        return self.states[:, slots, :]  # [L, B, H]
+
+
+class DeviceStatePool:
+    """States in device memory as ONNX Runtime values, [S, L, H] float32, held twice.
+
+    Slot-major [S, L, H] so that the step graph's ScatterND addresses whole
+    slots. Each step reads `current` and writes every slot into `spare` (the
+    scatter's output must not alias its input), then the two swap.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, hidden_size: int, device_type: str = "cuda", device_id: int = 0):
+        zeros = np.zeros((num_slots, num_layers, hidden_size), dtype=np.float32)
+        self.current = ort.OrtValue.ortvalue_from_numpy(zeros, device_type, device_id)
+        self.spare = ort.OrtValue.ortvalue_from_numpy(zeros, device_type, device_id)
+
+    def swap(self) -> None:
+        self.current, self.spare = self.spare, self.current
+
+    def read(self, slots: np.ndarray) -> np.ndarray:
+        """States of `slots` copied to the host as [L, B, H] (tests and diagnostics only)."""
+        return np.ascontiguousarray(self.current.numpy()[slots].transpose(1, 0, 2))
