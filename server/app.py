@@ -1,0 +1,135 @@
+"""Assemble and run one server: engine, session store, gRPC service, health,
+reflection and the metrics endpoint. Used by main.py and by BackgroundServer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from protos.charstream.v1 import generator_pb2 as pb
+from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
+from server.config import ServerConfig
+from server.engine import Engine
+from server.errors import ErrorInterceptor
+from server.metrics import MetricsEndpoint, ServerMetrics
+from server.model_runner import ModelRunner, load_runner
+from server.service import GeneratorService
+from server.session_store import SessionStore
+from server.structured_log import log_event
+from server.validation import Limits
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charstream.v1.Generator"
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+logger = logging.getLogger("charstream.server")
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def model_info_message(runner: ModelRunner, config: ServerConfig) -> pb.GetModelInfoResponse:
+    info = runner.info
+    spec = info.spec
+    return pb.GetModelInfoResponse(
+        vocabulary=spec.vocab,
+        vocab_size=spec.vocab_size,
+        embedding_dim=spec.embedding_dim,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        model_file=info.model_file.path.name,
+        variant=info.model_file.variant,
+        execution_provider=info.provider,
+        max_sessions=config.max_sessions,
+        session_ttl_seconds=config.session_ttl,
+        max_chars_limit=config.max_chars,
+        max_prompt_chars=config.max_prompt_chars,
+    )
+
+
+class RunningServer:
+    """A started server; `await stop(grace)` shuts it down gracefully."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig, engine: Engine,
+                 service: GeneratorService, health: HealthServicer, metrics: ServerMetrics,
+                 metrics_endpoint: MetricsEndpoint | None, sweeper: asyncio.Task):
+        self.server = server
+        self.port = port
+        self.address = host_port(config.host, port)
+        self.config = config
+        self.engine = engine
+        self.service = service
+        self.health = health
+        self.metrics = metrics
+        self.metrics_endpoint = metrics_endpoint
+        self._sweeper = sweeper
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting calls, end active streams with FINISH_REASON_SHUTDOWN, wait up to `grace` s."""
+        log_event(logger, "shutdown_started", grace_seconds=grace, active_streams=self.service.active_streams)
+        self.service.shutting_down.set()
+        await self.health.enter_graceful_shutdown()  # health checks now say NOT_SERVING
+        self.engine.drain()
+        await self.server.stop(grace)
+        self._sweeper.cancel()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.engine.stop)
+        if self.metrics_endpoint is not None:
+            await loop.run_in_executor(None, self.metrics_endpoint.close)
+        log_event(logger, "shutdown_complete")
+
+
+async def _sweep_expired(store: SessionStore, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        store.expire_idle()
+
+
+async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
+    """Load the model (unless `runner` is given), bind, and start serving."""
+    if runner is None:
+        runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.intra_op_threads)
+    metrics = ServerMetrics()
+    engine = Engine(runner, config.max_batch, observer=metrics)
+    store = SessionStore(
+        engine,
+        config.max_sessions,
+        config.session_ttl,
+        on_removed=lambda reason: metrics.sessions_removed.labels(reason=reason).inc(),
+    )
+    metrics.track_sessions(lambda: len(store))
+    limits = Limits(max_chars=config.max_chars, max_prompt_chars=config.max_prompt_chars)
+    service = GeneratorService(engine, store, limits, metrics, model_info_message(runner, config))
+
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics)])
+    pb_grpc.add_GeneratorServicer_to_server(service, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    try:
+        port = server.add_insecure_port(host_port(config.host, config.port))
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {host_port(config.host, config.port)}: {exc}") from exc
+    if port == 0:
+        raise OSError(f"cannot listen on {host_port(config.host, config.port)} (address in use?)")
+    engine.start()
+    await server.start()
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+    endpoint = None
+    if config.metrics_port is not None:
+        endpoint = metrics.serve(config.metrics_host or config.host, config.metrics_port)
+    sweeper = asyncio.create_task(_sweep_expired(store, min(30.0, max(0.05, config.session_ttl / 4))))
+    running = RunningServer(server, port, config, engine, service, health, metrics, endpoint, sweeper)
+    log_event(
+        logger,
+        "listening",
+        address=running.address,
+        provider=runner.info.provider,
+        metrics=host_port(config.metrics_host or config.host, endpoint.port) if endpoint else "off",
+    )
+    return running

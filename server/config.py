@@ -1,0 +1,118 @@
+"""charstream-serve configuration: flags, each with an environment-variable equivalent.
+
+Precedence: command-line flag, then CHARSTREAM_* environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping, Sequence
+
+from server.providers import DEVICES
+from server.structured_log import LOG_FORMATS
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    variant: str | None = None
+    max_sessions: int = 1024
+    session_ttl: float = 600.0
+    max_batch: int = 256
+    max_chars: int = 10_000
+    max_prompt_chars: int = 10_000
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    shutdown_grace: float = 5.0
+    intra_op_threads: int = 0
+    log_format: str = "kv"
+    log_level: str = "info"
+
+
+def env_name(field_name: str) -> str:
+    return "CHARSTREAM_" + field_name.upper()
+
+
+HELP = {
+    "model": "model directory (model.onnx [+ variants] + manifest.json), as written by charstream-export",
+    "host": "address to listen on; 0.0.0.0 or :: for every interface",
+    "port": "gRPC port; 0 picks a free one (the bound port is printed)",
+    "device": "auto: CUDA when available else CPU; cuda: fail if CUDA is unavailable; cpu",
+    "variant": "model variant from manifest.json (fp32, fp16, int8, ...); default: the manifest's default",
+    "max_sessions": "most sessions held at once; creating one more evicts the least recently used idle one",
+    "session_ttl": "seconds an idle session lives",
+    "max_batch": "most sessions in one model step",
+    "max_chars": "largest max_chars a Generate call or Converse turn may ask for",
+    "max_prompt_chars": "largest prompt (or turn text) one call may send, in characters",
+    "metrics_port": "serve Prometheus metrics on this HTTP port (0 = a free one); default: off",
+    "metrics_host": "address of the metrics endpoint; default: --host",
+    "shutdown_grace": "seconds active streams get to finish on SIGTERM/SIGINT before they are cut",
+    "intra_op_threads": "ONNX Runtime intra-op threads; 0 = its default",
+    "log_format": "log line format: kv (key=value) or json",
+    "log_level": "debug, info, warning or error",
+}
+CHOICES: dict[str, Sequence[str]] = {
+    "device": DEVICES,
+    "log_format": LOG_FORMATS,
+    "log_level": ("debug", "info", "warning", "error"),
+}
+MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
+           "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0}
+
+
+def _converter(field_name: str) -> Callable[[str], Any]:
+    if field_name in ("session_ttl", "shutdown_grace"):
+        return float
+    if field_name in ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads"):
+        return int
+    return str
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="charstream-serve",
+        description="Serve a charstream model directory over gRPC. Every flag also reads CHARSTREAM_<FLAG> from the environment.",
+    )
+    for item in fields(ServerConfig):
+        env = env_name(item.name)
+        convert = _converter(item.name)
+        default = None if item.name == "model" else item.default  # model has no default
+        if env in environ:
+            try:
+                default = convert(environ[env])
+            except ValueError:
+                parser.error(f"{env}={environ[env]!r} is not a valid {convert.__name__}")
+        parser.add_argument(
+            "--" + item.name.replace("_", "-"),
+            dest=item.name,
+            type=convert,
+            default=default,
+            choices=CHOICES.get(item.name),
+            help=f"{HELP[item.name]} [env {env}; default {default!r}]",
+        )
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ServerConfig:
+    parser = build_parser(environ)
+    values = vars(parser.parse_args(argv))
+    if not values["model"]:
+        parser.error("--model (or CHARSTREAM_MODEL) is required: the model directory to serve")
+    for name, minimum in MINIMUM.items():
+        value = values.get(name)
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+    if values["session_ttl"] <= 0:
+        parser.error("--session-ttl must be > 0 seconds")
+    if values["port"] > 65535 or (values["metrics_port"] or 0) > 65535:
+        parser.error("ports must be <= 65535")
+    return ServerConfig(**values)
+
+
+def describe(config: ServerConfig) -> dict[str, Any]:
+    """The effective configuration, for the start-up log line."""
+    return asdict(config)

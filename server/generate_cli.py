@@ -1,0 +1,70 @@
+"""charstream-generate: stream text from a charstream server to the terminal as it is written.
+
+    charstream-generate --target localhost:50051 --prompt "ROMEO:" --max-chars 500 --temperature 0.8 --seed 1
+
+Generated characters go to stdout, flushed as they arrive; the finish line and
+errors go to stderr. --session ID continues a session; --session new creates
+one and prints its id (to stderr) so that a later call can continue it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import grpc
+
+from server.client import CharstreamClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="charstream-generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="localhost:50051", help="server address HOST:PORT (default %(default)s)")
+    parser.add_argument("--prompt", default="", help="text consumed before generating")
+    parser.add_argument("--max-chars", type=int, default=500, help="characters to generate (default %(default)s)")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the session's (1.0)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely characters")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible text")
+    parser.add_argument("--stop", action="append", default=[], help="stop after this string (repeatable)")
+    parser.add_argument("--session", default="", help="session id to continue, or 'new' to create one")
+    parser.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    with CharstreamClient(args.target) as client:
+        stream = None
+        try:
+            session_id = args.session
+            if session_id == "new":
+                session_id = client.create_session().id
+                print(f"session {session_id}", file=sys.stderr, flush=True)
+            if args.echo:
+                out.write(args.prompt)
+                out.flush()
+            stream = client.generate(
+                args.prompt, args.max_chars, session_id=session_id, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+            )
+            for chunk in stream:
+                out.write(chunk)
+                out.flush()  # a person watches the text being written
+        except KeyboardInterrupt:
+            if stream is not None:
+                stream.cancel()
+            print("\n[cancelled]", file=sys.stderr)
+            return 130
+        except grpc.RpcError as error:
+            print(f"\ncharstream-generate: error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    out.write("\n")
+    print(f"[finish: {stream.finish_reason}, {stream.generated_chars} chars]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

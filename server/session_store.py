@@ -1,0 +1,194 @@
+"""Sessions: id -> (state slot, default settings, timestamps), bounded and expiring.
+
+Used only on the asyncio loop (no locks). The store owns the slot allocator
+and tells the engine when a slot opens or closes. Ids are 128 random bits in
+hex. Idle sessions expire after the TTL; when the store is full the least
+recently used idle session is evicted. Recently expired, evicted and deleted
+ids are remembered (a bounded number) so that a late call on one is told why
+it is gone instead of "unknown".
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from server.sampling import SamplingSettings
+from server.state_pool import SlotAllocator
+
+SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+
+class SlotEngine(Protocol):
+    def open_slot(self, slot: int, seed: int, prompt_tokens: list[int]) -> None: ...
+    def reset_slot(self, slot: int, seed: int | None, prompt_tokens: list[int]) -> None: ...
+    def close_slot(self, slot: int) -> None: ...
+
+
+class SessionNotFound(LookupError):
+    """No such live session; the message says whether it expired, was evicted or deleted."""
+
+
+class SessionBusy(RuntimeError):
+    """The session is in use by another call."""
+
+
+class StoreFull(RuntimeError):
+    """Every session is busy, so none can be evicted to make room."""
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    slot: int
+    settings: SamplingSettings
+    created: float
+    last_used: float
+    consumed_chars: int = 0  # prompt + delivered characters in the state
+    busy: bool = False
+
+
+class SessionStore:
+    def __init__(
+        self,
+        engine: SlotEngine,
+        max_sessions: int,
+        ttl_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        remember: int = 10_000,
+        on_removed: Callable[[str], None] | None = None,
+    ):
+        self._engine = engine
+        self.max_sessions = max_sessions
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._slots = SlotAllocator(max_sessions)
+        self._live: collections.OrderedDict[str, Session] = collections.OrderedDict()  # LRU first
+        self._gone: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> why
+        self._remember = remember
+        self._on_removed = on_removed or (lambda reason: None)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int]) -> Session:
+        """A new session (evicting the least recently used idle one when full)."""
+        self.expire_idle()
+        slot = self._slots.acquire()
+        if slot is None:
+            victim = next((s for s in self._live.values() if not s.busy), None)
+            if victim is None:
+                raise StoreFull(
+                    f"all {self.max_sessions} sessions are busy generating; retry later "
+                    "or start the server with a larger --max-sessions"
+                )
+            self._remove(
+                victim,
+                "evicted",
+                f"session {victim.id} was evicted: the server holds at most {self.max_sessions} "
+                "sessions and it was the least recently used; create a new session",
+            )
+            slot = self._slots.acquire()
+            assert slot is not None
+        now = self._clock()
+        session_id = secrets.token_hex(16)  # 128 random bits
+        session = Session(session_id, slot, settings, created=now, last_used=now, consumed_chars=len(prompt_tokens))
+        self._live[session_id] = session
+        self._engine.open_slot(slot, seed, prompt_tokens)
+        return session
+
+    def get(self, session_id: str) -> Session:
+        """The live session, or SessionNotFound saying why not. Does not count as use."""
+        self.expire_idle()
+        session = self._live.get(session_id)
+        if session is None:
+            why = self._gone.get(session_id)
+            raise SessionNotFound(
+                why or f"session {session_id} not found on this server (never created here, "
+                "or gone long ago); create one with CreateSession"
+            )
+        return session
+
+    def acquire(self, session_id: str) -> Session:
+        """Mark the session busy for one call; SessionBusy when another call holds it."""
+        session = self.get(session_id)
+        if session.busy:
+            raise SessionBusy(
+                f"session {session_id} is busy with another Generate call; wait for it to "
+                "finish or cancel it (calls on one session never interleave)"
+            )
+        session.busy = True
+        self._touch(session)
+        return session
+
+    def release(self, session: Session) -> None:
+        session.busy = False
+        if session.id in self._live:
+            self._touch(session)
+
+    def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int]) -> Session:
+        session = self.get(session_id)
+        if session.busy:
+            raise SessionBusy(f"session {session_id} is generating; cancel that call before resetting it")
+        session.consumed_chars = len(prompt_tokens)
+        self._touch(session)
+        self._engine.reset_slot(session.slot, seed, prompt_tokens)
+        return session
+
+    def delete(self, session_id: str, reason: str = "deleted") -> None:
+        session = self.get(session_id)
+        if session.busy:
+            raise SessionBusy(f"session {session_id} is generating; cancel that call before deleting it")
+        self._remove(session, reason, f"session {session_id} was deleted")
+
+    def discard(self, session: Session) -> None:
+        """Drop a session its own caller is done with (one-shot and conversation sessions)."""
+        if self._live.get(session.id) is session:
+            self._remove(session, "closed", f"session {session.id} ended with the call that owned it")
+
+    def sessions(self) -> list[Session]:
+        """Live sessions, most recently used first."""
+        self.expire_idle()
+        return list(reversed(self._live.values()))
+
+    def idle_seconds(self, session: Session) -> float:
+        return 0.0 if session.busy else max(0.0, self._clock() - session.last_used)
+
+    def age_seconds(self, session: Session) -> float:
+        return max(0.0, self._clock() - session.created)
+
+    def expire_idle(self) -> int:
+        """Remove sessions idle longer than the TTL; returns how many."""
+        now = self._clock()
+        expired = []
+        # LRU order is last-use order: stop at the first idle session still within its TTL.
+        for session in self._live.values():
+            if session.busy:
+                continue
+            if now - session.last_used <= self.ttl_seconds:
+                break
+            expired.append(session)
+        for session in expired:
+            self._remove(
+                session,
+                "expired",
+                f"session {session.id} expired after {self.ttl_seconds:g} s without use; create a new session",
+            )
+        return len(expired)
+
+    def _touch(self, session: Session) -> None:
+        session.last_used = self._clock()
+        self._live.move_to_end(session.id)
+
+    def _remove(self, session: Session, reason: str, message: str) -> None:
+        del self._live[session.id]
+        self._engine.close_slot(session.slot)
+        self._slots.release(session.slot)
+        self._gone[session.id] = message
+        while len(self._gone) > self._remember:
+            self._gone.popitem(last=False)
+        self._on_removed(reason)
