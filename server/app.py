@@ -105,7 +105,12 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     limits = Limits(max_chars=config.max_chars, max_prompt_chars=config.max_prompt_chars)
     service = GeneratorService(engine, store, limits, metrics, model_info_message(runner, config))
 
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics)])
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics)],
+        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would
+        # silently share its traffic. Refuse instead.
+        options=[("grpc.so_reuseport", 0)],
+    )
     pb_grpc.add_GeneratorServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

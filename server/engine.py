@@ -60,6 +60,7 @@ class SlotState:
     spare_uniform: float | None = None  # drawn for an undelivered character; used next
     job: Job | None = None
     last_step: int = -1  # iteration of this slot's last step (batch fairness)
+    lost: bool = False  # a failed step lost tokens of this state: unusable until reset
 
 
 class Engine:
@@ -138,6 +139,7 @@ class Engine:
         state.pending = collections.deque(prompt_tokens)
         state.logits = None
         state.fresh = True
+        state.lost = False
         self._active[slot] = None
 
     def _start(self, job: Job) -> None:
@@ -148,12 +150,17 @@ class Engine:
         if self._draining:
             self._finish(job, GenerationEvent(finish=SHUTDOWN))
             return
+        if state.lost:
+            message = "the session's state was lost in a failed model step: reset or delete the session"
+            self._finish(job, GenerationEvent(error=message, error_is_precondition=True))
+            return
         if job.request.seed is not None:
             state.rng = new_generator(job.request.seed)
             state.spare_uniform = None
         state.pending.extend(job.request.prompt_tokens)
         if not state.pending and state.logits is None:
-            self._finish(job, GenerationEvent(error="the session has consumed no text yet: send a prompt"))
+            message = "the session has consumed no text yet: send a prompt"
+            self._finish(job, GenerationEvent(error=message, error_is_precondition=True))
             return
         state.job = job
         self._active[job.slot] = None
@@ -241,6 +248,11 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
             logger.exception("model step failed")
             for _, state in ready:
+                # The state can no longer be trusted; dropping its tokens also keeps a
+                # persistent failure from being retried in a tight loop.
+                state.pending.clear()
+                state.logits = None
+                state.lost = True
                 if state.job is not None and not state.job.done:
                     self._finish(state.job, GenerationEvent(error=f"model step failed: {exc}"))
                     state.job = None
@@ -286,8 +298,9 @@ class Engine:
                 except Exception:  # noqa: BLE001 - a bad command must not kill the engine
                     logger.exception("engine command failed")
             self._sample_ready()
-            self._flush_events()
+            self._flush_events()  # before the step: characters reach clients while it runs
             self._step()
+            self._flush_events()  # errors of a failed step
             self._iteration += 1
         log_event(logger, "engine_stopped", iterations=self._iteration)
 

@@ -41,6 +41,8 @@ class GenerationEvent:
     finish: str | None = None  # LENGTH, STOP, SHUTDOWN; None while more follow
     matched_stop: str = ""
     error: str | None = None  # the generation could not run; finish is None
+    # True when the caller can fix the error (reset the session); False for internal failures.
+    error_is_precondition: bool = False
 
 
 class StopMatcher:

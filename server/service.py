@@ -208,11 +208,12 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         reading = asyncio.ensure_future(anext(turns))
         stopping = asyncio.ensure_future(self.shutting_down.wait())
         try:
-            done, _ = await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
-        if reading not in done:
-            reading.cancel()
+            if not reading.done():  # shutting down, or this call was cancelled
+                reading.cancel()
+        if reading.cancelled():
             return None
         try:
             return reading.result()
@@ -234,6 +235,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 event = await handle.next_event()
                 if event.error is not None:
                     finish = ERROR
+                    if event.error_is_precondition:
+                        raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, event.error)
                     raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
                 await write(event, generated + (1 if event.text else 0))
                 if event.text:

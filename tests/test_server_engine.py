@@ -154,16 +154,22 @@ def test_a_failed_step_fails_its_generations_and_the_engine_goes_on(tiny_model_d
     engine = Engine(runner)
     engine.start()
 
-    async def scenario() -> tuple[str | None, tuple[str, str]]:
+    async def scenario() -> tuple[list, tuple[str, str], tuple[str, str]]:
+        loop = asyncio.get_running_loop()
         engine.open_slot(0, seed=1, prompt_tokens=[])
-        handle = engine.generate(0, request(engine, "To", 5), asyncio.get_running_loop())
-        failed = (await handle.next_event()).error
+        errors = [await engine.generate(0, request(engine, "To", 5), loop).next_event()]
         engine.open_slot(1, seed=1, prompt_tokens=[])
-        return failed, await collect(engine, 1, request(engine, "To", 5))
+        other = await collect(engine, 1, request(engine, "To", 5))
+        errors.append(await engine.generate(0, request(engine, "To", 5), loop).next_event())
+        engine.reset_slot(0, seed=None, prompt_tokens=[])
+        recovered = await collect(engine, 0, request(engine, "To", 5))
+        return errors, other, recovered
 
     try:
-        error, (text, finish) = asyncio.run(scenario())
+        (failed, refused), (text, finish), recovered = asyncio.run(scenario())
     finally:
         engine.stop()
-    assert error is not None and "simulated device error" in error
+    assert failed.error is not None and "simulated device error" in failed.error and not failed.error_is_precondition
     assert len(text) == 5 and finish == LENGTH
+    assert refused.error is not None and "reset" in refused.error and refused.error_is_precondition
+    assert recovered == (text, LENGTH)  # after a reset the slot works again (same seed, same prompt)

@@ -96,6 +96,16 @@ def test_greedy_matches_plain_onnx_runtime_and_pytorch(
     assert text == torch_greedy(tiny_checkpoint, "Whether 'tis", 200)
 
 
+def test_greedy_matches_the_pytorch_reference_sampler(stub: pb_grpc.GeneratorStub, tiny_checkpoint: Path) -> None:
+    sample = pytest.importorskip("training.sample", reason="the PyTorch reference sampler is not available")
+    from training.checkpoint import load_model
+
+    model, vocab, _ = load_model(tiny_checkpoint)
+    for prompt in ("The slings and", "O", "Or to take arms"):
+        text, _ = generate(stub, prompt=prompt, max_chars=150, temperature=0.0)
+        assert text == sample.generate(model, vocab, prompt, 150, temperature=0.0)
+
+
 def test_seeded_sampling_matches_a_plain_loop(stub: pb_grpc.GeneratorStub, tiny_model_dir: Path) -> None:
     text, _ = generate(stub, prompt="To be", max_chars=200, temperature=0.9, top_k=10, top_p=0.95, seed=3)
     assert text == onnx_loop(tiny_model_dir, "To be", 200, SamplingSettings(0.9, 10, 0.95), seed=3)

@@ -199,3 +199,14 @@ def test_the_server_never_imports_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_start_up_failures_exit_2_with_a_reason(tmp_path: Path, small_server: BackgroundServer) -> None:
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server", "--device", "cpu", *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    missing = serve("--model", str(tmp_path / "missing"), "--port", "0")
+    assert missing.returncode == 2 and "model directory not found" in missing.stderr
+    taken = serve("--model", small_server.config.model, "--port", str(small_server.port))
+    assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{small_server.port}" in taken.stderr
