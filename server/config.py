@@ -60,6 +60,7 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_format": LOG_FORMATS,
     "log_level": ("debug", "info", "warning", "error"),
 }
+INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads")
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
            "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0}
 
@@ -67,7 +68,7 @@ MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_pr
 def _converter(field_name: str) -> Callable[[str], Any]:
     if field_name in ("session_ttl", "shutdown_grace"):
         return float
-    if field_name in ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads"):
+    if field_name in INTEGERS:
         return int
     return str
 
@@ -75,7 +76,8 @@ def _converter(field_name: str) -> Callable[[str], Any]:
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="charstream-serve",
-        description="Serve a charstream model directory over gRPC. Every flag also reads CHARSTREAM_<FLAG> from the environment.",
+        description="Serve a charstream model directory over gRPC. "
+        "Every flag also reads CHARSTREAM_<FLAG> from the environment.",
     )
     for item in fields(ServerConfig):
         env = env_name(item.name)

@@ -39,6 +39,7 @@ from server.validation import (
 )
 
 logger = logging.getLogger("charstream.server")
+Context = grpc.aio.ServicerContext
 
 FINISH_REASONS = {
     LENGTH: pb.FINISH_REASON_LENGTH,
@@ -63,7 +64,14 @@ def store_errors() -> Iterator[None]:
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
-    def __init__(self, engine: Engine, store: SessionStore, limits: Limits, metrics: ServerMetrics, model_info: pb.GetModelInfoResponse):
+    def __init__(
+        self,
+        engine: Engine,
+        store: SessionStore,
+        limits: Limits,
+        metrics: ServerMetrics,
+        model_info: pb.GetModelInfoResponse,
+    ):
         self.engine = engine
         self.store = store
         self.limits = limits
@@ -74,10 +82,14 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     # ---- unary RPCs ----
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: Context
+    ) -> pb.GetModelInfoResponse:
         return self.model_info
 
-    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.CreateSessionResponse:
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: Context
+    ) -> pb.CreateSessionResponse:
         settings = resolve_settings(request, DEFAULT_SETTINGS)
         tokens = check_text(self.engine.vocab, request.prompt, self.limits)
         seed = seed_of(request)
@@ -86,24 +98,30 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         log_event(logger, "session_created", session=session.id[:8], prompt_chars=len(tokens))
         return pb.CreateSessionResponse(session_id=session.id, session=self._describe(session))
 
-    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.GetSessionResponse:
+    async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.GetSessionResponse:
         with store_errors():
             session = self.store.get(check_session_id(request.session_id))
         return pb.GetSessionResponse(session=self._describe(session))
 
-    async def ResetSession(self, request: pb.ResetSessionRequest, context: grpc.aio.ServicerContext) -> pb.ResetSessionResponse:
+    async def ResetSession(
+        self, request: pb.ResetSessionRequest, context: Context
+    ) -> pb.ResetSessionResponse:
         session_id = check_session_id(request.session_id)
         tokens = check_text(self.engine.vocab, request.prompt, self.limits)
         with store_errors():
             session = self.store.reset(session_id, seed_of(request), tokens)
         return pb.ResetSessionResponse(session=self._describe(session))
 
-    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
+    async def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: Context
+    ) -> pb.DeleteSessionResponse:
         with store_errors():
             self.store.delete(check_session_id(request.session_id))
         return pb.DeleteSessionResponse()
 
-    async def ListSessions(self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
         return pb.ListSessionsResponse(
             sessions=[self._describe(s) for s in self.store.sessions()], max_sessions=self.store.max_sessions
         )
@@ -124,7 +142,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
     # ---- streaming RPCs ----
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> None:
         max_chars = check_max_chars(request.max_chars, self.limits)
         tokens = check_text(self.engine.vocab, request.prompt, self.limits)
         stops = check_stops(request.stop, self.engine.vocab, self.limits)
@@ -134,7 +152,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         with store_errors():
             if one_shot:
                 if not tokens:
-                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "a one-shot Generate (no session_id) needs a prompt")
+                    message = "a one-shot Generate (no session_id) needs a prompt"
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
                 session = self.store.create(DEFAULT_SETTINGS, secrets.randbits(64) if seed is None else seed, [])
                 session.busy = True
             else:
@@ -164,7 +183,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             else:
                 self.store.release(session)
 
-    async def Converse(self, request_iterator: AsyncIterator[pb.ConverseRequest], context: grpc.aio.ServicerContext) -> None:
+    async def Converse(
+        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
+    ) -> None:
         with store_errors():
             session = self.store.create(DEFAULT_SETTINGS, secrets.randbits(64), [])
         session.busy = True
@@ -178,7 +199,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 max_chars = check_max_chars(message.max_chars, self.limits)
                 tokens = check_text(self.engine.vocab, message.text, self.limits, field="text")
                 if session.consumed_chars + len(tokens) == 0:
-                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the first turn of a conversation needs text")
+                    message = "the first turn of a conversation needs text"
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
                 job = GenerationRequest(
                     tuple(tokens),
                     max_chars,
