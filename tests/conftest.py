@@ -6,7 +6,6 @@ files outside the repository.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -37,21 +36,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint exported to a model directory (fp32 model.onnx + manifest.json)."""
-    import onnx
+    """The tiny checkpoint through the real export (fp32 model.onnx + manifest.json, verified)."""
+    from export.pipeline import export_checkpoint
 
-    from export.onnx_cell import build_cell
-    from training.checkpoint import load_model
-
-    model, vocab, config = load_model(tiny_checkpoint)
-    weights = {k: v.numpy() for k, v in model.state_dict().items()}
     directory = tmp_path_factory.mktemp("tiny_model")
-    onnx.save(build_cell(weights, config, vocab.chars), str(directory / "model.onnx"))
-    manifest = {
-        "format": "charstream-model/1",
-        "default": "fp32",
-        "variants": {"fp32": {"file": "model.onnx"}},
-        "config": model.config.to_dict(),
-    }
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    export_checkpoint(tiny_checkpoint, directory, variants=("fp32",))
     return directory
