@@ -54,6 +54,10 @@ class CharGRU(nn.Module):
             # nn.GRU applies dropout between layers only; it warns on 1 layer.
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
+        # Dropout on the GRU output too, so that --dropout also regularises a
+        # 1-layer model. It has no weights and is a no-op in eval mode, so the
+        # checkpoint and the exported cell do not change.
+        self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -69,4 +73,6 @@ class CharGRU(nn.Module):
         """
         x = self.embedding(tokens)  # [B, T, E]
         out, hidden = self.gru(x, hidden)  # out [B, T, H], hidden [L, B, H]
+        if self.training and self.config.dropout > 0:
+            out = self.drop(out)
         return self.head(out), hidden  # [B, T, V], [L, B, H]
