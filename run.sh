@@ -108,7 +108,7 @@ run_demo() {
     wait_ready "127.0.0.1:$port" || die "server did not start; see runs/demo-server.log"
     say "streaming from the server (temperature 0.8, seed 1):"
     "$VENV/bin/charstream-generate" --target "127.0.0.1:$port" --prompt "ROMEO:" \
-        --max-chars 600 --temperature 0.8 --seed 1
+        --max-chars 600 --temperature 0.8 --seed 1 --echo
     echo
     say "done; the demo server has been stopped. To keep one running and connect clients:"
     cat <<TXT
