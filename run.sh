@@ -51,7 +51,10 @@ setup_env() {
 run_tests() {
     setup_env
     say "running the test suite"
-    exec "$VENV/bin/python" -m pytest "$@"
+    # Temporary files of the tests (and of what they start) stay in the checkout.
+    export TMPDIR="$ROOT/.pytest_tmp/tmp"
+    rm -rf "$ROOT/.pytest_tmp" && mkdir -p "$TMPDIR"
+    exec "$VENV/bin/python" -m pytest --basetemp "$ROOT/.pytest_tmp/pytest" "$@"
 }
 
 free_port() {
