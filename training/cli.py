@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_and_limits(args: argparse.Namespace):
     from training.corpus import SHAKESPEARE
-    from training.train import TrainError, load_run_settings
+    from training.runstate import load_run_settings
+    from training.train import TrainError
 
     given = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None}
     stops = {k: getattr(args, k) for k in ("epochs", "max_steps", "max_minutes") if getattr(args, k) is not None}

@@ -1,7 +1,8 @@
 """The training loop: batches -> AdamW steps -> validation -> checkpoint.
 
 `train(settings, limits, out)` starts a run; `train(..., resume_from=DIR)`
-continues the run saved in DIR (load_run_settings(DIR) gives its settings).
+continues the run saved in DIR (runstate.load_run_settings(DIR) gives its
+settings).
 A resumed run takes exactly the steps an uninterrupted one would: the data position,
 optimizer moments, RNG states and counters are all in the checkpoint, and the
 LR schedule is a function of (step, progress) only (training.optim).
@@ -9,51 +10,24 @@ LR schedule is a function of (step, progress) only (training.optim).
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import CheckpointError, save_model
 from training.corpus import Corpus, load_corpus
 from training.data import Batches, split_ids, validation_windows
 from training.model import CharGRU, ModelConfig
 from training.optim import lr_at, make_optimizer, progress, set_lr
-from training.rundir import (
-    PLOT_FILE, TRAINER_DIR, load_trainer, plot_losses, read_metrics, recover, restore_optimizer,
-    save_trainer, write_atomically, write_metrics,
-)  # fmt: skip
+from training.runstate import LN2, Progress, RunSaver, SavedTrainer, load_progress, restore_run
 from training.settings import Limits, Settings
 from training.vocab import Vocab
-
-LN2 = math.log(2.0)
 
 
 class TrainError(ValueError):
     """Settings or a run directory that cannot be used; the message is for the user."""
-
-
-@dataclass
-class Progress:
-    """Counters that a checkpoint carries over to a resume."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0
-    tokens_seen: int = 0
-    train_seconds: float = 0.0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    last_val_loss: float | None = None
-    last_eval_step: int | None = None
-    stop_reason: str | None = None
-    log_loss_sum: float = 0.0  # train loss summed since the last metrics line
-    log_steps: int = 0
-    metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
 def pick_device(name: str) -> torch.device:
@@ -102,19 +76,6 @@ def train_step(
     return loss.item()
 
 
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-
-
 def _planned_steps(limits: Limits, batches: Batches) -> tuple[int | None, str | None]:
     """(planned number of steps, the limit that sets it) from --epochs / --max-steps."""
     options = []
@@ -146,12 +107,9 @@ def train(
     out = Path(out)
     dev = pick_device(device)
     prog = Progress()
-    saved: tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    saved: SavedTrainer | None = None
     if resume_from is not None:
-        saved = load_trainer(resume_from)
-        stored = saved[0]["progress"]
-        prog = Progress(**{f.name: stored[f.name] for f in fields(Progress) if f.name in stored})
-        prog.metrics = read_metrics(resume_from)
+        prog, saved = load_progress(resume_from)
 
     corpus = corpus or load_corpus(settings.corpus)
     if saved and corpus.sha256 != saved[0]["corpus"]["sha256"]:
@@ -177,10 +135,7 @@ def train(
     optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
     best_weights = None
     if saved:
-        state, weights, tensors = saved
-        model.load_state_dict(weights)
-        _set_rng_state(restore_optimizer(optimizer, state["optimizer_param_groups"], tensors), dev)
-        best_weights = _read_best(resume_from)
+        best_weights = restore_run(saved, resume_from, model, optimizer, dev)
         prog.stop_reason = None
 
     planned, planned_by = _planned_steps(limits, batches)
@@ -190,56 +145,12 @@ def train(
     warmup = settings.warmup_steps if planned is None else min(settings.warmup_steps, max(1, planned // 10))
     tokens_per_epoch = len(split.train)
 
-    facts_base = {
-        "corpus": {
-            "source": corpus.source,
-            "sha256": corpus.sha256,
-            "chars": corpus.chars,
-            "train_chars": len(split.train),
-            "val_chars": len(split.val),
-        },
-        "settings": asdict(settings),
-        "device": dev.type,
-        "torch": torch.__version__,
-    }
-
-    def checkpoint() -> None:
-        nonlocal best_weights
-        current = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if best_weights is None or prog.best_step == prog.step:
-            best_weights = current
-        weights_step = prog.best_step if prog.best_step is not None else prog.step
-        facts = {
-            **facts_base,
-            "steps": prog.step,
-            "tokens_seen": prog.tokens_seen,
-            "epochs": round(prog.tokens_seen / tokens_per_epoch, 3),
-            "train_seconds": round(prog.train_seconds, 1),
-            "stop_reason": prog.stop_reason,
-            "weights_step": weights_step,
-            "val_loss": prog.best_val_loss,
-            "val_bpc": None if prog.best_val_loss is None else prog.best_val_loss / LN2,
-            "last_val_loss": prog.last_val_loss,
-        }
-        state = {
-            "settings": asdict(settings),
-            "limits": asdict(limits),
-            "corpus": facts_base["corpus"],
-            "progress": {f.name: getattr(prog, f.name) for f in fields(Progress) if f.name != "metrics"},
-        }
-
-        rng = _rng_state(dev)
-
-        def write(tmp: Path) -> None:
-            with torch.random.fork_rng(devices=[]):  # building a module draws random init
-                best_model = CharGRU(model_config)
-            best_model.load_state_dict(best_weights)
-            save_model(tmp, best_model, vocab, facts)
-            save_trainer(tmp / TRAINER_DIR, state, model, optimizer, rng)
-            write_metrics(tmp, prog.metrics)
-            plot_losses(tmp / PLOT_FILE, prog.metrics, title=f"{corpus.source}: {prog.step} steps")
-
-        write_atomically(out, write)
+    saver = RunSaver(
+        out, settings=settings, limits=limits, corpus=corpus,
+        train_chars=len(split.train), val_chars=len(split.val), vocab=vocab,
+        model_config=model_config, model=model, optimizer=optimizer, device=dev,
+        best_weights=best_weights,
+    )  # fmt: skip
 
     def run_eval() -> None:
         loss = evaluate(model, val_groups)
@@ -322,11 +233,11 @@ def train(
             if prog.step % limits.eval_every == 0:
                 prog.train_seconds = time.perf_counter() - start
                 run_eval()
-                checkpoint()
+                saver.save(prog)
         if prog.last_eval_step != prog.step:
             run_eval()
         prog.train_seconds = time.perf_counter() - start
-        checkpoint()
+        saver.save(prog)
     finally:
         bar.close()
     log(
@@ -336,24 +247,3 @@ def train(
         f"checkpoint in {out}"
     )
     return prog
-
-
-def _read_best(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from training.checkpoint import WEIGHTS_FILE
-
-    try:
-        return load_file(str(out / WEIGHTS_FILE))
-    except Exception as exc:  # noqa: BLE001  any unreadable file is one error to the user
-        raise CheckpointError(f"{out / WEIGHTS_FILE} is unreadable: {exc}") from exc
-
-
-def load_run_settings(out: Path) -> tuple[Settings, Limits]:
-    """The settings and limits a run directory was saved with."""
-    recover(Path(out))
-    state, _, _ = load_trainer(out)
-    try:
-        return Settings(**state["settings"]), Limits(**state["limits"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{out}/{TRAINER_DIR}/state.json is not a trainer state: {exc}") from exc
