@@ -8,7 +8,6 @@ directory, so a directory named MODEL_DIR only ever holds a verified export.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from export.reference import TorchReference
 from export.runtime import CPU, CUDA, CellRunner, cuda_available, make_session
 from export.variants import VARIANTS, Tolerance, parse_variants
 from export.verify import BATCH_SIZES, GREEDY_LENGTH, Subject, verify_cell, verify_prefill
+from training.corpus import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "charstream-model/1"
@@ -42,14 +42,6 @@ class ExportError(RuntimeError):
 
 def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _looks_like_model_dir(path: Path) -> bool:
@@ -186,7 +178,7 @@ def _build_all(
             raise ExportError(f"building the {name} variant failed: {_one_line(exc)}") from exc
         entry = {
             "file": variant.file, "target": variant.target, "bytes": path.stat().st_size,
-            "sha256": _sha256(path), "tolerance": variant.tolerance.to_dict(), "verified": {},
+            "sha256": sha256_file(path), "tolerance": variant.tolerance.to_dict(), "verified": {},
         }
         for provider in _providers_for(variant.target):
             facts = verify_cell(path, reference, variant.tolerance, subject=Subject(name, provider), **check)
@@ -197,7 +189,7 @@ def _build_all(
         path = staging / PREFILL_FILE
         onnx.save(build_gru_op_graph(weights, config, vocab, prefill=True), str(path))
         entry = {
-            "file": PREFILL_FILE, "bytes": path.stat().st_size, "sha256": _sha256(path),
+            "file": PREFILL_FILE, "bytes": path.stat().st_size, "sha256": sha256_file(path),
             "tolerance": PREFILL_TOLERANCE.to_dict(), "verified": {},
         }
         for provider in _providers_for("any"):
