@@ -24,11 +24,9 @@ from onnx import TensorProto, helper, numpy_helper
 from export.onnx_cell import (
     INPUT_HIDDEN,
     INPUT_TOKENS,
-    IR_VERSION,
-    OPSET,
     OUTPUT_HIDDEN,
     OUTPUT_LOGITS,
-    model_metadata,
+    package_model,
 )
 
 INPUT_LENGTHS = "lengths"
@@ -57,7 +55,6 @@ def build_gru_op_graph(
         row's last real token, hidden_out [L, batch, H] at that token.
     """
     L, H = int(config["num_layers"]), int(config["hidden_size"])
-    V = int(config["vocab_size"])
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
 
@@ -128,20 +125,5 @@ def build_gru_op_graph(
     if prefill:
         inputs.append(helper.make_tensor_value_info(INPUT_LENGTHS, TensorProto.INT64, ["batch"]))
     inputs.append(helper.make_tensor_value_info(INPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]))
-    graph = helper.make_graph(
-        nodes,
-        "charstream_gru_prefill" if prefill else "charstream_gru_op_cell",
-        inputs=inputs,
-        outputs=[
-            helper.make_tensor_value_info(OUTPUT_LOGITS, TensorProto.FLOAT, ["batch", V]),
-            helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="charstream"
-    )
-    model.ir_version = IR_VERSION
-    helper.set_model_props(model, model_metadata(config, vocab))
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    name = "charstream_gru_prefill" if prefill else "charstream_gru_op_cell"
+    return package_model(nodes, inits, name, inputs, config, vocab)

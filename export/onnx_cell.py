@@ -59,7 +59,6 @@ def build_cell(
     inputs and outputs stay float32 so callers never change (Cast at the edges).
     """
     L, H = int(config["num_layers"]), int(config["hidden_size"])
-    V = int(config["vocab_size"])
     onnx_float = helper.np_dtype_to_tensor_dtype(np.dtype(float_type))
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -127,13 +126,33 @@ def build_cell(
         node("Cast", [logits], OUTPUT_LOGITS, to=TensorProto.FLOAT)
         node("Cast", [state], OUTPUT_HIDDEN, to=TensorProto.FLOAT)
 
+    inputs = [
+        helper.make_tensor_value_info(INPUT_TOKENS, TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info(INPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]),
+    ]
+    return package_model(nodes, inits, "charstream_gru_cell", inputs, config, vocab)
+
+
+def package_model(
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    name: str,
+    inputs: list[onnx.ValueInfoProto],
+    config: Mapping,
+    vocab: list[str],
+) -> onnx.ModelProto:
+    """Wrap a graph's nodes into a checked, self-describing model.
+
+    The cell and the prompt graph end in the same outputs, logits [batch, V]
+    and hidden_out [L, batch, H]; only the inputs differ (the prompt graph
+    takes [batch, time] tokens and their lengths), so the caller gives those.
+    """
+    L, H = int(config["num_layers"]), int(config["hidden_size"])
+    V = int(config["vocab_size"])
     graph = helper.make_graph(
         nodes,
-        "charstream_gru_cell",
-        inputs=[
-            helper.make_tensor_value_info(INPUT_TOKENS, TensorProto.INT64, ["batch"]),
-            helper.make_tensor_value_info(INPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]),
-        ],
+        name,
+        inputs=inputs,
         outputs=[
             helper.make_tensor_value_info(OUTPUT_LOGITS, TensorProto.FLOAT, ["batch", V]),
             helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]),
