@@ -235,7 +235,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             stopping.cancel()
             if not reading.done():  # shutting down, or this call was cancelled
                 reading.cancel()
-        if reading.cancelled():
+        # A cancelled task stays pending until it next runs: not done means not read.
+        if not reading.done() or reading.cancelled():
             return None
         try:
             return reading.result()
@@ -259,7 +260,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                     finish = ERROR
                     if event.error_is_precondition:
                         raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, event.error)
-                    raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {event.error}")
+                    # Internal details (device errors, paths) go to the log, never to the caller.
+                    log_event(logger, "generation_failed", logging.ERROR, session=session.id[:8], error=event.error)
+                    raise ServiceError(grpc.StatusCode.INTERNAL, "generation failed; the server log has details")
                 await write(event, generated + (1 if event.text else 0))
                 if event.text:
                     handle.ack()  # delivered: now part of the session's state

@@ -4,10 +4,12 @@ the command-line client, SIGTERM shutdown of `python -m server`, and no torch.""
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +27,7 @@ from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.client import CharstreamClient
 from server.config import ServerConfig
+from server.model_runner import load_runner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,3 +213,44 @@ def test_start_up_failures_exit_2_with_a_reason(tmp_path: Path, small_server: Ba
     assert missing.returncode == 2 and "model directory not found" in missing.stderr
     taken = serve("--model", small_server.config.model, "--port", str(small_server.port))
     assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{small_server.port}" in taken.stderr
+
+
+def test_shutdown_ends_a_conversation_waiting_for_its_next_turn_cleanly(tiny_model_dir: Path) -> None:
+    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2)
+    turns: queue.Queue[pb.ConverseRequest | None] = queue.Queue()
+    turns.put(pb.ConverseRequest(text="To", max_chars=3))
+    with BackgroundServer(config) as server, grpc.insecure_channel(server.address) as channel:
+        responses = pb_grpc.GeneratorStub(channel).Converse(iter(turns.get, None), timeout=30)
+        while not next(responses).finish_reason:  # the first turn's reply, to its end
+            pass
+        stopping = threading.Thread(target=server.stop, kwargs={"grace": 5.0})
+        stopping.start()  # the conversation is between turns: nothing to finish, nothing failed
+        try:
+            assert list(responses) == []
+            assert responses.code() == grpc.StatusCode.OK
+        finally:
+            turns.put(None)
+            stopping.join(timeout=30)
+
+
+def test_a_failed_model_step_is_internal_without_its_details_and_frees_the_one_shot_session(
+    tiny_model_dir: Path,
+) -> None:
+    runner = load_runner(tiny_model_dir, device="cpu", num_slots=2)
+    real_step, failures = runner.step, [1]
+
+    def failing_step(*args: object) -> object:
+        if failures:
+            failures.pop()
+            raise RuntimeError("simulated device failure in /opt/private/libkernel.so")
+        return real_step(*args)
+
+    runner.step = failing_step  # type: ignore[method-assign]
+    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2)
+    with BackgroundServer(config, runner=runner) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        error = _error(lambda r: list(stub.Generate(r, timeout=30)), pb.GenerateRequest(prompt="To", max_chars=5))
+        assert error.code() == grpc.StatusCode.INTERNAL and "server log" in error.details()
+        assert "simulated" not in error.details() and "/opt/private" not in error.details()
+        assert server.running is not None and len(server.running.service.store) == 0
+        assert len("".join(r.text for r in stub.Generate(pb.GenerateRequest(prompt="To", max_chars=5)))) == 5
