@@ -62,9 +62,10 @@ class DeviceStatePool:
     """
 
     def __init__(self, num_layers: int, num_slots: int, hidden_size: int, device_type: str = "cuda", device_id: int = 0):
-        zeros = np.zeros((num_slots, num_layers, hidden_size), dtype=np.float32)
-        self.current = ort.OrtValue.ortvalue_from_numpy(zeros, device_type, device_id)
-        self.spare = ort.OrtValue.ortvalue_from_numpy(zeros, device_type, device_id)
+        shape = (num_slots, num_layers, hidden_size)
+        # One array each: on "cpu" an OrtValue wraps the numpy buffer instead of copying it.
+        self.current = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device_type, device_id)
+        self.spare = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device_type, device_id)
 
     def swap(self) -> None:
         self.current, self.spare = self.spare, self.current

@@ -112,6 +112,16 @@ def test_device_state_path_equals_host_path_on_cpu(tiny_model_dir: Path) -> None
     np.testing.assert_array_equal(host.read_states(every), device.read_states(every))
 
 
+def test_device_state_pool_buffers_never_share_memory(tiny_model_dir: Path) -> None:
+    """The step reads one buffer and writes the other: on the CPU stand-in too, they must be distinct."""
+    host = load_runner(tiny_model_dir, device="cpu", num_slots=4)
+    device = build_device_runner(host.info.model_file, host.info.spec, 4, "cpu")
+    assert device.pool.current.data_ptr() != device.pool.spare.data_ptr()
+    device.step(np.array([3]), np.array([1]), np.array([True]))
+    assert device.pool.current.data_ptr() != device.pool.spare.data_ptr()
+    np.testing.assert_array_equal(device.pool.spare.numpy(), 0.0)  # the step wrote only the other buffer
+
+
 def test_device_state_path_starts_fresh_slots_from_zeros_whatever_the_slot_held(tiny_model_dir: Path) -> None:
     host = load_runner(tiny_model_dir, device="cpu", num_slots=4)
     device = build_device_runner(host.info.model_file, host.info.spec, 4, "cpu")
