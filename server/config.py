@@ -6,6 +6,7 @@ Precedence: command-line flag, then CHARSTREAM_* environment variable, then defa
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
@@ -104,6 +105,10 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Serv
     values = vars(parser.parse_args(argv))
     if not values["model"]:
         parser.error("--model (or CHARSTREAM_MODEL) is required: the model directory to serve")
+    for name in ("session_ttl", "shutdown_grace"):
+        # float() accepts "nan" and "inf": a NaN TTL would expire every session at once.
+        if not math.isfinite(values[name]):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds, got {values[name]}")
     for name, minimum in MINIMUM.items():
         value = values.get(name)
         if value is not None and value < minimum:

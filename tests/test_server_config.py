@@ -23,6 +23,8 @@ def test_environment_variables_set_defaults_and_flags_win() -> None:
         (["--model", "m", "--device", "tpu"], {}, "invalid choice: 'tpu'"),
         (["--model", "m", "--max-sessions", "0"], {}, "--max-sessions must be >= 1"),
         (["--model", "m", "--session-ttl", "0"], {}, "--session-ttl must be > 0"),
+        (["--model", "m", "--session-ttl", "nan"], {}, "--session-ttl must be a finite number"),
+        (["--model", "m"], {"CHARSTREAM_SHUTDOWN_GRACE": "inf"}, "--shutdown-grace must be a finite number"),
         (["--model", "m"], {"CHARSTREAM_PORT": "http"}, "CHARSTREAM_PORT='http' is not a valid int"),
     ],
 )
