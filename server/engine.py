@@ -145,23 +145,24 @@ class Engine:
     def _start(self, job: Job) -> None:
         state = self._slots.get(job.slot)
         if state is None or state.job is not None:
-            self._finish(job, GenerationEvent(error="the session is closed or already generating"))
+            self._finish(job, GenerationEvent(error="the session is closed or already generating", refused=True))
             return
         if self._draining:
-            self._finish(job, GenerationEvent(finish=SHUTDOWN))
+            self._finish(job, GenerationEvent(finish=SHUTDOWN, refused=True))
             return
         if state.lost:
             message = "the session's state was lost in a failed model step: reset or delete the session"
-            self._finish(job, GenerationEvent(error=message, error_is_precondition=True))
+            self._finish(job, GenerationEvent(error=message, error_is_precondition=True, refused=True))
             return
+        if not state.pending and state.logits is None and not job.request.prompt_tokens:
+            message = "the session has consumed no text yet: send a prompt"
+            self._finish(job, GenerationEvent(error=message, error_is_precondition=True, refused=True))
+            return
+        # Only an accepted request re-seeds the session and queues its prompt.
         if job.request.seed is not None:
             state.rng = new_generator(job.request.seed)
             state.spare_uniform = None
         state.pending.extend(job.request.prompt_tokens)
-        if not state.pending and state.logits is None:
-            message = "the session has consumed no text yet: send a prompt"
-            self._finish(job, GenerationEvent(error=message, error_is_precondition=True))
-            return
         state.job = job
         self._active[job.slot] = None
 

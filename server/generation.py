@@ -43,6 +43,8 @@ class GenerationEvent:
     error: str | None = None  # the generation could not run; finish is None
     # True when the caller can fix the error (reset the session); False for internal failures.
     error_is_precondition: bool = False
+    # True when the engine never started the request: its prompt was not consumed.
+    refused: bool = False
 
 
 class StopMatcher:

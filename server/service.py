@@ -256,6 +256,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         try:
             while True:
                 event = await handle.next_event()
+                if event.refused:  # counted above on the assumption that the engine takes it
+                    session.consumed_chars -= len(job.prompt_tokens)
                 if event.error is not None:
                     finish = ERROR
                     if event.error_is_precondition:

@@ -254,3 +254,29 @@ def test_a_failed_model_step_is_internal_without_its_details_and_frees_the_one_s
         assert "simulated" not in error.details() and "/opt/private" not in error.details()
         assert server.running is not None and len(server.running.service.store) == 0
         assert len("".join(r.text for r in stub.Generate(pb.GenerateRequest(prompt="To", max_chars=5)))) == 5
+
+
+def test_a_refused_call_does_not_count_its_prompt_as_consumed(tiny_model_dir: Path) -> None:
+    runner = load_runner(tiny_model_dir, device="cpu", num_slots=2)
+    real_step, failures = runner.step, [1]
+
+    def failing_step(*args: object) -> object:
+        if failures:
+            failures.pop()
+            raise RuntimeError("simulated device failure")
+        return real_step(*args)
+
+    runner.step = failing_step  # type: ignore[method-assign]
+    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2)
+    with BackgroundServer(config, runner=runner) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        failed = _error(lambda r: list(stub.Generate(r, timeout=30)),
+                        pb.GenerateRequest(session_id=session_id, prompt="To", max_chars=5))  # fmt: skip
+        assert failed.code() == grpc.StatusCode.INTERNAL  # the step failed: the state is lost
+        before = stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.consumed_chars
+        refused = _error(lambda r: list(stub.Generate(r, timeout=30)),
+                         pb.GenerateRequest(session_id=session_id, prompt=" be", max_chars=5))  # fmt: skip
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and "reset" in refused.details()
+        after = stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.consumed_chars
+        assert after == before  # the refused call's prompt never reached the state
