@@ -141,11 +141,18 @@ def load_runner(
     session = create_session(Path(model_file.path), device, intra_op_threads)
     spec = _session_spec(session, str(model_file.path))
     provider = session.get_providers()[0]
+    runner: ModelRunner | None = None
     if provider == CUDA:
-        del session  # replaced by the pooled graph on the same provider
-        runner: ModelRunner = build_device_runner(model_file, spec, num_slots, "cuda", intra_op_threads)
-    else:
+        try:
+            runner = build_device_runner(model_file, spec, num_slots, "cuda", intra_op_threads)
+        except Exception as exc:  # noqa: BLE001 - any failure of the optional pooled graph
+            # The plain cell already runs on CUDA: serve it with states on the host
+            # rather than refuse to start.
+            log_event(logger, "device_state_pool_unavailable", logging.WARNING, reason=str(exc).splitlines()[0])
+    if runner is None:
         runner = HostStateRunner(session, RunnerInfo(spec, model_file, provider, num_slots, states_on_device=False))
+    else:
+        del session  # replaced by the pooled graph on the same provider
     log_event(
         logger,
         "model_loaded",

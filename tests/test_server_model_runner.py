@@ -174,3 +174,35 @@ def test_cuda_greedy_text_matches_cpu(tiny_model_dir: Path) -> None:
             out.append(token)
         texts.append(out)
     assert texts[0] == texts[1]
+
+
+def test_a_failing_device_state_pool_falls_back_to_host_states(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the pooled CUDA graph cannot be built, the plain cell still serves (states on the host)."""
+    import server.model_runner as model_runner
+
+    real_create = model_runner.create_session
+
+    class ReportsCuda:  # a real CPU session that reports the CUDA provider, as on a GPU machine
+        def __init__(self, session: ort.InferenceSession):
+            self._session = session
+
+        def get_providers(self) -> list[str]:
+            return [CUDA, "CPUExecutionProvider"]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._session, name)
+
+    def failing_pool(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("pooled graph rejected by the provider\nsecond line")
+
+    monkeypatch.setattr(model_runner, "create_session", lambda *a: ReportsCuda(real_create(a[0], "cpu", *a[2:])))
+    monkeypatch.setattr(model_runner, "build_device_runner", failing_pool)
+    with caplog.at_level(logging.WARNING, logger="charstream.server"):
+        runner = load_runner(tiny_model_dir, device="cuda", num_slots=2)
+    assert runner.info.provider == CUDA and not runner.info.states_on_device
+    assert [r.getMessage() for r in caplog.records] == ["device_state_pool_unavailable"]
+    reference = load_runner(tiny_model_dir, device="cpu", num_slots=2)
+    tokens, slots, fresh = np.array([1, 2]), np.array([0, 1]), np.array([True, True])
+    np.testing.assert_array_equal(runner.step(tokens, slots, fresh), reference.step(tokens, slots, fresh))
