@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -233,22 +234,31 @@ def test_shutdown_ends_a_conversation_waiting_for_its_next_turn_cleanly(tiny_mod
             stopping.join(timeout=30)
 
 
-def test_a_failed_model_step_is_internal_without_its_details_and_frees_the_one_shot_session(
-    tiny_model_dir: Path,
-) -> None:
+@contextmanager
+def _server_whose_first_step_fails(tiny_model_dir: Path, message: str) -> Iterator[tuple[BackgroundServer, pb_grpc.GeneratorStub]]:
+    """A real server whose first model step raises `message` (a device failure stand-in)."""
     runner = load_runner(tiny_model_dir, device="cpu", num_slots=2)
     real_step, failures = runner.step, [1]
 
     def failing_step(*args: object) -> object:
         if failures:
             failures.pop()
-            raise RuntimeError("simulated device failure in /opt/private/libkernel.so")
+            raise RuntimeError(message)
         return real_step(*args)
 
     runner.step = failing_step  # type: ignore[method-assign]
     config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2)
     with BackgroundServer(config, runner=runner) as server, grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.GeneratorStub(channel)
+        yield server, pb_grpc.GeneratorStub(channel)
+
+
+def test_a_failed_model_step_is_internal_without_its_details_and_frees_the_one_shot_session(
+    tiny_model_dir: Path,
+) -> None:
+    with _server_whose_first_step_fails(tiny_model_dir, "simulated device failure in /opt/private/libkernel.so") as (
+        server,
+        stub,
+    ):
         error = _error(lambda r: list(stub.Generate(r, timeout=30)), pb.GenerateRequest(prompt="To", max_chars=5))
         assert error.code() == grpc.StatusCode.INTERNAL and "server log" in error.details()
         assert "simulated" not in error.details() and "/opt/private" not in error.details()
@@ -257,19 +267,7 @@ def test_a_failed_model_step_is_internal_without_its_details_and_frees_the_one_s
 
 
 def test_a_refused_call_does_not_count_its_prompt_as_consumed(tiny_model_dir: Path) -> None:
-    runner = load_runner(tiny_model_dir, device="cpu", num_slots=2)
-    real_step, failures = runner.step, [1]
-
-    def failing_step(*args: object) -> object:
-        if failures:
-            failures.pop()
-            raise RuntimeError("simulated device failure")
-        return real_step(*args)
-
-    runner.step = failing_step  # type: ignore[method-assign]
-    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2)
-    with BackgroundServer(config, runner=runner) as server, grpc.insecure_channel(server.address) as channel:
-        stub = pb_grpc.GeneratorStub(channel)
+    with _server_whose_first_step_fails(tiny_model_dir, "simulated device failure") as (_, stub):
         session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
         failed = _error(lambda r: list(stub.Generate(r, timeout=30)),
                         pb.GenerateRequest(session_id=session_id, prompt="To", max_chars=5))  # fmt: skip
