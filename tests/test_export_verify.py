@@ -141,7 +141,10 @@ def test_lossy_variants_pass_their_own_tolerance(name, loaded, reference, tmp_pa
     )
     # Passed its own bound while really being lossy (not secretly the fp32 graph).
     assert max(d["logits"] for d in facts["batches"].values()) > 1e-5
-    assert 0.0 <= facts["greedy"]["top1_agreement"] <= 1.0
+    # The whole 500-character trajectory was checked, and the lossy graph still
+    # picks PyTorch's top character almost everywhere.
+    assert facts["greedy"]["chars"] == 500
+    assert facts["greedy"]["top1_agreement"] >= 0.95
 
 
 def test_prefill_graph_matches_pytorch_on_ragged_prompts(loaded, reference, tmp_path):
