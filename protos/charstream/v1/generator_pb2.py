@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/charstream/v1/generator.proto\x12\rcharstream.v1\"\x15\n\x13GetModelInfoRequest\"\xa5\x02\n\x14GetModelInfoResponse\x12\x12\n\nvocabulary\x18\x01 \x03(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x12\n\nmodel_file\x18\x06 \x01(\t\x12\x0f\n\x07variant\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\x05\x12\x1b\n\x13session_ttl_seconds\x18\n \x01(\x01\x12\x17\n\x0fmax_chars_limit\x18\x0b \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x0c \x01(\x05\"\xa8\x01\n\x14\x43reateSessionRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"X\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x07session\x18\x02 \x01(\x0b\x32\x1a.charstream.v1.SessionInfo\"\xd8\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\tmax_chars\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\x99\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.charstream.v1.FinishReason\x12\x17\n\x0fgenerated_chars\x18\x03 \x01(\x05\x12\x14\n\x0cprompt_chars\x18\x04 \x01(\x05\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.charstream.v1.SessionInfo\"U\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"C\n\x14ResetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.charstream.v1.SessionInfo\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\x15\n\x13ListSessionsRequest\"Z\n\x14ListSessionsResponse\x12,\n\x08sessions\x18\x01 \x03(\x0b\x32\x1a.charstream.v1.SessionInfo\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\x05\"\xc1\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63onsumed_chars\x18\x02 \x01(\x03\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04\x62usy\x18\x06 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x07 \x01(\x01\x12\x14\n\x0cidle_seconds\x18\x08 \x01(\x01\x12\x1a\n\x12\x65xpires_in_seconds\x18\t \x01(\x01\"\xc2\x01\n\x0f\x43onverseRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\tmax_chars\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa5\x01\n\x10\x43onverseResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.charstream.v1.FinishReason\x12\x0c\n\x04turn\x18\x03 \x01(\x05\x12\x17\n\x0fgenerated_chars\x18\x04 \x01(\x05\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SHUTDOWN\x10\x04\x32\xc1\x05\n\tGenerator\x12W\n\x0cGetModelInfo\x12\".charstream.v1.GetModelInfoRequest\x1a#.charstream.v1.GetModelInfoResponse\x12Z\n\rCreateSession\x12#.charstream.v1.CreateSessionRequest\x1a$.charstream.v1.CreateSessionResponse\x12M\n\x08Generate\x12\x1e.charstream.v1.GenerateRequest\x1a\x1f.charstream.v1.GenerateResponse0\x01\x12Q\n\nGetSession\x12 .charstream.v1.GetSessionRequest\x1a!.charstream.v1.GetSessionResponse\x12W\n\x0cResetSession\x12\".charstream.v1.ResetSessionRequest\x1a#.charstream.v1.ResetSessionResponse\x12Z\n\rDeleteSession\x12#.charstream.v1.DeleteSessionRequest\x1a$.charstream.v1.DeleteSessionResponse\x12W\n\x0cListSessions\x12\".charstream.v1.ListSessionsRequest\x1a#.charstream.v1.ListSessionsResponse\x12O\n\x08\x43onverse\x12\x1e.charstream.v1.ConverseRequest\x1a\x1f.charstream.v1.ConverseResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$protos/charstream/v1/generator.proto\x12\rcharstream.v1\"\x15\n\x13GetModelInfoRequest\"\xd6\x02\n\x14GetModelInfoResponse\x12\x12\n\nvocabulary\x18\x01 \x03(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rembedding_dim\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x12\n\nmodel_file\x18\x06 \x01(\t\x12\x0f\n\x07variant\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\x12\x14\n\x0cmax_sessions\x18\t \x01(\x05\x12\x1b\n\x13session_ttl_seconds\x18\n \x01(\x01\x12\x17\n\x0fmax_chars_limit\x18\x0b \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x0c \x01(\x05\x12\x16\n\x0evariant_reason\x18\r \x01(\t\x12\x17\n\x0flookahead_chars\x18\x0e \x01(\x05\"\xa8\x01\n\x14\x43reateSessionRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"X\n\x15\x43reateSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x07session\x18\x02 \x01(\x0b\x32\x1a.charstream.v1.SessionInfo\"\xd8\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\tmax_chars\x18\x03 \x01(\x05\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\x99\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.charstream.v1.FinishReason\x12\x17\n\x0fgenerated_chars\x18\x03 \x01(\x05\x12\x14\n\x0cprompt_chars\x18\x04 \x01(\x05\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.charstream.v1.SessionInfo\"U\n\x13ResetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"C\n\x14ResetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.charstream.v1.SessionInfo\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\x15\n\x13ListSessionsRequest\"Z\n\x14ListSessionsResponse\x12,\n\x08sessions\x18\x01 \x03(\x0b\x32\x1a.charstream.v1.SessionInfo\x12\x14\n\x0cmax_sessions\x18\x02 \x01(\x05\"\xd6\x01\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63onsumed_chars\x18\x02 \x01(\x03\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05top_p\x18\x05 \x01(\x02\x12\x0c\n\x04\x62usy\x18\x06 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x07 \x01(\x01\x12\x14\n\x0cidle_seconds\x18\x08 \x01(\x01\x12\x1a\n\x12\x65xpires_in_seconds\x18\t \x01(\x01\x12\x13\n\x0brecent_text\x18\n \x01(\t\"\xc2\x01\n\x0f\x43onverseRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\tmax_chars\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"\xa5\x01\n\x10\x43onverseResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.charstream.v1.FinishReason\x12\x0c\n\x04turn\x18\x03 \x01(\x05\x12\x17\n\x0fgenerated_chars\x18\x04 \x01(\x05\x12\x14\n\x0cmatched_stop\x18\x05 \x01(\t\x12\x12\n\nsession_id\x18\x06 \x01(\t*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_SHUTDOWN\x10\x04\x32\xc1\x05\n\tGenerator\x12W\n\x0cGetModelInfo\x12\".charstream.v1.GetModelInfoRequest\x1a#.charstream.v1.GetModelInfoResponse\x12Z\n\rCreateSession\x12#.charstream.v1.CreateSessionRequest\x1a$.charstream.v1.CreateSessionResponse\x12M\n\x08Generate\x12\x1e.charstream.v1.GenerateRequest\x1a\x1f.charstream.v1.GenerateResponse0\x01\x12Q\n\nGetSession\x12 .charstream.v1.GetSessionRequest\x1a!.charstream.v1.GetSessionResponse\x12W\n\x0cResetSession\x12\".charstream.v1.ResetSessionRequest\x1a#.charstream.v1.ResetSessionResponse\x12Z\n\rDeleteSession\x12#.charstream.v1.DeleteSessionRequest\x1a$.charstream.v1.DeleteSessionResponse\x12W\n\x0cListSessions\x12\".charstream.v1.ListSessionsRequest\x1a#.charstream.v1.ListSessionsResponse\x12O\n\x08\x43onverse\x12\x1e.charstream.v1.ConverseRequest\x1a\x1f.charstream.v1.ConverseResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.charstream.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2020
-  _globals['_FINISHREASON']._serialized_end=2172
+  _globals['_FINISHREASON']._serialized_start=2090
+  _globals['_FINISHREASON']._serialized_end=2242
   _globals['_GETMODELINFOREQUEST']._serialized_start=55
   _globals['_GETMODELINFOREQUEST']._serialized_end=76
   _globals['_GETMODELINFORESPONSE']._serialized_start=79
-  _globals['_GETMODELINFORESPONSE']._serialized_end=372
-  _globals['_CREATESESSIONREQUEST']._serialized_start=375
-  _globals['_CREATESESSIONREQUEST']._serialized_end=543
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=545
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=633
-  _globals['_GENERATEREQUEST']._serialized_start=636
-  _globals['_GENERATEREQUEST']._serialized_end=852
-  _globals['_GENERATERESPONSE']._serialized_start=855
-  _globals['_GENERATERESPONSE']._serialized_end=1008
-  _globals['_GETSESSIONREQUEST']._serialized_start=1010
-  _globals['_GETSESSIONREQUEST']._serialized_end=1049
-  _globals['_GETSESSIONRESPONSE']._serialized_start=1051
-  _globals['_GETSESSIONRESPONSE']._serialized_end=1116
-  _globals['_RESETSESSIONREQUEST']._serialized_start=1118
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1203
-  _globals['_RESETSESSIONRESPONSE']._serialized_start=1205
-  _globals['_RESETSESSIONRESPONSE']._serialized_end=1272
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1274
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1316
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1318
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1341
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=1343
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1364
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1366
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1456
-  _globals['_SESSIONINFO']._serialized_start=1459
-  _globals['_SESSIONINFO']._serialized_end=1652
-  _globals['_CONVERSEREQUEST']._serialized_start=1655
-  _globals['_CONVERSEREQUEST']._serialized_end=1849
-  _globals['_CONVERSERESPONSE']._serialized_start=1852
-  _globals['_CONVERSERESPONSE']._serialized_end=2017
-  _globals['_GENERATOR']._serialized_start=2175
-  _globals['_GENERATOR']._serialized_end=2880
+  _globals['_GETMODELINFORESPONSE']._serialized_end=421
+  _globals['_CREATESESSIONREQUEST']._serialized_start=424
+  _globals['_CREATESESSIONREQUEST']._serialized_end=592
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=594
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=682
+  _globals['_GENERATEREQUEST']._serialized_start=685
+  _globals['_GENERATEREQUEST']._serialized_end=901
+  _globals['_GENERATERESPONSE']._serialized_start=904
+  _globals['_GENERATERESPONSE']._serialized_end=1057
+  _globals['_GETSESSIONREQUEST']._serialized_start=1059
+  _globals['_GETSESSIONREQUEST']._serialized_end=1098
+  _globals['_GETSESSIONRESPONSE']._serialized_start=1100
+  _globals['_GETSESSIONRESPONSE']._serialized_end=1165
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1167
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1252
+  _globals['_RESETSESSIONRESPONSE']._serialized_start=1254
+  _globals['_RESETSESSIONRESPONSE']._serialized_end=1321
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1323
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1365
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1367
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1390
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=1392
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1413
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1415
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1505
+  _globals['_SESSIONINFO']._serialized_start=1508
+  _globals['_SESSIONINFO']._serialized_end=1722
+  _globals['_CONVERSEREQUEST']._serialized_start=1725
+  _globals['_CONVERSEREQUEST']._serialized_end=1919
+  _globals['_CONVERSERESPONSE']._serialized_start=1922
+  _globals['_CONVERSERESPONSE']._serialized_end=2087
+  _globals['_GENERATOR']._serialized_start=2245
+  _globals['_GENERATOR']._serialized_end=2950
 # @@protoc_insertion_point(module_scope)

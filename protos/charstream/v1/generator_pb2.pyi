@@ -25,7 +25,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("vocabulary", "vocab_size", "embedding_dim", "hidden_size", "num_layers", "model_file", "variant", "execution_provider", "max_sessions", "session_ttl_seconds", "max_chars_limit", "max_prompt_chars")
+    __slots__ = ("vocabulary", "vocab_size", "embedding_dim", "hidden_size", "num_layers", "model_file", "variant", "execution_provider", "max_sessions", "session_ttl_seconds", "max_chars_limit", "max_prompt_chars", "variant_reason", "lookahead_chars")
     VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class GetModelInfoResponse(_message.Message):
     SESSION_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_REASON_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_CHARS_FIELD_NUMBER: _ClassVar[int]
     vocabulary: _containers.RepeatedScalarFieldContainer[str]
     vocab_size: int
     embedding_dim: int
@@ -50,7 +52,9 @@ class GetModelInfoResponse(_message.Message):
     session_ttl_seconds: float
     max_chars_limit: int
     max_prompt_chars: int
-    def __init__(self, vocabulary: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_file: _Optional[str] = ..., variant: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_ttl_seconds: _Optional[float] = ..., max_chars_limit: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ...) -> None: ...
+    variant_reason: str
+    lookahead_chars: int
+    def __init__(self, vocabulary: _Optional[_Iterable[str]] = ..., vocab_size: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_file: _Optional[str] = ..., variant: _Optional[str] = ..., execution_provider: _Optional[str] = ..., max_sessions: _Optional[int] = ..., session_ttl_seconds: _Optional[float] = ..., max_chars_limit: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., variant_reason: _Optional[str] = ..., lookahead_chars: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("prompt", "temperature", "top_k", "top_p", "seed")
@@ -159,7 +163,7 @@ class ListSessionsResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., max_sessions: _Optional[int] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "consumed_chars", "temperature", "top_k", "top_p", "busy", "age_seconds", "idle_seconds", "expires_in_seconds")
+    __slots__ = ("session_id", "consumed_chars", "temperature", "top_k", "top_p", "busy", "age_seconds", "idle_seconds", "expires_in_seconds", "recent_text")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONSUMED_CHARS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +173,7 @@ class SessionInfo(_message.Message):
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_TEXT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     consumed_chars: int
     temperature: float
@@ -178,7 +183,8 @@ class SessionInfo(_message.Message):
     age_seconds: float
     idle_seconds: float
     expires_in_seconds: float
-    def __init__(self, session_id: _Optional[str] = ..., consumed_chars: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., busy: _Optional[bool] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ...) -> None: ...
+    recent_text: str
+    def __init__(self, session_id: _Optional[str] = ..., consumed_chars: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., busy: _Optional[bool] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ..., recent_text: _Optional[str] = ...) -> None: ...
 
 class ConverseRequest(_message.Message):
     __slots__ = ("text", "max_chars", "temperature", "top_k", "top_p", "seed", "stop")
