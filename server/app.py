@@ -48,6 +48,8 @@ def model_info_message(runner: ModelRunner, config: ServerConfig) -> pb.GetModel
         session_ttl_seconds=config.session_ttl,
         max_chars_limit=config.max_chars,
         max_prompt_chars=config.max_prompt_chars,
+        variant_reason=info.model_file.reason,
+        lookahead_chars=config.lookahead,
     )
 
 
@@ -92,9 +94,9 @@ async def _sweep_expired(store: SessionStore, period: float) -> None:
 async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
     """Load the model (unless `runner` is given), bind, and start serving."""
     if runner is None:
-        runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.intra_op_threads)
+        runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.thread_settings())
     metrics = ServerMetrics()
-    engine = Engine(runner, config.max_batch, observer=metrics)
+    engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead)
     store = SessionStore(
         engine,
         config.max_sessions,

@@ -10,7 +10,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
-from server.providers import DEVICES
+from server.model_dir import AUTO
+from server.providers import DEVICES, ThreadSettings
 from server.structured_log import LOG_FORMATS
 
 
@@ -20,7 +21,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     device: str = "auto"
-    variant: str | None = None
+    variant: str = AUTO
     max_sessions: int = 1024
     session_ttl: float = 600.0
     max_batch: int = 256
@@ -29,9 +30,16 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str | None = None
     shutdown_grace: float = 5.0
-    intra_op_threads: int = 0
+    # The thread defaults live in ThreadSettings (one place for the server and library callers).
+    intra_op_threads: int = ThreadSettings.intra_op_threads
+    allow_spinning: bool = ThreadSettings.allow_spinning
+    lookahead: int = 32
     log_format: str = "kv"
     log_level: str = "info"
+
+    def thread_settings(self) -> ThreadSettings:
+        """The ONNX Runtime threading this configuration asks for (for load_runner)."""
+        return ThreadSettings(intra_op_threads=self.intra_op_threads, allow_spinning=self.allow_spinning)
 
 
 def env_name(field_name: str) -> str:
@@ -43,7 +51,8 @@ HELP = {
     "host": "address to listen on; 0.0.0.0 or :: for every interface",
     "port": "gRPC port; 0 picks a free one (the bound port is printed)",
     "device": "auto: CUDA when available else CPU; cuda: fail if CUDA is unavailable; cpu",
-    "variant": "model variant from manifest.json (fp32, fp16, int8, ...); default: the manifest's default",
+    "variant": "model variant from manifest.json (fp32, fp16, int8, ...), or auto: fp16 on CUDA / int8 on the CPU "
+    "when manifest.json records it verified on that provider, else the manifest's default",
     "max_sessions": "most sessions held at once; creating one more evicts the least recently used idle one",
     "session_ttl": "seconds an idle session lives",
     "max_batch": "most sessions in one model step",
@@ -52,7 +61,11 @@ HELP = {
     "metrics_port": "serve Prometheus metrics on this HTTP port (0 = a free one); default: off",
     "metrics_host": "address of the metrics endpoint; default: --host",
     "shutdown_grace": "seconds active streams get to finish on SIGTERM/SIGINT before they are cut",
-    "intra_op_threads": "ONNX Runtime intra-op threads; 0 = its default",
+    "intra_op_threads": "ONNX Runtime intra-op threads; 0 = its default (one per physical core)",
+    "allow_spinning": "let idle ONNX Runtime threads busy-wait for work (lower latency, CPU burnt between steps); "
+    "--no-allow-spinning suits a shared machine",
+    "lookahead": "most characters a stream is generated ahead of what was handed to its client; "
+    "bounds each stream's memory",
     "log_format": "log line format: kv (key=value) or json",
     "log_level": "debug, info, warning or error",
 }
@@ -61,9 +74,23 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_format": LOG_FORMATS,
     "log_level": ("debug", "info", "warning", "error"),
 }
-INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads")
+INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads",
+            "lookahead")
+BOOLEANS = ("allow_spinning",)
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
-           "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0}
+           "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0, "lookahead": 1}
+TRUE_WORDS = ("1", "true", "yes")
+FALSE_WORDS = ("0", "false", "no")
+
+
+def parse_bool(text: str) -> bool:
+    """1/0, true/false, yes/no (any case, surrounding blanks ignored)."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
 
 
 def _converter(field_name: str) -> Callable[[str], Any]:
@@ -71,6 +98,8 @@ def _converter(field_name: str) -> Callable[[str], Any]:
         return float
     if field_name in INTEGERS:
         return int
+    if field_name in BOOLEANS:
+        return parse_bool
     return str
 
 
@@ -88,15 +117,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             try:
                 default = convert(environ[env])
             except ValueError:
-                parser.error(f"{env}={environ[env]!r} is not a valid {convert.__name__}")
-        parser.add_argument(
-            "--" + item.name.replace("_", "-"),
-            dest=item.name,
-            type=convert,
-            default=default,
-            choices=CHOICES.get(item.name),
-            help=f"{HELP[item.name]} [env {env}; default {default!r}]",
-        )
+                what = "boolean (1/0, true/false, yes/no)" if item.name in BOOLEANS else convert.__name__
+                parser.error(f"{env}={environ[env]!r} is not a valid {what}")
+        flag = "--" + item.name.replace("_", "-")
+        help_text = f"{HELP[item.name]} [env {env}; default {default!r}]"
+        if item.name in BOOLEANS:  # --flag / --no-flag
+            parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=item.name, type=convert, default=default, choices=CHOICES.get(item.name),
+                                help=help_text)
     return parser
 
 

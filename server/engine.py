@@ -1,87 +1,54 @@
-"""The engine: one scheduler thread that runs a single batched model step at a time.
+"""The engine loop: one thread, one command queue, and the fan-out of events to callers.
 
-Each iteration:
-  1. apply the commands callers queued (open/reset/close slots, start, ack,
-     cancel): requests join and leave only between steps;
-  2. sample a character for every generation whose session has logits ready
-     and whose previous character has been acknowledged, and emit it;
-  3. run ONE step for every slot with tokens waiting to be consumed (prompt
-     characters and delivered characters), up to max_batch, least recently
-     stepped first; states stay in the runner's pool.
-
-A session's committed state is (pool state, tokens still waiting, logits of
-the last consumed token). A sampled character joins the waiting tokens only
-when its caller acknowledges delivery, so a cancelled or undelivered
-character never reaches the state. Everything below the "engine thread"
-marker runs on the engine thread only and needs no locks.
+Callers on any thread queue commands (open/reset/close a slot, submit,
+ack, abort, drain); the engine thread applies them between steps, runs one
+scheduler iteration (scheduler.py: sampling, one batched model step,
+bookkeeping), and posts the iteration's events to each caller's event loop
+with one call_soon_threadsafe per loop per iteration, none when nothing
+happened. Requests are addressed by id: the engine holds no caller objects
+but the per-loop hubs that route events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+import weakref
+from typing import Callable
 
-import numpy as np
-
-from server.generation import (
-    LENGTH,
-    SHUTDOWN,
-    STOP,
-    GenerationEvent,
-    GenerationHandle,
-    GenerationRequest,
-    Job,
-)
+from server.generation import GenerationRequest
 from server.model_runner import ModelRunner
-from server.sampling import choose_token, new_generator
+from server.scheduler import Scheduler, StepObserver
+from server.stream import GenerationStream, StreamHub
 from server.structured_log import log_event
 from server.vocabulary import Vocabulary
 
 logger = logging.getLogger("charstream.server")
 
-
-class StepObserver(Protocol):
-    def observe_step(self, batch_size: int, seconds: float) -> None: ...
-
-
-@dataclass(eq=False)
-class SlotState:
-    """One session's model state (engine thread only)."""
-
-    rng: np.random.Generator
-    pending: collections.deque = field(default_factory=collections.deque)  # token ids not yet consumed
-    logits: np.ndarray | None = None  # [V] after the last consumed token; None while tokens wait
-    fresh: bool = True  # nothing consumed yet: the pool row is stale, start from zeros
-    spare_uniform: float | None = None  # drawn for an undelivered character; used next
-    job: Job | None = None
-    last_step: int = -1  # iteration of this slot's last step (batch fairness)
-    lost: bool = False  # a failed step lost tokens of this state: unusable until reset
+DEFAULT_LOOKAHEAD = 32
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, max_batch: int = 256, observer: StepObserver | None = None):
-        if max_batch <= 0:
-            raise ValueError(f"max_batch must be positive, got {max_batch}")
+    def __init__(self, runner: ModelRunner, max_batch: int = 256, observer: StepObserver | None = None,
+                 lookahead: int = DEFAULT_LOOKAHEAD):
         self.runner = runner
         self.vocab = Vocabulary(runner.info.spec.vocab)
-        self.max_batch = max_batch
-        self._observer = observer
+        self.scheduler = Scheduler(runner, max_batch, lookahead, observer)  # engine thread only
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
-        self._slots: dict[int, SlotState] = {}
-        # Slots with tokens waiting or a generation attached, in arrival order
-        # (a dict as an ordered set): iterations touch these, not every slot.
-        self._active: dict[int, None] = {}
-        self._events: list[tuple[GenerationHandle, GenerationEvent]] = []
-        self._iteration = 0
-        self._draining = False
+        self._ids = itertools.count(1)
+        # Loop side, one hub per event loop (weak: a closed loop's hub goes with it).
+        self._hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamHub] = weakref.WeakKeyDictionary()
+        self._routes: dict[int, StreamHub] = {}  # engine thread: request id -> its caller's hub
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="charstream-engine", daemon=True)
+
+    @property
+    def lookahead(self) -> int:
+        return self.scheduler.lookahead
 
     # ---- caller side (any thread; each call queues a command and returns at once) ----
 
@@ -95,25 +62,42 @@ class Engine:
 
     def open_slot(self, slot: int, seed: int, prompt_tokens: list[int]) -> None:
         """A new session in `slot`: zero state, stream seeded with `seed`, prompt queued."""
-        self._submit(lambda: self._open(slot, seed, prompt_tokens))
+        self._submit(lambda: self.scheduler.open(slot, seed, prompt_tokens))
 
     def reset_slot(self, slot: int, seed: int | None, prompt_tokens: list[int]) -> None:
         """Back to a zero state (re-seeded when `seed` is given), prompt queued."""
-        self._submit(lambda: self._reset(slot, seed, prompt_tokens))
+        self._submit(lambda: self.scheduler.reset(slot, seed, prompt_tokens))
 
     def close_slot(self, slot: int) -> None:
-        self._submit(lambda: self._slots.pop(slot, None))
+        self._submit(lambda: self.scheduler.close(slot))
 
-    def generate(self, slot: int, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> GenerationHandle:
-        """Start a generation on `slot`; read its characters from the handle."""
-        handle = GenerationHandle(loop, self._submit)
-        handle.job = Job(slot, request, handle, self._ack, self._cancel)
-        self._submit(lambda: self._start(handle.job))  # type: ignore[arg-type]
-        return handle
+    def submit(self, slot: int, request: GenerationRequest) -> GenerationStream:
+        """Start a generation on `slot`, from a coroutine; read its chunks from the returned stream."""
+        loop = asyncio.get_running_loop()
+        hub = self._hubs.get(loop)
+        if hub is None:
+            hub = self._hubs[loop] = StreamHub(loop)
+        stream = GenerationStream(next(self._ids), self.ack, self.abort)
+        hub.add(stream)
+
+        def command() -> None:
+            self._routes[stream.request_id] = hub
+            self.scheduler.submit(stream.request_id, slot, request)
+
+        self._submit(command)
+        return stream
+
+    def ack(self, request_id: int, delivered: int) -> None:
+        """`delivered` characters of the request have been handed to its client."""
+        self._submit(lambda: self.scheduler.ack(request_id, delivered))
+
+    def abort(self, request_id: int, delivered: int) -> None:
+        """End the request; its session keeps exactly `delivered` generated characters."""
+        self._submit(lambda: self.scheduler.abort(request_id, delivered))
 
     def drain(self) -> None:
         """Shutting down: end every generation, now and future, with finish reason SHUTDOWN."""
-        self._submit(self._set_draining)
+        self._submit(self.scheduler.drain)
 
     def _submit(self, command: Callable[[], None]) -> None:
         self._commands.append(command)  # deque.append is atomic across threads
@@ -124,172 +108,10 @@ class Engine:
     def _set_stopping(self) -> None:
         self._stopping = True
 
-    def _set_draining(self) -> None:
-        self._draining = True
-
-    def _open(self, slot: int, seed: int, prompt_tokens: list[int]) -> None:
-        self._slots[slot] = SlotState(rng=new_generator(seed), pending=collections.deque(prompt_tokens))
-        self._active[slot] = None
-
-    def _reset(self, slot: int, seed: int | None, prompt_tokens: list[int]) -> None:
-        state = self._slots[slot]
-        if seed is not None:
-            state.rng = new_generator(seed)
-            state.spare_uniform = None
-        state.pending = collections.deque(prompt_tokens)
-        state.logits = None
-        state.fresh = True
-        state.lost = False
-        self._active[slot] = None
-
-    def _start(self, job: Job) -> None:
-        state = self._slots.get(job.slot)
-        if state is None or state.job is not None:
-            self._finish(job, GenerationEvent(error="the session is closed or already generating", refused=True))
-            return
-        if self._draining:
-            self._finish(job, GenerationEvent(finish=SHUTDOWN, refused=True))
-            return
-        if state.lost:
-            message = "the session's state was lost in a failed model step: reset or delete the session"
-            self._finish(job, GenerationEvent(error=message, error_is_precondition=True, refused=True))
-            return
-        if not state.pending and state.logits is None and not job.request.prompt_tokens:
-            message = "the session has consumed no text yet: send a prompt"
-            self._finish(job, GenerationEvent(error=message, error_is_precondition=True, refused=True))
-            return
-        # Only an accepted request re-seeds the session and queues its prompt.
-        if job.request.seed is not None:
-            state.rng = new_generator(job.request.seed)
-            state.spare_uniform = None
-        state.pending.extend(job.request.prompt_tokens)
-        state.job = job
-        self._active[job.slot] = None
-
-    def _ack(self, job: Job) -> None:
-        state = self._slots.get(job.slot)
-        if not job.awaiting_ack or state is None or state.job is not job:
-            return
-        state.pending.append(job.in_flight_token)
-        state.logits = None
-        self._active[job.slot] = None
-        job.awaiting_ack = False
-        job.in_flight_uniform = None
-        if job.done:
-            state.job = None
-
-    def _cancel(self, job: Job) -> None:
-        state = self._slots.get(job.slot)
-        if state is None or state.job is not job:
-            return
-        if job.awaiting_ack and job.in_flight_uniform is not None:
-            # The character was never delivered: give its random number back.
-            state.spare_uniform = job.in_flight_uniform
-        job.awaiting_ack = False
-        job.done = True
-        state.job = None
-
-    def _finish(self, job: Job, event: GenerationEvent) -> None:
-        job.done = True
-        self._events.append((job.handle, event))
-
-    def _active_states(self) -> list[tuple[int, SlotState]]:
-        """Active slots still open; closed ones and idle ones leave the active set."""
-        found = []
-        for slot in list(self._active):
-            state = self._slots.get(slot)
-            if state is None or (not state.pending and state.job is None):
-                del self._active[slot]
-            else:
-                found.append((slot, state))
-        return found
-
-    def _sample_ready(self) -> None:
-        for _, state in self._active_states():
-            job = state.job
-            if job is None or job.awaiting_ack or job.done:
-                continue
-            if self._draining:
-                # Ends at once, even mid-prompt: the prompt is still consumed in the background.
-                self._finish(job, GenerationEvent(finish=SHUTDOWN))
-                state.job = None
-                continue
-            if state.pending or state.logits is None:
-                continue
-            settings = job.request.settings
-            uniform = None
-            if not settings.greedy:
-                uniform = state.spare_uniform if state.spare_uniform is not None else state.rng.random()
-                state.spare_uniform = None
-            token = choose_token(state.logits, settings, uniform or 0.0)
-            char = self.vocab.chars[token]
-            job.produced += 1
-            job.awaiting_ack, job.in_flight_token, job.in_flight_uniform = True, token, uniform
-            matched = job.matcher.push(char)
-            if matched is not None:
-                self._finish(job, GenerationEvent(text=char, finish=STOP, matched_stop=matched))
-            elif job.produced >= job.request.max_chars:
-                self._finish(job, GenerationEvent(text=char, finish=LENGTH))
-            else:
-                self._events.append((job.handle, GenerationEvent(text=char)))
-
-    def _step(self) -> None:
-        ready = [(slot, state) for slot, state in self._active_states() if state.pending]
-        if not ready:
-            return
-        if len(ready) > self.max_batch:
-            ready.sort(key=lambda item: item[1].last_step)
-            ready = ready[: self.max_batch]
-        tokens = np.fromiter((state.pending[0] for _, state in ready), dtype=np.int64, count=len(ready))  # [B]
-        slots = np.fromiter((slot for slot, _ in ready), dtype=np.int64, count=len(ready))  # [B]
-        fresh = np.fromiter((state.fresh for _, state in ready), dtype=bool, count=len(ready))  # [B]
-        started = time.perf_counter()
-        try:
-            logits = self.runner.step(tokens, slots, fresh)  # [B, V]
-        except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
-            logger.exception("model step failed")
-            for _, state in ready:
-                # The state can no longer be trusted; dropping its tokens also keeps a
-                # persistent failure from being retried in a tight loop.
-                state.pending.clear()
-                state.logits = None
-                state.lost = True
-                if state.job is not None and not state.job.done:
-                    self._finish(state.job, GenerationEvent(error=f"model step failed: {exc}"))
-                    state.job = None
-            return
-        if self._observer is not None:
-            self._observer.observe_step(len(ready), time.perf_counter() - started)
-        for row, (_, state) in enumerate(ready):
-            state.pending.popleft()
-            state.fresh = False
-            state.last_step = self._iteration
-            if not state.pending:
-                state.logits = logits[row].copy()  # [V]
-
-    def _has_work(self) -> bool:
-        return any(
-            state.pending or (state.job is not None and not state.job.awaiting_ack and not state.job.done)
-            for _, state in self._active_states()
-        )
-
-    def _flush_events(self) -> None:
-        """Hand this iteration's events to their loops: one thread hop per loop, not per event."""
-        if not self._events:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, GenerationEvent]]] = {}
-        for handle, event in self._events:
-            by_loop.setdefault(handle.loop, []).append((handle, event))
-        self._events = []
-        for loop, events in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver_all, events)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
     def _run(self) -> None:
+        iterations = 0
         while not self._stopping:
-            if not self._commands and not self._has_work():
+            if not self._commands and not self.scheduler.has_work():
                 self._wake.wait()
             self._wake.clear()
             while self._commands:
@@ -298,14 +120,29 @@ class Engine:
                     command()
                 except Exception:  # noqa: BLE001 - a bad command must not kill the engine
                     logger.exception("engine command failed")
-            self._sample_ready()
-            self._flush_events()  # before the step: characters reach clients while it runs
-            self._step()
-            self._flush_events()  # errors of a failed step
-            self._iteration += 1
-        log_event(logger, "engine_stopped", iterations=self._iteration)
+            self._flush()  # acceptances and refusals
+            self.scheduler.sample()
+            self._flush()  # characters reach their callers while the step runs
+            self.scheduler.step()
+            self._flush()  # failures of the step
+            iterations += 1
+        log_event(logger, "engine_stopped", iterations=iterations)
 
-
-def _deliver_all(events: list[tuple[GenerationHandle, GenerationEvent]]) -> None:
-    for handle, event in events:
-        handle.deliver(event)
+    def _flush(self) -> None:
+        """Hand the collected events to their loops: one thread hop per loop, not per event."""
+        events, self.scheduler.events = self.scheduler.events, []
+        if not events:
+            return
+        by_hub: dict[StreamHub, list] = {}
+        for request_id, event in events:
+            hub = self._routes.get(request_id)
+            if hub is None:
+                continue
+            by_hub.setdefault(hub, []).append((request_id, event))
+            if event.ends_stream:
+                del self._routes[request_id]
+        for hub, batch in by_hub.items():
+            try:
+                hub.loop.call_soon_threadsafe(hub.dispatch, batch)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass

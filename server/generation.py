@@ -1,18 +1,20 @@
-"""One generation request as the engine sees it, and the handle its caller streams from.
+"""One generation request as the engine sees it: what was asked, where it stands, what it emits.
 
-The engine thread emits one character at a time to a GenerationHandle; the
-caller (on the asyncio loop) acknowledges a character once it has handed it
-to the client, and only then does the character become part of the
-session's state. A character that is cancelled before delivery is dropped
-and its random number returned to the session, so the session continues as
-if it had never been sampled.
+A request moves through one status at a time (RequestStatus), in one place:
+
+    WAITING -> CONSUMING_PROMPT -> GENERATING -> FINISHED_* (length, stop, shutdown, error)
+                                              -> ABORTED (its caller ended it first)
+
+The engine thread owns every Request; callers only ever hold its id. What the
+engine tells a caller travels as StreamEvents: accepted (with the session's
+consumed count and recent text after the prompt), text, finished, refused or
+failed.
 """
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-from typing import Callable
+import enum
+from dataclasses import dataclass
 
 from server.sampling import SamplingSettings
 
@@ -20,6 +22,28 @@ LENGTH = "length"
 STOP = "stop"
 CANCELLED = "cancelled"
 SHUTDOWN = "shutdown"
+ERROR = "error"
+
+RECENT_CHARS = 256  # how much of a session's consumed text GetSession shows
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # accepted; its first model step has not run yet
+    CONSUMING_PROMPT = "consuming_prompt"
+    GENERATING = "generating"
+    FINISHED_LENGTH = LENGTH
+    FINISHED_STOP = STOP
+    FINISHED_SHUTDOWN = SHUTDOWN
+    FINISHED_ERROR = ERROR
+    ABORTED = CANCELLED  # the caller ended it (cancel, deadline, disconnect)
+
+    @property
+    def is_finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.CONSUMING_PROMPT, RequestStatus.GENERATING)
+
+
+FINISHED_BY_REASON = {LENGTH: RequestStatus.FINISHED_LENGTH, STOP: RequestStatus.FINISHED_STOP,
+                      SHUTDOWN: RequestStatus.FINISHED_SHUTDOWN}
 
 
 @dataclass(frozen=True)
@@ -34,17 +58,23 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class GenerationEvent:
-    """A character (text) and/or the end of the generation (finish)."""
+class StreamEvent:
+    """Engine -> caller. Exactly one of the kinds below, in this order per request:
+    accepted, then text*, then one of finished / failed; or refused alone."""
 
-    text: str = ""
-    finish: str | None = None  # LENGTH, STOP, SHUTDOWN; None while more follow
+    text: str = ""  # generated characters, in order
+    accepted: bool = False
+    consumed_chars: int = 0  # with accepted: the session's count after the prompt
+    recent_text: str = ""  # with accepted: the session's recent text after the prompt
+    finish: str | None = None  # LENGTH, STOP, SHUTDOWN
     matched_stop: str = ""
-    error: str | None = None  # the generation could not run; finish is None
-    # True when the caller can fix the error (reset the session); False for internal failures.
-    error_is_precondition: bool = False
-    # True when the engine never started the request: its prompt was not consumed.
-    refused: bool = False
+    error: str | None = None  # refused or failed; the message is for the log or the caller (see below)
+    error_is_precondition: bool = False  # the caller can fix it (reset the session); else internal
+    refused: bool = False  # never started: its prompt was not consumed
+
+    @property
+    def ends_stream(self) -> bool:
+        return self.finish is not None or self.error is not None
 
 
 class StopMatcher:
@@ -63,52 +93,6 @@ class StopMatcher:
         return next((s for s in self.stops if self._tail.endswith(s)), None)
 
 
-class GenerationHandle:
-    """Caller's side of a generation, used on the asyncio loop that created it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, submit: Callable[[Callable[[], None]], None]):
-        self.loop = loop
-        self._submit = submit  # runs a callable on the engine thread, in order
-        self._events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        self.job: Job | None = None
-        self.finished = False
-
-    async def next_event(self) -> GenerationEvent:
-        event = await self._events.get()
-        if event.finish is not None or event.error is not None:
-            self.finished = True
-        return event
-
-    def deliver(self, event: GenerationEvent) -> None:
-        """Engine -> loop (called on the loop thread via call_soon_threadsafe)."""
-        self._events.put_nowait(event)
-
-    def ack(self) -> None:
-        """The last character was handed to the client: commit it to the session's state."""
-        job = self.job
-        self._submit(lambda: job.engine_ack(job))  # type: ignore[union-attr]
-
-    def cancel(self) -> None:
-        """Stop generating; an undelivered character is dropped. Safe to call more than once."""
-        job = self.job
-        self._submit(lambda: job.engine_cancel(job))  # type: ignore[union-attr]
-
-
-@dataclass(eq=False)
-class Job:
-    """Engine-side state of one generation (touched only on the engine thread)."""
-
-    slot: int
-    request: GenerationRequest
-    handle: GenerationHandle
-    engine_ack: Callable[["Job"], None]
-    engine_cancel: Callable[["Job"], None]
-    matcher: StopMatcher = field(init=False)
-    produced: int = 0
-    awaiting_ack: bool = False
-    in_flight_token: int = -1
-    in_flight_uniform: float | None = None
-    done: bool = False
-
-    def __post_init__(self) -> None:
-        self.matcher = StopMatcher(self.request.stops)
+def recent_tail(before: str, added: str) -> str:
+    """The last RECENT_CHARS characters of `before + added`."""
+    return (before + added)[-RECENT_CHARS:] if added else before

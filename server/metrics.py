@@ -37,6 +37,18 @@ class ServerMetrics:
         self.batch_size = Histogram(
             "charstream_batch_size", "Sessions in one batched model step.", buckets=BATCH_BUCKETS, registry=self.registry
         )
+        self.stream_messages = Counter(
+            "charstream_stream_messages", "Streamed messages that carried text (each holds every character ready "
+            "for its stream: characters per message grow with load).", registry=self.registry,
+        )
+        self.undelivered_chars = Gauge(
+            "charstream_undelivered_chars", "Characters generated ahead of delivery, all streams together.",
+            registry=self.registry,
+        )
+        self.most_undelivered_chars = Gauge(
+            "charstream_most_undelivered_chars", "Characters generated ahead of delivery by the stream furthest "
+            "ahead (at most --lookahead).", registry=self.registry,
+        )
         self.rpc_errors = Counter(
             "charstream_rpc_errors", "RPCs that ended with an error status, by method and code.",
             ["method", "code"], registry=self.registry,
@@ -50,6 +62,11 @@ class ServerMetrics:
         """Called on the engine thread after every step (prometheus_client is thread-safe)."""
         self.step_seconds.observe(seconds)
         self.batch_size.observe(batch_size)
+
+    def observe_lookahead(self, total: int, most: int) -> None:
+        """Called on the engine thread after sampling."""
+        self.undelivered_chars.set(total)
+        self.most_undelivered_chars.set(most)
 
     def count_error(self, method: str, code: grpc.StatusCode) -> None:
         self.rpc_errors.labels(method=method, code=code.name).inc()

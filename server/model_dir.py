@@ -6,6 +6,9 @@ Model directory format (written by export):
     MODEL_DIR/manifest.json         {"format": "charstream-model/1", "default": "fp32",
                                      "variants": {"fp32": {"file": "model.onnx"}, ...}}
 Without manifest.json the directory serves model.onnx as variant "fp32".
+Variant "auto" picks by execution provider (AUTO_PREFERENCE): the provider's
+preferred variant when the manifest records it verified on that provider,
+else the manifest's default.
 The vocabulary and model config come from the .onnx metadata, so the file
 alone describes itself.
 """
@@ -21,6 +24,14 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "charstream-model/1"
 DEFAULT_FILE = "model.onnx"
 DEFAULT_VARIANT = "fp32"
+AUTO = "auto"
+# What variant "auto" prefers on each execution provider, and why, when manifest.json
+# records it verified there (export verifies on every provider it has and records a
+# provider only when the variant passed within its tolerance).
+AUTO_PREFERENCE: dict[str, tuple[str, str]] = {
+    "CUDAExecutionProvider": ("fp16", "fp16 weights and maths, meant for GPUs"),
+    "CPUExecutionProvider": ("int8", "int8 weights, faster steps on CPUs"),
+}
 META_VOCAB = "charstream.vocab"
 META_CONFIG = "charstream.config"
 INPUT_NAMES = ("token_ids", "hidden")
@@ -38,6 +49,7 @@ class ModelFile:
     directory: Path
     variant: str
     path: Path
+    reason: str = ""  # why this variant, for logs and GetModelInfo.variant_reason
 
 
 @dataclass(frozen=True)
@@ -63,26 +75,38 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def choose_model_file(directory: Path | str, variant: str | None = None) -> ModelFile:
-    """The file to serve: `variant` from the manifest (default: the manifest's default)."""
+def choose_model_file(directory: Path | str, variant: str | None = None, provider: str | None = None) -> ModelFile:
+    """The file to serve, with the reason it was chosen.
+
+    variant: a name listed in manifest.json; None: the manifest's default;
+    "auto": AUTO_PREFERENCE[provider] when the manifest records it verified on
+    `provider` (and its file is present), otherwise the manifest's default.
+    A directory without manifest.json serves model.onnx as "fp32".
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelDirError(f"model directory not found: {directory}")
     manifest_path = directory / MANIFEST_FILE
-    if manifest_path.is_file():
-        manifest = _read_manifest(manifest_path)
+    manifest = _read_manifest(manifest_path) if manifest_path.is_file() else None
+    if variant == AUTO:
+        chosen, reason = _auto_variant(directory, manifest, provider)
+    elif variant:
+        chosen, reason = variant, f"variant {variant} asked for"
+    elif manifest is not None:
+        chosen = _manifest_default(manifest)
+        reason = f"{chosen}: the manifest's default"
+    else:
+        chosen, reason = DEFAULT_VARIANT, f"no {MANIFEST_FILE}: {DEFAULT_FILE} ({DEFAULT_VARIANT})"
+    if manifest is not None:
         variants: Mapping[str, Any] = manifest["variants"]
-        chosen = variant or manifest.get("default") or DEFAULT_VARIANT
         if chosen not in variants:
             raise ModelDirError(
                 f"variant {chosen!r} is not in {manifest_path}; available: {', '.join(sorted(variants))}"
             )
-        entry = variants[chosen]
-        file_name = entry.get("file") if isinstance(entry, dict) else None
-        if not isinstance(file_name, str) or not file_name:
+        file_name = _variant_file(variants[chosen])
+        if file_name is None:
             raise ModelDirError(f"{manifest_path}: variant {chosen!r} names no file")
     else:
-        chosen = variant or DEFAULT_VARIANT
         if chosen != DEFAULT_VARIANT:
             raise ModelDirError(
                 f"variant {chosen!r} asked for, but {directory} has no {MANIFEST_FILE} listing variants"
@@ -94,7 +118,42 @@ def choose_model_file(directory: Path | str, variant: str | None = None) -> Mode
             f"{path} not found: {directory} is not a charstream model directory "
             "(make one with charstream-export)"
         )
-    return ModelFile(directory=directory, variant=chosen, path=path)
+    return ModelFile(directory=directory, variant=chosen, path=path, reason=reason)
+
+
+def _manifest_default(manifest: Mapping[str, Any]) -> str:
+    default = manifest.get("default")
+    return default if isinstance(default, str) and default else DEFAULT_VARIANT
+
+
+def _variant_file(entry: Any) -> str | None:
+    file_name = entry.get("file") if isinstance(entry, dict) else None
+    return file_name if isinstance(file_name, str) and file_name else None
+
+
+def _auto_variant(directory: Path, manifest: Mapping[str, Any] | None, provider: str | None) -> tuple[str, str]:
+    """(variant, reason) for variant "auto" on `provider`."""
+    if manifest is None:
+        return DEFAULT_VARIANT, f"auto: no {MANIFEST_FILE}, so {DEFAULT_FILE} ({DEFAULT_VARIANT})"
+    default = _manifest_default(manifest)
+    fallback = f"{default} (the manifest's default)"
+    if provider not in AUTO_PREFERENCE:
+        return default, f"auto: no preferred variant for {provider}; {fallback}"
+    name, why = AUTO_PREFERENCE[provider]
+    entry = manifest["variants"].get(name)
+    if not isinstance(entry, dict):
+        return default, f"auto: no {name} verified on {provider} in the manifest (no {name} exported); {fallback}"
+    verified = entry.get("verified")
+    if not isinstance(verified, dict) or provider not in verified:
+        elsewhere = ", ".join(sorted(verified)) if isinstance(verified, dict) and verified else "no provider"
+        return default, (
+            f"auto: no {name} verified on {provider} in the manifest ({name} is verified on {elsewhere}; "
+            f"export on a machine with {provider} to verify it there); {fallback}"
+        )
+    file_name = _variant_file(entry)
+    if file_name is None or not (directory / file_name).is_file():
+        return default, f"auto: {name} is verified on {provider} but its file {file_name} is missing; {fallback}"
+    return name, f"auto: {name} verified on {provider} ({why})"
 
 
 def read_spec(metadata: Mapping[str, str], input_names: list[str], output_names: list[str], where: str) -> ModelSpec:

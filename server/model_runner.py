@@ -1,10 +1,15 @@
 """Runs one batched model step for any set of session slots, states kept in a pool.
 
-    runner = load_runner(model_dir, variant=None, device="auto", num_slots=1024)
-    logits = runner.step(token_ids, slots, fresh)   # [B] int64, [B] int64, [B] bool -> [B, V]
+    runner = load_runner(model_dir, variant="auto", device="auto", num_slots=1024)
+    out = runner.step(token_ids, slots, start_mask)   # [B] int64, [B] int64, [B] bool
+    out.logits                                         # [B, V]
+    out.inputs                                         # [L, B, H]: the states each row started from
 
-Each call feeds token_ids[i] to the session in slots[i] (starting from a zero
-state where fresh[i]) and stores the new state back in that slot. On the CPU
+Each call feeds token_ids[i] to the session in slots[i] and stores the new
+state back in that slot. A row starts from the slot's pooled state, or, where
+start_mask[i], from start_states[:, i] (zeros when start_states is None: a
+fresh session). The scheduler keeps `inputs` rows to undo characters that
+were generated ahead but never delivered. On the CPU
 provider states are a numpy pool; on CUDA they stay on the device (IOBinding
 with a graph that gathers and scatters them itself), so only token ids, slot
 ids and logits cross between host and device.
@@ -15,12 +20,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
-from server.model_dir import ModelFile, ModelSpec, choose_model_file, read_spec
-from server.providers import CUDA, create_session
+from server.model_dir import AUTO, ModelFile, ModelSpec, choose_model_file, read_spec
+from server.providers import CPU, CUDA, ThreadSettings, create_session, expected_provider
 from server.state_pool import DeviceStatePool, HostStatePool
 from server.structured_log import log_event
 
@@ -38,13 +44,20 @@ class RunnerInfo:
     states_on_device: bool
 
 
+class StepOutput(NamedTuple):
+    logits: np.ndarray  # [B, V] on the host
+    inputs: np.ndarray  # [L, B, H] on the host: the state each row started from
+
+
 class ModelRunner:
     """Base: one batched step over pooled session states."""
 
     info: RunnerInfo
 
-    def step(self, token_ids: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
-        """Feed token_ids [B] to slots [B] (zero state where fresh [B]); return logits [B, V] on the host."""
+    def step(
+        self, token_ids: np.ndarray, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None
+    ) -> StepOutput:
+        """Feed token_ids [B] to slots [B]; rows where start_mask [B] start from start_states [L, B, H] (or zeros)."""
         raise NotImplementedError
 
     def read_states(self, slots: np.ndarray) -> np.ndarray:
@@ -61,11 +74,13 @@ class HostStateRunner(ModelRunner):
         spec = info.spec
         self.pool = HostStatePool(spec.num_layers, info.num_slots, spec.hidden_size)
 
-    def step(self, token_ids: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
-        hidden = self.pool.gather(slots, fresh)  # [L, B, H]
+    def step(
+        self, token_ids: np.ndarray, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None
+    ) -> StepOutput:
+        hidden = self.pool.gather(slots, start_mask, start_states)  # [L, B, H]
         logits, hidden_out = self.session.run(None, {"token_ids": token_ids, "hidden": hidden})
         self.pool.scatter(slots, hidden_out)
-        return logits  # [B, V]
+        return StepOutput(logits, hidden)  # [B, V], [L, B, H]
 
     def read_states(self, slots: np.ndarray) -> np.ndarray:
         return self.pool.read(slots)
@@ -84,19 +99,27 @@ class DeviceStateRunner(ModelRunner):
         spec = info.spec
         self.pool = DeviceStatePool(spec.num_layers, info.num_slots, spec.hidden_size, device_type, device_id)
 
-    def step(self, token_ids: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    def step(
+        self, token_ids: np.ndarray, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None
+    ) -> StepOutput:
+        spec = self.info.spec
+        if start_states is None:
+            start_states = np.zeros((spec.num_layers, len(slots), spec.hidden_size), np.float32)
         binding = self.session.io_binding()
         binding.bind_cpu_input("token_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
         binding.bind_cpu_input("slots", np.ascontiguousarray(slots, dtype=np.int64))
-        binding.bind_cpu_input("keep", np.logical_not(fresh))  # bool [B]
+        binding.bind_cpu_input("keep", np.logical_not(start_mask))  # bool [B]
+        binding.bind_cpu_input("start", np.ascontiguousarray(start_states, dtype=np.float32))  # [L, B, H]
         binding.bind_ortvalue_input("pool", self.pool.current)
-        # Outputs come back in binding order: logits first.
-        binding.bind_output("logits", "cpu")  # the only output that crosses to the host
+        # Outputs come back in binding order. Only logits and the step's input
+        # states cross to the host; the pool stays on the device.
+        binding.bind_output("logits", "cpu")
+        binding.bind_output("hidden", "cpu")
         binding.bind_ortvalue_output("pool_out", self.pool.spare)
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()  # [B, V]
+        outputs = binding.get_outputs()
         self.pool.swap()
-        return logits
+        return StepOutput(outputs[0].numpy(), outputs[1].numpy())  # [B, V], [L, B, H]
 
     def read_states(self, slots: np.ndarray) -> np.ndarray:
         return self.pool.read(slots)
@@ -112,7 +135,7 @@ def _session_spec(session: ort.InferenceSession, where: str) -> ModelSpec:
 
 
 def build_device_runner(
-    model_file: ModelFile, spec: ModelSpec, num_slots: int, device: str, intra_op_threads: int = 0
+    model_file: ModelFile, spec: ModelSpec, num_slots: int, device: str, threads: ThreadSettings | None = None
 ) -> DeviceStateRunner:
     """The IOBinding runner: `device` "cuda" in service, "cpu" to test the same path without a GPU."""
     import onnx  # only the device path edits graphs
@@ -120,7 +143,7 @@ def build_device_runner(
     from server.pooled_graph import build_pooled_step
 
     pooled = build_pooled_step(onnx.load(str(model_file.path)), num_slots, spec.num_layers, spec.hidden_size)
-    session = create_session(pooled.SerializeToString(), device, intra_op_threads)
+    session = create_session(pooled.SerializeToString(), device, threads)
     provider = session.get_providers()[0]
     info = RunnerInfo(spec, model_file, provider, num_slots, states_on_device=True)
     return DeviceStateRunner(session, info, device_type="cuda" if provider == CUDA else "cpu")
@@ -128,23 +151,46 @@ def build_device_runner(
 
 def load_runner(
     model_dir: Path | str,
-    variant: str | None = None,
+    variant: str | None = AUTO,
     device: str = "auto",
     num_slots: int = 1024,
-    intra_op_threads: int = 0,
+    threads: ThreadSettings | int | None = None,
 ) -> ModelRunner:
     """Load the model directory's chosen variant on the provider `device` selects.
 
+    variant: a name from manifest.json, None for the manifest's default, or "auto":
+    the variant verified for the provider (model_dir.choose_model_file). For
+    "auto" the provider is estimated first (providers.expected_provider), the
+    file chosen for it, and if the session ends up on another provider (ONNX
+    Runtime falls back to the CPU silently) the file is chosen again for the
+    provider actually in use; the reason is in info.model_file.reason.
+    threads: ONNX Runtime threading (default ThreadSettings()); a bare int is
+    read as intra_op_threads with the default spinning setting (older callers).
+
     Raises ModelDirError (bad directory/model) or DeviceError (device unavailable).
     """
-    model_file = choose_model_file(model_dir, variant)
-    session = create_session(Path(model_file.path), device, intra_op_threads)
+    if threads is None:
+        threads = ThreadSettings()
+    elif not isinstance(threads, ThreadSettings):
+        threads = ThreadSettings(intra_op_threads=int(threads))
+    assumed = expected_provider(device) if variant == AUTO else None
+    model_file = choose_model_file(model_dir, variant, assumed)
+    # Positional arguments: tests stand in for create_session with plain callables.
+    session = create_session(Path(model_file.path), device, threads)
+    if assumed is not None and session.get_providers()[0] != assumed:
+        actual = session.get_providers()[0]
+        again = choose_model_file(model_dir, variant, actual)
+        if again.path != model_file.path:
+            # Straight to the provider in use: asking for CUDA again would fail again.
+            session = create_session(Path(again.path), "cpu" if actual == CPU else device, threads)
+        reason = f"{again.reason}; chosen again: the session runs on {actual}, not the {assumed} assumed"
+        model_file = ModelFile(again.directory, again.variant, again.path, reason=reason)
     spec = _session_spec(session, str(model_file.path))
     provider = session.get_providers()[0]
     runner: ModelRunner | None = None
     if provider == CUDA:
         try:
-            runner = build_device_runner(model_file, spec, num_slots, "cuda", intra_op_threads)
+            runner = build_device_runner(model_file, spec, num_slots, "cuda", threads)
         except Exception as exc:  # noqa: BLE001 - any failure of the optional pooled graph
             # The plain cell already runs on CUDA: serve it with states on the host
             # rather than refuse to start.
@@ -158,6 +204,7 @@ def load_runner(
         "model_loaded",
         file=str(model_file.path),
         variant=model_file.variant,
+        variant_reason=model_file.reason,
         provider=runner.info.provider,
         states_on_device=runner.info.states_on_device,
         vocab_size=spec.vocab_size,

@@ -4,12 +4,17 @@ Used when states live on the GPU: ONNX Runtime has no Python API to gather or
 scatter rows of a device buffer, so the gather and scatter become graph ops
 and only token ids, slot ids and logits cross to the host.
 
-    inputs:  token_ids int64 [B], slots int64 [B], keep bool [B], pool float32 [S, L, H]
-    outputs: logits float32 [B, V], pool_out float32 [S, L, H]
+    inputs:  token_ids int64 [B], slots int64 [B], keep bool [B], start float32 [L, B, H],
+             pool float32 [S, L, H]
+    outputs: logits float32 [B, V], pool_out float32 [S, L, H], hidden float32 [L, B, H]
 
-    hidden   = transpose(where(keep, pool[slots], 0))   [L, B, H]  (keep False = fresh zero state)
+    hidden   = where(keep, transpose(pool[slots]), start)   [L, B, H]  (keep False: start there,
+                                                                         zeros for a fresh session)
     logits, hidden_out = cell(token_ids, hidden)
     pool_out = pool with pool_out[slots] = transpose(hidden_out)
+
+`hidden`, the state each row started from, is an output too: the scheduler
+keeps it to undo characters generated ahead of delivery.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from server.model_dir import ModelDirError
 
 INPUT_SLOTS = "slots"
 INPUT_KEEP = "keep"
+INPUT_START = "start"
 INPUT_POOL = "pool"
 OUTPUT_POOL = "pool_out"
+OUTPUT_HIDDEN = "hidden"
 
 
 def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hidden_size: int) -> onnx.ModelProto:
@@ -43,11 +50,11 @@ def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hi
 
     before = [
         helper.make_node("Gather", [INPUT_POOL, INPUT_SLOTS], [name("rows")], name=name("rows"), axis=0),  # [B, L, H]
-        helper.make_node("Unsqueeze", [INPUT_KEEP, name("keep_axes")], [name("keep3")], name=name("keep3")),  # [B, 1, 1]
-        # Where, not a multiply by 0: a stale row holding inf or NaN must still give zeros.
-        helper.make_node("Where", [name("keep3"), name("rows"), name("zero")], [name("kept")], name=name("kept")),
+        helper.make_node("Transpose", [name("rows")], [name("pooled")], name=name("pooled"), perm=[1, 0, 2]),  # [L, B, H]
+        helper.make_node("Unsqueeze", [INPUT_KEEP, name("keep_axes")], [name("keep3")], name=name("keep3")),  # [1, B, 1]
+        # Where, not a multiply: a stale row holding inf or NaN must still give the start state.
         # The cell reads its state from the value named "hidden": produce it here.
-        helper.make_node("Transpose", [name("kept")], ["hidden"], name=name("hidden"), perm=[1, 0, 2]),  # [L, B, H]
+        helper.make_node("Where", [name("keep3"), name("pooled"), INPUT_START], [OUTPUT_HIDDEN], name=name("hidden")),
     ]
     after = [
         helper.make_node("Transpose", ["hidden_out"], [name("updates")], name=name("updates"), perm=[1, 0, 2]),  # [B, L, H]
@@ -55,9 +62,8 @@ def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hi
         helper.make_node("ScatterND", [INPUT_POOL, name("indices"), name("updates")], [OUTPUT_POOL], name=name("scatter")),
     ]
     constants = [
-        helper.make_tensor(name("keep_axes"), TensorProto.INT64, [2], [1, 2]),
+        helper.make_tensor(name("keep_axes"), TensorProto.INT64, [2], [0, 2]),
         helper.make_tensor(name("slot_axes"), TensorProto.INT64, [1], [1]),
-        helper.make_tensor(name("zero"), TensorProto.FLOAT, [], [0.0]),
     ]
     pool_shape = [num_slots, num_layers, hidden_size]
     logits = next(o for o in graph.output if o.name == "logits")
@@ -68,9 +74,14 @@ def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hi
             graph.input[0],
             helper.make_tensor_value_info(INPUT_SLOTS, TensorProto.INT64, ["batch"]),
             helper.make_tensor_value_info(INPUT_KEEP, TensorProto.BOOL, ["batch"]),
+            helper.make_tensor_value_info(INPUT_START, TensorProto.FLOAT, [num_layers, "batch", hidden_size]),
             helper.make_tensor_value_info(INPUT_POOL, TensorProto.FLOAT, pool_shape),
         ],
-        outputs=[logits, helper.make_tensor_value_info(OUTPUT_POOL, TensorProto.FLOAT, pool_shape)],
+        outputs=[
+            logits,
+            helper.make_tensor_value_info(OUTPUT_POOL, TensorProto.FLOAT, pool_shape),
+            helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, [num_layers, "batch", hidden_size]),
+        ],
         initializer=list(graph.initializer) + constants,
     )
     model = helper.make_model(wrapped, opset_imports=cell.opset_import, producer_name="charstream-server")

@@ -3,6 +3,18 @@
 One uniform number per sampled character, drawn from the session's generator
 (inverse-CDF sampling): a session's text depends only on its seed, state and
 settings, never on which other sessions share the batch. Greedy draws nothing.
+
+The counter-based stream (stream_key / uniforms_at / RandomStream) makes the
+uniform for draw n a pure function of (seed, n): SplitMix64's finaliser applied
+to key + (n + 1) * golden-ratio gamma. Why a counter rather than a stateful
+generator: a character that was generated but never delivered is undone by
+winding the counter back, with no generator state to snapshot; a session's
+numbers cannot depend on other sessions or on batch order, since nothing is
+shared; and the session record needs only seed + position. It also vectorises:
+one uint64 array expression serves a whole batch.
+
+sample_tokens is choose_token for a whole batch in one NumPy pass, picking the
+very same token (bit for bit) for every row.
 """
 
 from __future__ import annotations
@@ -58,3 +70,98 @@ def choose_token(logits: np.ndarray, settings: SamplingSettings, uniform: float)
         cdf = cdf[:keep]
     index = min(int(np.searchsorted(cdf, uniform * cdf[-1], side="right")), keep - 1)
     return int(order[index])
+
+
+# SplitMix64 constants. Arithmetic is done on uint64 *arrays*, which wrap
+# silently modulo 2**64; numpy uint64 scalars would warn on overflow instead.
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, odd
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on a uint64 array (a bijection with strong avalanche)."""
+    z = (z ^ (z >> np.uint64(30))) * _MUL1
+    z = (z ^ (z >> np.uint64(27))) * _MUL2
+    return z ^ (z >> np.uint64(31))
+
+
+def stream_key(seed: int) -> int:
+    """64-bit stream key for a seed in [0, 2**64): mixed so nearby seeds give unrelated streams."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return int(_mix(np.array([seed], dtype=np.uint64))[0])
+
+
+def uniforms_at(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Uniform in [0, 1) at each (key, position): keys uint64 [B], positions [B] -> float64 [B]."""
+    keys = np.atleast_1d(np.asarray(keys, dtype=np.uint64))  # [B]
+    counters = np.atleast_1d(np.asarray(positions).astype(np.uint64)) + np.uint64(1)  # [B]
+    bits = _mix(keys + counters * _GAMMA)  # [B], the SplitMix64 output for state key + n*gamma
+    # Top 53 bits -> an exact double in [0, 1); never 1.0.
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [B]
+
+
+@dataclass
+class RandomStream:
+    """One session's counter-based stream: rewind by setting `position` back."""
+
+    seed: int
+    position: int = 0
+
+    @property
+    def key(self) -> int:
+        return stream_key(self.seed)
+
+    def next(self) -> float:
+        """The uniform at the current position, then advance by one."""
+        u = uniforms_at(np.array([self.key], dtype=np.uint64), np.array([self.position], dtype=np.uint64))
+        self.position += 1
+        return float(u[0])
+
+
+def sample_tokens(
+    logits: np.ndarray,
+    temperature: np.ndarray,
+    top_k: np.ndarray,
+    top_p: np.ndarray,
+    uniforms: np.ndarray,
+) -> np.ndarray:
+    """choose_token for every row at once: logits [B, V], per-row settings [B] -> token ids int64 [B].
+
+    Row i gives exactly choose_token(logits[i], SamplingSettings(temperature[i],
+    top_k[i], top_p[i]), uniforms[i]): the same float64 operations in the same
+    order, so even ties and rounding land identically.
+    """
+    logits = np.asarray(logits)  # [B, V]
+    temperature = np.asarray(temperature, dtype=np.float64)  # [B]
+    vocab = logits.shape[1]
+    tokens = np.argmax(logits, axis=1).astype(np.int64)  # [B]; greedy = first maximum of the raw logits
+    rows = np.flatnonzero(temperature != 0.0)  # [S] rows that sample; greedy rows never divide by 0
+    if rows.size == 0:
+        return tokens
+    scaled = logits[rows].astype(np.float64) / temperature[rows, None]  # [S, V]
+    weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))  # [S, V], max = 1
+    k = np.asarray(top_k, dtype=np.int64)[rows]  # [S]
+    p = np.asarray(top_p, dtype=np.float64)[rows]  # [S]
+    keep = np.where((k > 0) & (k < vocab), k, vocab)  # [S]; k = 0 or k >= V keeps all
+    cut = (keep < vocab) | (p < 1.0)  # [S]; the rest sample in token-id order
+    columns = np.arange(vocab)  # [V]
+    # Uncut rows keep token-id order; cut rows go most likely first (stable: ties in id order).
+    order = np.tile(columns, (rows.size, 1))  # [S, V]
+    order[cut] = np.argsort(-scaled[cut], axis=1, kind="stable")  # [C, V], sorted only where needed
+    ordered = np.take_along_axis(weights, order, axis=1)  # [S, V]
+    # Zero weights past the top-k cut: adding 0.0 leaves every prefix sum, and the total, unchanged.
+    ordered[columns >= keep[:, None]] = 0.0
+    cdf = np.cumsum(ordered, axis=1)  # [S, V]; sequential per row, as the 1-D cumsum
+    # top_p: searchsorted(cdf / total, p, "left") = count strictly below p. Padded
+    # entries equal total, so their share is exactly 1.0, never below a p < 1.
+    below = np.sum(cdf / cdf[:, -1:] < p[:, None], axis=1)  # [S]
+    keep = np.where(p < 1.0, np.minimum(keep, below + 1), keep)  # [S]
+    total = np.take_along_axis(cdf, keep[:, None] - 1, axis=1)  # [S, 1], mass of the kept prefix
+    target = np.asarray(uniforms, dtype=np.float64)[rows, None] * total  # [S, 1]
+    # searchsorted(cdf[:keep], target, "right") = count of kept entries <= target.
+    index = np.sum((cdf <= target) & (columns < keep[:, None]), axis=1)  # [S]
+    index = np.minimum(index, keep - 1)  # [S]; as choose_token: only u = 1.0 would overshoot
+    tokens[rows] = np.take_along_axis(order, index[:, None], axis=1)[:, 0]
+    return tokens

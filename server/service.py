@@ -1,10 +1,11 @@
 """The charstream.v1.Generator servicer: converts messages, validates, streams.
 
 It never calls ONNX Runtime: generation goes through the engine, sessions
-through the store. Streams are written with context.write so that a character
-is acknowledged (committed to the session's state) only once its message has
-been handed to the transport; a cancelled call raises CancelledError at the
-await, and the undelivered character is dropped.
+through the store. Generate and Converse share one opening and one streaming
+loop (`_stream`): each write takes every character ready for the stream
+(delivered from that moment, before the write is awaited), so when a call
+ends early the session keeps exactly what was handed over and the engine
+undoes what was generated ahead of it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import itertools
 import logging
 import secrets
 import time
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -23,7 +24,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.engine import Engine
 from server.errors import ServiceError
-from server.generation import CANCELLED, LENGTH, SHUTDOWN, STOP, GenerationEvent, GenerationRequest
+from server.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
 from server.metrics import ServerMetrics
 from server.sampling import DEFAULT_SETTINGS, SamplingSettings
 from server.session_store import Session, SessionBusy, SessionNotFound, SessionStore, StoreFull
@@ -47,7 +48,7 @@ FINISH_REASONS = {
     CANCELLED: pb.FINISH_REASON_CANCELLED,
     SHUTDOWN: pb.FINISH_REASON_SHUTDOWN,
 }
-ERROR = "error"
+MakeResponse = Callable[[str, StreamEvent | None, int], object]  # (text, end, generated so far) -> message
 
 
 @contextlib.contextmanager
@@ -94,7 +95,9 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         tokens = check_text(self.engine.vocab, request.prompt, self.limits)
         seed = seed_of(request)
         with store_errors():
-            session = self.store.create(settings, secrets.randbits(64) if seed is None else seed, tokens)
+            session = self.store.create(
+                settings, secrets.randbits(64) if seed is None else seed, tokens, prompt_text=request.prompt
+            )
         log_event(logger, "session_created", session=session.id[:8], prompt_chars=len(tokens))
         return pb.CreateSessionResponse(session_id=session.id, session=self._describe(session))
 
@@ -109,7 +112,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         session_id = check_session_id(request.session_id)
         tokens = check_text(self.engine.vocab, request.prompt, self.limits)
         with store_errors():
-            session = self.store.reset(session_id, seed_of(request), tokens)
+            session = self.store.reset(session_id, seed_of(request), tokens, prompt_text=request.prompt)
         return pb.ResetSessionResponse(session=self._describe(session))
 
     async def DeleteSession(
@@ -131,6 +134,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         return pb.SessionInfo(
             session_id=session.id,
             consumed_chars=session.consumed_chars,
+            recent_text=session.recent_text,
             temperature=session.settings.temperature,
             top_k=session.settings.top_k,
             top_p=session.settings.top_p,
@@ -164,19 +168,18 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"session {session.id} has consumed no text yet: send a prompt (at least one character)",
                 )
-            settings = resolve_settings(request, session.settings)
-            job = GenerationRequest(tuple(tokens), max_chars, settings, seed, stops)
+            job = GenerationRequest(tuple(tokens), max_chars, resolve_settings(request, session.settings), seed, stops)
 
-            async def write(event: GenerationEvent, generated: int) -> None:
-                response = pb.GenerateResponse(text=event.text)
-                if event.finish is not None:
-                    response.finish_reason = FINISH_REASONS[event.finish]
-                    response.generated_chars = generated
-                    response.prompt_chars = len(tokens)
-                    response.matched_stop = event.matched_stop
-                await context.write(response)
+            def response(text: str, end: StreamEvent | None, generated: int) -> pb.GenerateResponse:
+                message = pb.GenerateResponse(text=text)
+                if end is not None:
+                    message.finish_reason = FINISH_REASONS[end.finish]  # type: ignore[index]
+                    message.generated_chars = generated
+                    message.prompt_chars = len(tokens)
+                    message.matched_stop = end.matched_stop
+                return message
 
-            await self._run(session, job, write)
+            await self._stream(session, job, context, response)
         finally:
             if one_shot:
                 self.store.discard(session)
@@ -199,8 +202,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 max_chars = check_max_chars(message.max_chars, self.limits)
                 tokens = check_text(self.engine.vocab, message.text, self.limits, field="text")
                 if session.consumed_chars + len(tokens) == 0:
-                    message = "the first turn of a conversation needs text"
-                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "the first turn of a conversation needs text")
                 job = GenerationRequest(
                     tuple(tokens),
                     max_chars,
@@ -209,15 +211,15 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                     check_stops(message.stop, self.engine.vocab, self.limits),
                 )
 
-                async def write(event: GenerationEvent, generated: int, turn: int = turn) -> None:
-                    response = pb.ConverseResponse(text=event.text, turn=turn, session_id=session.id)
-                    if event.finish is not None:
-                        response.finish_reason = FINISH_REASONS[event.finish]
-                        response.generated_chars = generated
-                        response.matched_stop = event.matched_stop
-                    await context.write(response)
+                def response(text: str, end: StreamEvent | None, generated: int, turn: int = turn) -> pb.ConverseResponse:
+                    reply = pb.ConverseResponse(text=text, turn=turn, session_id=session.id)
+                    if end is not None:
+                        reply.finish_reason = FINISH_REASONS[end.finish]  # type: ignore[index]
+                        reply.generated_chars = generated
+                        reply.matched_stop = end.matched_stop
+                    return reply
 
-                if await self._run(session, job, write) == SHUTDOWN:
+                if await self._stream(session, job, context, response) == SHUTDOWN:
                     return
         finally:
             self.store.discard(session)
@@ -243,40 +245,44 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         except StopAsyncIteration:
             return None
 
-    async def _run(
-        self, session: Session, job: GenerationRequest, write: Callable[[GenerationEvent, int], Awaitable[None]]
+    async def _stream(
+        self, session: Session, job: GenerationRequest, context: Context, response: MakeResponse
     ) -> str:
-        """Stream one generation through `write`; returns its finish reason."""
-        handle = self.engine.generate(session.slot, job, asyncio.get_running_loop())
-        session.consumed_chars += len(job.prompt_tokens)
+        """Run one generation on `session` and stream it to the client; returns its finish reason.
+
+        Every write takes all the characters ready (coalescing). If the call ends
+        before the generation does (cancel, deadline, disconnect, an error), the
+        stream is aborted: the session keeps the prompt and every character
+        handed over, and the engine undoes the characters generated ahead."""
+        stream = self.engine.submit(session.slot, job)
+        stream.on_update = session.record  # the session's count and recent text follow the stream
         started = time.monotonic()
-        finish, generated = CANCELLED, 0
+        finish = CANCELLED
         self.metrics.active_streams.inc()
         self.active_streams += 1
         try:
-            while True:
-                event = await handle.next_event()
-                if event.refused:  # counted above on the assumption that the engine takes it
-                    session.consumed_chars -= len(job.prompt_tokens)
-                if event.error is not None:
+            opening = await stream.opening()
+            if opening.refused:
+                if opening.error is not None:
                     finish = ERROR
-                    if event.error_is_precondition:
-                        raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, event.error)
-                    # Internal details (device errors, paths) go to the log, never to the caller.
-                    log_event(logger, "generation_failed", logging.ERROR, session=session.id[:8], error=event.error)
-                    raise ServiceError(grpc.StatusCode.INTERNAL, "generation failed; the server log has details")
-                await write(event, generated + (1 if event.text else 0))
-                if event.text:
-                    handle.ack()  # delivered: now part of the session's state
-                    generated += 1
-                    session.consumed_chars += 1
-                    self.metrics.generated_chars.inc()
-                if event.finish is not None:
-                    finish = event.finish
+                    raise self._failure(session, opening)
+                finish = SHUTDOWN  # refused while shutting down
+                await context.write(response("", opening, 0))
+                return finish
+            while True:
+                chunk = await stream.next_chunk()
+                if chunk.end is not None and chunk.end.error is not None:
+                    finish = ERROR
+                    raise self._failure(session, chunk.end)
+                if chunk.text:
+                    self.metrics.generated_chars.inc(len(chunk.text))
+                    self.metrics.stream_messages.inc()
+                await context.write(response(chunk.text, chunk.end, stream.delivered))
+                if chunk.end is not None:
+                    finish = chunk.end.finish or ERROR
                     return finish
         finally:
-            if finish == CANCELLED:
-                handle.cancel()
+            stream.abort()  # no-op after the end; else the session keeps what was delivered
             self.metrics.active_streams.dec()
             self.active_streams -= 1
             self.metrics.finished.labels(reason=finish).inc()
@@ -286,6 +292,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 session=session.id[:8],
                 reason=finish,
                 prompt_chars=len(job.prompt_tokens),
-                generated_chars=generated,
+                generated_chars=stream.delivered,
                 seconds=round(time.monotonic() - started, 4),
             )
+
+    def _failure(self, session: Session, event: StreamEvent) -> ServiceError:
+        if event.error_is_precondition:
+            return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, event.error or "")
+        # Internal details (device errors, paths) go to the log, never to the caller.
+        log_event(logger, "generation_failed", logging.ERROR, session=session.id[:8], error=event.error)
+        return ServiceError(grpc.StatusCode.INTERNAL, "generation failed; the server log has details")

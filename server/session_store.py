@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from server.generation import RECENT_CHARS
 from server.sampling import SamplingSettings
 from server.state_pool import SlotAllocator
 
@@ -49,7 +50,12 @@ class Session:
     created: float
     last_used: float
     consumed_chars: int = 0  # prompt + delivered characters in the state
+    recent_text: str = ""  # the last of them (generation.RECENT_CHARS at most)
     busy: bool = False
+
+    def record(self, consumed_chars: int, recent_text: str) -> None:
+        """What the engine reports the state holds (see stream.GenerationStream)."""
+        self.consumed_chars, self.recent_text = consumed_chars, recent_text
 
 
 class SessionStore:
@@ -75,8 +81,9 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._live)
 
-    def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int]) -> Session:
-        """A new session (evicting the least recently used idle one when full)."""
+    def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int], prompt_text: str = "") -> Session:
+        """A new session (evicting the least recently used idle one when full); `prompt_text`
+        is the text of `prompt_tokens`."""
         self.expire_idle()
         slot = self._slots.acquire()
         if slot is None:
@@ -96,7 +103,8 @@ class SessionStore:
             assert slot is not None
         now = self._clock()
         session_id = secrets.token_hex(16)  # 128 random bits
-        session = Session(session_id, slot, settings, created=now, last_used=now, consumed_chars=len(prompt_tokens))
+        session = Session(session_id, slot, settings, created=now, last_used=now, consumed_chars=len(prompt_tokens),
+                          recent_text=prompt_text[-RECENT_CHARS:])
         self._live[session_id] = session
         self._engine.open_slot(slot, seed, prompt_tokens)
         return session
@@ -130,11 +138,11 @@ class SessionStore:
         if session.id in self._live:
             self._touch(session)
 
-    def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int]) -> Session:
+    def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str = "") -> Session:
         session = self.get(session_id)
         if session.busy:
             raise SessionBusy(f"session {session_id} is generating; cancel that call before resetting it")
-        session.consumed_chars = len(prompt_tokens)
+        session.record(len(prompt_tokens), prompt_text[-RECENT_CHARS:])
         self._touch(session)
         self._engine.reset_slot(session.slot, seed, prompt_tokens)
         return session

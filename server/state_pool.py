@@ -39,10 +39,11 @@ class HostStatePool:
     def __init__(self, num_layers: int, num_slots: int, hidden_size: int):
         self.states = np.zeros((num_layers, num_slots, hidden_size), dtype=np.float32)
 
-    def gather(self, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
-        """States of `slots` [B] as a new [L, B, H] array; rows where `fresh` [B] is True are zeros."""
+    def gather(self, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None) -> np.ndarray:
+        """States of `slots` [B] as a new [L, B, H] array; rows where `start_mask` [B] is True come
+        from `start_states` [L, B, H] instead (zeros when it is None)."""
         batch = self.states[:, slots, :]  # advanced indexing copies: [L, B, H]
-        batch[:, fresh, :] = 0.0
+        batch[:, start_mask, :] = 0.0 if start_states is None else start_states[:, start_mask, :]
         return batch
 
     def scatter(self, slots: np.ndarray, states: np.ndarray) -> None:

@@ -64,7 +64,7 @@ def test_train_export_serve_generate(trained_checkpoint: Path, tmp_path: Path) -
 
     server = subprocess.Popen(
         [sys.executable, "-m", "server", "--model", str(model_dir), "--host", "127.0.0.1",
-         "--port", "0", "--device", "cpu"],
+         "--port", "0", "--device", "cpu", "--variant", "fp32"],  # fp32: PyTorch's exact greedy text
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )  # fmt: skip

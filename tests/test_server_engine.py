@@ -1,5 +1,5 @@
-"""The engine: batching never changes a session's text, cancellation drops only the
-undelivered character, stop strings, draining, and surviving a failed step."""
+"""The engine: batching never changes a session's text, an abort keeps exactly the delivered
+characters, stop strings, draining, and surviving a failed step."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from server.engine import Engine
-from server.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest
-from server.model_runner import load_runner
+from server.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
+from server.model_runner import StepOutput, load_runner
 from server.sampling import SamplingSettings
 
 
@@ -25,17 +25,19 @@ def engine(tiny_model_dir: Path) -> Iterator[Engine]:
 
 
 async def collect(engine: Engine, slot: int, request: GenerationRequest) -> tuple[str, str]:
-    """Deliver every character (ack each); return (text, finish reason)."""
-    handle = engine.generate(slot, request, asyncio.get_running_loop())
+    """Deliver every character; return (text, finish reason)."""
+    stream = engine.submit(slot, request)
+    opening = await stream.opening()
+    if opening.refused:
+        assert opening.error is None, opening.error
+        return "", opening.finish or ""
     text = []
     while True:
-        event = await handle.next_event()
-        assert event.error is None, event.error
-        if event.text:
-            text.append(event.text)
-            handle.ack()
-        if event.finish is not None:
-            return "".join(text), event.finish
+        chunk = await stream.next_chunk()
+        text.append(chunk.text)
+        if chunk.end is not None:
+            assert chunk.end.error is None, chunk.end.error
+            return "".join(text), chunk.end.finish or ""
 
 
 def request(engine: Engine, prompt: str, n: int, seed: int | None = None, **settings: float) -> GenerationRequest:
@@ -77,29 +79,28 @@ def test_batched_text_equals_unbatched_text(engine: Engine) -> None:
     assert batched == single
 
 
-def test_cancel_drops_only_the_undelivered_character(engine: Engine) -> None:
-    """Cancelled before delivery, a character leaves no trace: not in the state, its random number returned."""
+def test_an_aborted_stream_keeps_exactly_what_was_delivered(engine: Engine) -> None:
+    """Generated ahead but never delivered, characters leave no trace: not in the state, their
+    random numbers rewound. The continuation equals the uninterrupted text."""
 
-    async def scenario() -> tuple[str, str, str]:
+    async def scenario() -> tuple[str, str, str, int]:
         engine.open_slot(0, seed=5, prompt_tokens=engine.vocab.encode("To be"))
         engine.open_slot(1, seed=5, prompt_tokens=engine.vocab.encode("To be"))
-        reference, _ = await collect(engine, 0, request(engine, "", 80, temperature=1.0))
-        handle = engine.generate(1, request(engine, "", 80, temperature=1.0), asyncio.get_running_loop())
-        delivered = []
+        reference, _ = await collect(engine, 0, request(engine, "", 200, temperature=1.0))
+        stream = engine.submit(1, request(engine, "", 200, temperature=1.0))
+        await stream.opening()
+        delivered = ""
         while len(delivered) < 30:
-            event = await handle.next_event()
-            delivered.append(event.text)
-            handle.ack()
-        undelivered = (await handle.next_event()).text  # sampled, never acknowledged
-        handle.cancel()
-        rest, _ = await collect(engine, 1, request(engine, "", 50, temperature=1.0))
-        return reference, "".join(delivered), undelivered + "|" + rest
+            delivered += (await stream.next_chunk()).text
+        await asyncio.sleep(0.2)  # the engine runs ahead of delivery meanwhile
+        stream.abort()
+        rest, _ = await collect(engine, 1, request(engine, "", 200 - len(delivered), temperature=1.0))
+        return reference, delivered, rest, stream.consumed_chars
 
-    reference, delivered, tail = asyncio.run(scenario())
-    undelivered, rest = tail.split("|", 1)
-    assert delivered == reference[:30]
-    assert undelivered == reference[30]
-    assert delivered + rest == reference  # continuing resamples the dropped character identically
+    reference, delivered, rest, consumed = asyncio.run(scenario())
+    assert delivered == reference[: len(delivered)]
+    assert delivered + rest == reference
+    assert consumed == len("To be") + len(delivered)
 
 
 def test_stop_string_is_delivered_consumed_and_ends_the_call(engine: Engine) -> None:
@@ -122,20 +123,17 @@ def test_stop_string_is_delivered_consumed_and_ends_the_call(engine: Engine) -> 
 def test_drain_ends_generations_with_shutdown(engine: Engine) -> None:
     async def scenario() -> tuple[str, str]:
         engine.open_slot(0, seed=1, prompt_tokens=engine.vocab.encode("To"))
-        handle = engine.generate(0, request(engine, "", 10_000, temperature=1.0), asyncio.get_running_loop())
-        for _ in range(5):
-            await handle.next_event()
-            handle.ack()
+        stream = engine.submit(0, request(engine, "", 10_000, temperature=1.0))
+        await stream.opening()
+        received = 0
+        while received < 5:
+            received += len((await stream.next_chunk()).text)
         engine.drain()
-        while True:
-            event = await handle.next_event()
-            if event.text:
-                handle.ack()
-            if event.finish is not None:
-                break
+        while (chunk := await stream.next_chunk()).end is None:
+            pass
         engine.open_slot(1, seed=1, prompt_tokens=engine.vocab.encode("To"))
         late = await collect(engine, 1, request(engine, "", 10))
-        return event.finish, late[1]
+        return chunk.end.finish or "", late[1]
 
     assert asyncio.run(scenario()) == (SHUTDOWN, SHUTDOWN)
 
@@ -144,23 +142,27 @@ def test_a_failed_step_fails_its_generations_and_the_engine_goes_on(tiny_model_d
     runner = load_runner(tiny_model_dir, device="cpu", num_slots=4)
     real_step, failures = runner.step, [1]
 
-    def flaky_step(tokens: np.ndarray, slots: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    def flaky_step(*args: np.ndarray | None) -> StepOutput:
         if failures:
             failures.pop()
             raise RuntimeError("simulated device error")
-        return real_step(tokens, slots, fresh)
+        return real_step(*args)
 
     runner.step = flaky_step  # type: ignore[method-assign]
     engine = Engine(runner)
     engine.start()
 
+    async def first_end(slot: int) -> StreamEvent:
+        stream = engine.submit(slot, request(engine, "To", 5))
+        opening = await stream.opening()
+        return opening if opening.refused else (await stream.next_chunk()).end  # type: ignore[return-value]
+
     async def scenario() -> tuple[list, tuple[str, str], tuple[str, str]]:
-        loop = asyncio.get_running_loop()
         engine.open_slot(0, seed=1, prompt_tokens=[])
-        errors = [await engine.generate(0, request(engine, "To", 5), loop).next_event()]
+        errors = [await first_end(0)]
         engine.open_slot(1, seed=1, prompt_tokens=[])
         other = await collect(engine, 1, request(engine, "To", 5))
-        errors.append(await engine.generate(0, request(engine, "To", 5), loop).next_event())
+        errors.append(await first_end(0))
         engine.reset_slot(0, seed=None, prompt_tokens=[])
         recovered = await collect(engine, 0, request(engine, "To", 5))
         return errors, other, recovered

@@ -18,7 +18,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
-from server.sampling import SamplingSettings, choose_token, new_generator
+from server.sampling import RandomStream, SamplingSettings, choose_token
 
 MAX_CHARS = 20_000
 
@@ -52,13 +52,13 @@ def onnx_loop(model_dir: Path, prompt: str, n: int, settings: SamplingSettings, 
     vocab = json.loads(meta["charstream.vocab"])
     config = json.loads(meta["charstream.config"])
     hidden = np.zeros((config["num_layers"], 1, config["hidden_size"]), np.float32)  # [L, 1, H]
-    rng = new_generator(seed)
+    stream = RandomStream(seed)  # the session's counter-based random stream
     logits = None
     for ch in prompt:
         logits, hidden = session.run(None, {"token_ids": np.array([vocab.index(ch)]), "hidden": hidden})
     out = []
     for _ in range(n):
-        token = choose_token(logits[0], settings, 0.0 if settings.greedy else rng.random())
+        token = choose_token(logits[0], settings, 0.0 if settings.greedy else stream.next())
         out.append(vocab[token])
         logits, hidden = session.run(None, {"token_ids": np.array([token]), "hidden": hidden})
     return "".join(out)

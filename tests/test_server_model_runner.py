@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -89,7 +90,7 @@ def test_host_runner_matches_a_plain_loop_for_interleaved_sessions(tiny_model_di
         slots = [s for s in texts if (position + s) % 3 != 0]
         fresh = np.array([s not in started for s in slots])
         started.update(slots)
-        logits = runner.step(np.array([texts[s][position] for s in slots]), np.array(slots), fresh)
+        logits = runner.step(np.array([texts[s][position] for s in slots]), np.array(slots), fresh).logits
         for row, slot in enumerate(slots):
             expected, hidden[slot] = _plain_step(plain, int(texts[slot][position]), hidden[slot])
             np.testing.assert_allclose(logits[row], expected, rtol=0, atol=1e-6)
@@ -107,9 +108,33 @@ def test_device_state_path_equals_host_path_on_cpu(tiny_model_dir: Path) -> None
         slots = rng.choice(8, batch, replace=False)
         tokens = rng.integers(0, host.info.spec.vocab_size, batch)
         fresh = rng.random(batch) < 0.2
-        np.testing.assert_array_equal(host.step(tokens, slots, fresh), device.step(tokens, slots, fresh))
+        on_host, on_device = host.step(tokens, slots, fresh), device.step(tokens, slots, fresh)
+        np.testing.assert_array_equal(on_host.logits, on_device.logits)
+        np.testing.assert_array_equal(on_host.inputs, on_device.inputs)
     every = np.arange(8)
     np.testing.assert_array_equal(host.read_states(every), device.read_states(every))
+
+
+def test_start_states_replace_the_pooled_state_on_both_paths(tiny_model_dir: Path) -> None:
+    """A row with a start state steps from it (how the scheduler undoes characters), and the
+    step reports each row's input state; host and device paths agree."""
+    host = load_runner(tiny_model_dir, device="cpu", num_slots=4)
+    device = build_device_runner(host.info.model_file, host.info.spec, 4, "cpu")
+    spec = host.info.spec
+    for runner in (host, device):
+        runner.step(np.array([1, 2]), np.array([0, 1]), np.array([True, True]))
+    saved = host.step(np.array([4]), np.array([0]), np.array([False])).inputs  # [L, 1, H]: slot 0's state
+    device.step(np.array([4]), np.array([0]), np.array([False]))
+    start = np.zeros((spec.num_layers, 2, spec.hidden_size), np.float32)  # [L, 2, H]
+    start[:, 0, :] = saved[:, 0, :]
+    mask = np.array([True, False])
+    restored = [r.step(np.array([4, 6]), np.array([0, 1]), mask, start) for r in (host, device)]
+    again = host.step(np.array([4, 6]), np.array([2, 3]), np.array([True, True]), start)  # same state, other slot
+    for out in restored:
+        np.testing.assert_array_equal(out.inputs[:, 0, :], saved[:, 0, :])
+        np.testing.assert_array_equal(out.logits[0], again.logits[0])
+    np.testing.assert_array_equal(restored[0].logits, restored[1].logits)
+    np.testing.assert_array_equal(restored[0].inputs, restored[1].inputs)
 
 
 def test_device_state_pool_buffers_never_share_memory(tiny_model_dir: Path) -> None:
@@ -129,7 +154,7 @@ def test_device_state_path_starts_fresh_slots_from_zeros_whatever_the_slot_held(
     poisoned = np.full((4, spec.num_layers, spec.hidden_size), np.nan, dtype=np.float32)  # [S, L, H]
     device.pool.current = ort.OrtValue.ortvalue_from_numpy(poisoned)
     tokens, slots, fresh = np.array([3, 5]), np.array([2, 0]), np.array([True, True])
-    np.testing.assert_array_equal(device.step(tokens, slots, fresh), host.step(tokens, slots, fresh))
+    np.testing.assert_array_equal(device.step(tokens, slots, fresh).logits, host.step(tokens, slots, fresh).logits)
 
 
 @needs_no_cuda
@@ -157,7 +182,7 @@ def test_cuda_keeps_states_on_device_and_matches_cpu(tiny_model_dir: Path) -> No
         slots = rng.choice(8, 4, replace=False)
         tokens = rng.integers(0, cpu.info.spec.vocab_size, 4)
         fresh = rng.random(4) < 0.2
-        np.testing.assert_allclose(cuda.step(tokens, slots, fresh), cpu.step(tokens, slots, fresh), atol=1e-4)
+        np.testing.assert_allclose(cuda.step(tokens, slots, fresh).logits, cpu.step(tokens, slots, fresh).logits, atol=1e-4)
     np.testing.assert_allclose(cuda.read_states(np.arange(8)), cpu.read_states(np.arange(8)), atol=1e-4)
 
 
@@ -169,7 +194,7 @@ def test_cuda_greedy_text_matches_cpu(tiny_model_dir: Path) -> None:
         runner = load_runner(tiny_model_dir, device=device, num_slots=2)
         token, out = 1, []
         for position in range(200):
-            logits = runner.step(np.array([token]), np.array([1]), np.array([position == 0]))
+            logits = runner.step(np.array([token]), np.array([1]), np.array([position == 0])).logits
             token = int(np.argmax(logits[0]))
             out.append(token)
         texts.append(out)
@@ -205,4 +230,198 @@ def test_a_failing_device_state_pool_falls_back_to_host_states(
     assert [r.getMessage() for r in caplog.records] == ["device_state_pool_unavailable"]
     reference = load_runner(tiny_model_dir, device="cpu", num_slots=2)
     tokens, slots, fresh = np.array([1, 2]), np.array([0, 1]), np.array([True, True])
-    np.testing.assert_array_equal(runner.step(tokens, slots, fresh), reference.step(tokens, slots, fresh))
+    np.testing.assert_array_equal(runner.step(tokens, slots, fresh).logits, reference.step(tokens, slots, fresh).logits)
+
+
+# --- variant "auto" and ONNX Runtime thread settings ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported as fp32 + int8 (int8 verified on the CPU by the export itself)."""
+    from export.pipeline import export_checkpoint
+
+    directory = tmp_path_factory.mktemp("tiny_int8") / "model"
+    export_checkpoint(tiny_checkpoint, directory, variants=("fp32", "int8"))
+    return directory
+
+
+def _edited_copy(source: Path, destination: Path, edit: Callable[[dict], None]) -> Path:
+    shutil.copytree(source, destination)
+    manifest = json.loads((destination / "manifest.json").read_text())
+    edit(manifest)
+    (destination / "manifest.json").write_text(json.dumps(manifest))
+    return destination
+
+
+def _with_fake_fp16_verified_on_cuda(manifest: dict) -> None:
+    """An fp16 entry recorded as verified on CUDA only (its file: a copy of model.onnx, made by the caller)."""
+    manifest["variants"]["fp16"] = {"file": "model.fp16.onnx", "verified": {CUDA: {}}}
+
+
+def test_variant_auto_picks_int8_on_cpu_when_the_manifest_verified_it(
+    int8_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = json.loads((int8_model_dir / "manifest.json").read_text())
+    assert "CPUExecutionProvider" in manifest["variants"]["int8"]["verified"]
+    with caplog.at_level(logging.INFO, logger="charstream.server"):
+        runner = load_runner(int8_model_dir, device="cpu", num_slots=2)  # variant "auto" is the default
+    model_file = runner.info.model_file
+    assert (model_file.variant, model_file.path.name) == ("int8", "model.int8.onnx")
+    assert model_file.reason == "auto: int8 verified on CPUExecutionProvider (int8 weights, faster steps on CPUs)"
+    loaded = [r for r in caplog.records if r.getMessage() == "model_loaded"]
+    assert len(loaded) == 1
+    assert loaded[0].event_fields["variant"] == "int8"
+    assert loaded[0].event_fields["variant_reason"] == model_file.reason
+    logits = runner.step(np.array([1]), np.array([0]), np.array([True]))
+    assert np.all(np.isfinite(getattr(logits, "logits", logits)))  # StepOutput or plain logits
+
+
+def test_explicit_variants_still_win_over_auto(int8_model_dir: Path) -> None:
+    runner = load_runner(int8_model_dir, "fp32", device="cpu", num_slots=2)
+    assert runner.info.model_file.variant == "fp32"
+    assert runner.info.model_file.reason == "variant fp32 asked for"
+    assert load_runner(int8_model_dir, "int8", device="cpu", num_slots=2).info.model_file.variant == "int8"
+    default = load_runner(int8_model_dir, None, device="cpu", num_slots=2).info.model_file
+    assert (default.variant, default.reason) == ("fp32", "fp32: the manifest's default")
+    with pytest.raises(ModelDirError, match="variant 'fp64' is not in .*available: fp32, int8"):
+        load_runner(int8_model_dir, "fp64", device="cpu")
+
+
+def test_variant_auto_falls_back_when_int8_is_not_verified_on_the_provider(
+    int8_model_dir: Path, tmp_path: Path
+) -> None:
+    def unverified(manifest: dict) -> None:
+        manifest["variants"]["int8"]["verified"] = {CUDA: {}}  # verified elsewhere only
+
+    directory = _edited_copy(int8_model_dir, tmp_path / "unverified", unverified)
+    model_file = load_runner(directory, device="cpu", num_slots=2).info.model_file
+    assert (model_file.variant, model_file.path.name) == ("fp32", "model.onnx")
+    assert model_file.reason.startswith("auto: no int8 verified on CPUExecutionProvider in the manifest")
+    assert f"int8 is verified on {CUDA}" in model_file.reason
+    assert model_file.reason.endswith("; fp32 (the manifest's default)")
+
+    def never_verified(manifest: dict) -> None:
+        manifest["variants"]["int8"]["verified"] = {}
+
+    directory = _edited_copy(int8_model_dir, tmp_path / "never", never_verified)
+    model_file = choose_model_file(directory, "auto", "CPUExecutionProvider")
+    assert model_file.variant == "fp32" and "int8 is verified on no provider" in model_file.reason
+
+
+def test_variant_auto_falls_back_when_int8_is_missing(
+    int8_model_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model_file = load_runner(tiny_model_dir, device="cpu", num_slots=2).info.model_file  # fp32 only
+    assert model_file.variant == "fp32"
+    assert model_file.reason == (
+        "auto: no int8 verified on CPUExecutionProvider in the manifest (no int8 exported); "
+        "fp32 (the manifest's default)"
+    )
+    directory = tmp_path / "no_file"
+    shutil.copytree(int8_model_dir, directory)
+    (directory / "model.int8.onnx").unlink()  # listed and verified, but deleted since
+    model_file = choose_model_file(directory, "auto", "CPUExecutionProvider")
+    assert model_file.variant == "fp32" and "its file model.int8.onnx is missing" in model_file.reason
+    with pytest.raises(ModelDirError, match="model.int8.onnx not found"):
+        choose_model_file(directory, "int8")  # asked for by name, a missing file stays an error
+
+
+def test_variant_auto_without_a_manifest_serves_model_onnx(tiny_model_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_model_dir / "model.onnx", tmp_path / "model.onnx")
+    model_file = load_runner(tmp_path, device="cpu", num_slots=2).info.model_file
+    assert (model_file.variant, model_file.path.name) == ("fp32", "model.onnx")
+    assert model_file.reason == "auto: no manifest.json, so model.onnx (fp32)"
+
+
+def test_variant_auto_picks_by_provider(int8_model_dir: Path, tmp_path: Path) -> None:
+    assert choose_model_file(int8_model_dir, "auto", CUDA).variant == "fp32"  # no fp16 exported
+    directory = _edited_copy(int8_model_dir, tmp_path / "fp16", _with_fake_fp16_verified_on_cuda)
+    shutil.copy(directory / "model.onnx", directory / "model.fp16.onnx")
+    on_cuda = choose_model_file(directory, "auto", CUDA)
+    assert (on_cuda.variant, on_cuda.path.name) == ("fp16", "model.fp16.onnx")
+    assert on_cuda.reason == f"auto: fp16 verified on {CUDA} (fp16 weights and maths, meant for GPUs)"
+    assert choose_model_file(directory, "auto", "CPUExecutionProvider").variant == "int8"
+    other = choose_model_file(directory, "auto", "SomeOtherExecutionProvider")
+    assert other.variant == "fp32" and "no preferred variant for SomeOtherExecutionProvider" in other.reason
+
+
+def test_variant_auto_chooses_again_when_the_session_lands_on_another_provider(
+    int8_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA looked available, so fp16 was chosen, but the session came up on the CPU: int8 is served instead."""
+    import server.model_runner as model_runner
+
+    directory = _edited_copy(int8_model_dir, tmp_path / "fp16", _with_fake_fp16_verified_on_cuda)
+    shutil.copy(directory / "model.onnx", directory / "model.fp16.onnx")
+    real_create = model_runner.create_session
+    created: list[tuple[str, str]] = []
+
+    def falls_back_to_cpu(model: Path, device: str, *rest: object) -> ort.InferenceSession:
+        created.append((Path(model).name, device))
+        return real_create(model, "cpu", *rest)
+
+    monkeypatch.setattr(model_runner, "expected_provider", lambda device: CUDA)
+    monkeypatch.setattr(model_runner, "create_session", falls_back_to_cpu)
+    runner = load_runner(directory, device="auto", num_slots=2)
+    assert created == [("model.fp16.onnx", "auto"), ("model.int8.onnx", "cpu")]
+    model_file = runner.info.model_file
+    assert runner.info.provider == "CPUExecutionProvider"
+    assert (model_file.variant, model_file.path.name) == ("int8", "model.int8.onnx")
+    assert model_file.reason == (
+        "auto: int8 verified on CPUExecutionProvider (int8 weights, faster steps on CPUs); "
+        f"chosen again: the session runs on CPUExecutionProvider, not the {CUDA} assumed"
+    )
+
+
+def test_session_options_carry_the_thread_settings() -> None:
+    from server.providers import ALLOW_SPINNING_KEY, ThreadSettings, session_options
+
+    options = session_options(ThreadSettings(intra_op_threads=3, allow_spinning=True))
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry(ALLOW_SPINNING_KEY) == "1"
+    options = session_options(ThreadSettings(intra_op_threads=0, allow_spinning=False))
+    assert options.intra_op_num_threads == 0  # left to ONNX Runtime
+    assert options.get_session_config_entry(ALLOW_SPINNING_KEY) == "0"
+    assert ThreadSettings() == ThreadSettings(intra_op_threads=1, allow_spinning=False)  # the server defaults
+
+
+@pytest.mark.parametrize("allow_spinning", [True, False])
+def test_sessions_are_created_with_the_thread_settings(tiny_model_dir: Path, allow_spinning: bool) -> None:
+    from server.providers import ALLOW_SPINNING_KEY, ThreadSettings, create_session
+
+    threads = ThreadSettings(intra_op_threads=2, allow_spinning=allow_spinning)
+    session = create_session(tiny_model_dir / "model.onnx", "cpu", threads)
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry(ALLOW_SPINNING_KEY) == ("1" if allow_spinning else "0")
+
+    runner = load_runner(tiny_model_dir, device="cpu", num_slots=2, threads=threads)
+    options = runner.session.get_session_options()
+    assert options.get_session_config_entry(ALLOW_SPINNING_KEY) == ("1" if allow_spinning else "0")
+    device = build_device_runner(runner.info.model_file, runner.info.spec, 2, "cpu", threads)
+    assert device.session.get_session_options().get_session_config_entry(ALLOW_SPINNING_KEY) == (
+        "1" if allow_spinning else "0"
+    )
+
+
+def test_load_runner_defaults_and_a_bare_thread_count(tiny_model_dir: Path) -> None:
+    from server.providers import ALLOW_SPINNING_KEY
+
+    options = load_runner(tiny_model_dir, device="cpu", num_slots=2).session.get_session_options()
+    assert (options.intra_op_num_threads, options.get_session_config_entry(ALLOW_SPINNING_KEY)) == (1, "0")
+    # Older callers pass intra_op_threads positionally: it still means that, with the default spinning.
+    options = load_runner(tiny_model_dir, "auto", "cpu", 2, 3).session.get_session_options()
+    assert (options.intra_op_num_threads, options.get_session_config_entry(ALLOW_SPINNING_KEY)) == (3, "0")
+
+
+def test_model_info_reports_the_variant_reason_and_lookahead(int8_model_dir: Path) -> None:
+    from server.app import model_info_message
+    from server.config import ServerConfig
+
+    runner = load_runner(int8_model_dir, device="cpu", num_slots=2)
+    message = model_info_message(runner, ServerConfig(model=str(int8_model_dir), lookahead=7))
+    assert message.variant == "int8"
+    assert message.variant_reason == runner.info.model_file.reason
+    assert message.variant_reason.startswith("auto: int8 verified on CPUExecutionProvider")
+    assert message.lookahead_chars == 7

@@ -1,11 +1,20 @@
-"""Sampling: greedy, temperature, top-k and top-p cut the distribution as documented."""
+"""Sampling: greedy, temperature, top-k and top-p cut the distribution as documented;
+the batched sampler matches choose_token exactly; the counter stream is pure and uniform."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from server.sampling import SamplingSettings, choose_token, new_generator
+from server.sampling import (
+    RandomStream,
+    SamplingSettings,
+    choose_token,
+    new_generator,
+    sample_tokens,
+    stream_key,
+    uniforms_at,
+)
 
 LOGITS = np.array([1.0, 3.0, 2.0, 3.0, -1.0, 0.5], dtype=np.float32)  # ties at ids 1 and 3
 
@@ -67,3 +76,101 @@ def test_a_seed_gives_the_same_stream() -> None:
     assert runs[0] == runs[1]
     other = new_generator(4321)
     assert runs[0] != [choose_token(LOGITS, settings, other.random()) for _ in range(50)]
+
+
+def _mixed_batch(rng: np.random.Generator, rows: int, vocab: int) -> tuple[np.ndarray, ...]:
+    """Random logits and settings covering every branch of choose_token, ties included."""
+    logits = rng.normal(0.0, 3.0, size=(rows, vocab))
+    kind = rng.integers(0, 3, size=rows)
+    logits[kind == 1] = np.round(logits[kind == 1], 1)  # near ties, some exact
+    logits[kind == 2] = rng.integers(-2, 3, size=(int(np.sum(kind == 2)), vocab))  # many exact ties
+    logits = logits.astype(np.float32)  # [B, V]
+    temperature = np.exp(rng.uniform(np.log(0.05), np.log(5.0), size=rows))  # [B]
+    temperature[rng.random(rows) < 0.15] = 0.0  # greedy
+    temperature[rng.random(rows) < 0.03] = 1e-3  # tiny: one token holds all the mass
+    temperature[rng.random(rows) < 0.03] = 1e3  # huge: nearly flat
+    top_k = rng.choice(np.array([0, 0, 0, 1, 2, 3, vocab - 1, vocab, vocab + 7]), size=rows)
+    top_k = np.where(rng.random(rows) < 0.2, rng.integers(1, vocab + 1, size=rows), top_k).astype(np.int64)
+    top_p = rng.choice(np.array([1.0, 1.0, 1.5, 0.95, 0.9, 0.5, 0.1, 1e-9]), size=rows)
+    top_p = np.where(rng.random(rows) < 0.2, rng.random(rows), top_p)  # [B]
+    # 0.0 and just below 1.0 are the edges; 1.0 itself (outside the contract) exercises the final clip.
+    uniforms = rng.choice(np.array([0.0, np.nextafter(1.0, 0.0), 1.0 - 1e-12, 0.5, 1.0]), size=rows)
+    uniforms = np.where(rng.random(rows) < 0.7, rng.random(rows), uniforms)  # [B]
+    return logits, temperature, top_k, top_p, uniforms
+
+
+@pytest.mark.parametrize("vocab", [65, 6, 2])
+def test_batched_sampling_matches_choose_token_row_by_row(vocab: int) -> None:
+    rng = np.random.default_rng(vocab)
+    logits, temperature, top_k, top_p, uniforms = _mixed_batch(rng, 3000, vocab)
+    got = sample_tokens(logits, temperature, top_k, top_p, uniforms)
+    assert got.dtype == np.int64 and got.shape == (3000,)
+    expected = [
+        choose_token(logits[i], SamplingSettings(temperature[i], int(top_k[i]), top_p[i]), uniforms[i])
+        for i in range(len(logits))
+    ]
+    mismatched = np.flatnonzero(got != np.array(expected))
+    assert mismatched.size == 0, f"rows {mismatched[:10]} differ"
+
+
+def test_batched_sampling_of_only_greedy_rows_is_argmax() -> None:
+    logits = np.array([LOGITS, LOGITS[::-1]])
+    zeros = np.zeros(2)
+    got = sample_tokens(logits, zeros, np.zeros(2, dtype=np.int64), np.ones(2), zeros)
+    assert got.tolist() == [1, 2]  # the first of the tied maxima in each row
+
+
+def _reference_mix(z: int) -> int:
+    """SplitMix64 finaliser in plain Python integers, to check the uint64 wraparound."""
+    mask = 2**64 - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_counter_stream_is_splitmix64() -> None:
+    # Known answer: the first SplitMix64 output from state 0 is 0xE220A8397B1DCDAF.
+    assert stream_key(0) == 0
+    assert uniforms_at(np.array([0], dtype=np.uint64), np.array([0]))[0] == (0xE220A8397B1DCDAF >> 11) * 2.0**-53
+    gamma = 0x9E3779B97F4A7C15
+    for seed in (1, 2, 12345, 2**63 + 5, 2**64 - 1):
+        key = stream_key(seed)
+        assert key == _reference_mix(seed)
+        for position in (0, 1, 1000, 2**40):
+            bits = _reference_mix((key + (position + 1) * gamma) % 2**64)
+            u = uniforms_at(np.array([key], dtype=np.uint64), np.array([position], dtype=np.uint64))
+            assert u[0] == (bits >> 11) * 2.0**-53
+
+
+def test_counter_stream_is_a_pure_function_of_seed_and_position() -> None:
+    stream = RandomStream(seed=42)
+    drawn = [stream.next() for _ in range(100)]
+    assert stream.position == 100
+    keys = np.full(100, stream.key, dtype=np.uint64)
+    assert drawn == uniforms_at(keys, np.arange(100, dtype=np.int64)).tolist()
+    stream.position = 37  # rewinding replays exactly
+    assert [stream.next() for _ in range(63)] == drawn[37:]
+    # A row's number does not depend on the other rows of the batch.
+    mixed_keys = np.array([stream.key, stream_key(7), stream.key], dtype=np.uint64)
+    assert uniforms_at(mixed_keys, np.array([5, 5, 99]))[[0, 2]].tolist() == [drawn[5], drawn[99]]
+    assert RandomStream(seed=43).next() != drawn[0]
+    nearby = [[RandomStream(seed).next() for _ in range(5)] for seed in range(50)]
+    assert len({tuple(run) for run in nearby}) == 50
+
+
+def test_counter_stream_looks_uniform() -> None:
+    n = 100_000
+    u = uniforms_at(np.full(n, stream_key(2024), dtype=np.uint64), np.arange(n))
+    assert u.dtype == np.float64 and np.all((u >= 0.0) & (u < 1.0))
+    assert abs(u.mean() - 0.5) < 0.01
+    counts = np.bincount((u * 10).astype(np.int64), minlength=10)
+    chi_square = float(np.sum((counts - n / 10) ** 2 / (n / 10)))
+    assert chi_square < 40.0  # 9 degrees of freedom: p < 1e-5 by chance
+    # Across seeds at a fixed position too (the per-session first draws).
+    first = uniforms_at(_keys(n), np.zeros(n, dtype=np.int64))
+    assert abs(first.mean() - 0.5) < 0.01
+    assert np.corrcoef(u[:-1], u[1:])[0, 1] ** 2 < 1e-3  # consecutive draws unrelated
+
+
+def _keys(n: int) -> np.ndarray:
+    return np.array([stream_key(seed) for seed in range(n)], dtype=np.uint64)

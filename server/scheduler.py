@@ -1,0 +1,352 @@
+"""The scheduler: which sessions step, sampling, and every request's bookkeeping.
+
+It runs on the engine thread only (no locks) and knows nothing of threads or
+event loops: the engine (engine.py) feeds it commands and hands the events it
+collects to the callers. One iteration (the engine calls `sample()`, then `step()`):
+
+  1. samples the next character of every generating request whose logits are
+     ready and which is less than `lookahead` characters ahead of what its
+     caller has handed to the client (one vectorised pass for the batch);
+  2. runs ONE model step for every slot with a token waiting (prompt
+     characters and the characters just sampled), up to max_batch, least
+     recently stepped first.
+
+Generation runs ahead of delivery, so a request can end (cancel, deadline,
+disconnect) with characters generated that its client never got. Those are
+undone: every step that consumes a generated character keeps the state it
+started from (the request's window, at most lookahead + 1 states), so the
+session can return exactly to the state after its last delivered character,
+and its random stream is a counter that rewinds with it (sampling.py). A
+session's state is therefore always its prompts plus its delivered text.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from server.generation import (
+    CANCELLED,
+    FINISHED_BY_REASON,
+    LENGTH,
+    SHUTDOWN,
+    STOP,
+    GenerationRequest,
+    RequestStatus,
+    StopMatcher,
+    StreamEvent,
+    recent_tail,
+)
+from server.model_runner import ModelRunner
+from server.sampling import sample_tokens, stream_key, uniforms_at
+
+logger = logging.getLogger("charstream.server")
+
+
+class StepObserver(Protocol):
+    def observe_step(self, batch_size: int, seconds: float) -> None: ...
+    def observe_lookahead(self, total: int, most: int) -> None: ...
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation (engine thread only); callers address it by id."""
+
+    id: int
+    slot: int
+    spec: GenerationRequest
+    status: RequestStatus
+    matcher: StopMatcher
+    start_position: int  # the session's random-stream position when generation began
+    tokens: list[int] = field(default_factory=list)  # generated token ids, in order
+    delivered: int = 0  # characters its caller has handed to the client
+    stepped: int = 0  # generated characters already consumed by a model step
+    start_logits: np.ndarray | None = None  # [V] the first character was sampled from
+    window: dict[int, np.ndarray] = field(default_factory=dict)  # k -> [L, H] state before consuming char k
+
+
+@dataclass(eq=False)
+class SlotState:
+    """One session's model state (engine thread only)."""
+
+    key: int  # random stream key (from the seed)
+    position: int = 0  # random numbers drawn so far
+    pending: collections.deque = field(default_factory=collections.deque)  # token ids not yet consumed
+    logits: np.ndarray | None = None  # [V] after the last consumed token; None while tokens wait
+    start: np.ndarray | None = None  # [L, H] the next step starts from (zeros = fresh) instead of the pool
+    consumed: int = 0  # prompt and delivered characters in the state
+    recent: str = ""  # the last of them
+    request: Request | None = None
+    last_step: int = -1  # iteration of this slot's last step (batch fairness)
+    lost: bool = False  # a failed step lost tokens of this state: unusable until reset
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner, max_batch: int, lookahead: int, observer: StepObserver | None = None):
+        if max_batch <= 0 or lookahead <= 0:
+            raise ValueError(f"max_batch and lookahead must be positive, got {max_batch} and {lookahead}")
+        self.runner = runner
+        self.chars = runner.info.spec.vocab
+        self.max_batch = max_batch
+        self.lookahead = lookahead
+        self._observer = observer
+        spec = runner.info.spec
+        self._zero_state = np.zeros((spec.num_layers, spec.hidden_size), np.float32)  # [L, H]
+        self.slots: dict[int, SlotState] = {}
+        self.requests: dict[int, Request] = {}
+        # Slots that may have tokens waiting (a dict as an ordered set): steps look here, not at every slot.
+        self._active: dict[int, None] = {}
+        self.events: list[tuple[int, StreamEvent]] = []  # (request id, event), collected for the engine
+        self.draining = False
+        self._iteration = 0
+
+    # ---- commands ----
+
+    def open(self, slot: int, seed: int, prompt_tokens: list[int]) -> None:
+        self.slots[slot] = SlotState(key=stream_key(seed))
+        self.reset(slot, None, prompt_tokens)
+
+    def reset(self, slot: int, seed: int | None, prompt_tokens: list[int]) -> None:
+        state = self.slots[slot]
+        if seed is not None:
+            state.key, state.position = stream_key(seed), 0
+        state.pending = collections.deque(prompt_tokens)
+        state.logits, state.start, state.lost = None, self._zero_state, False
+        state.consumed, state.recent = len(prompt_tokens), recent_tail("", self._decode(prompt_tokens))
+        self._active[slot] = None
+
+    def close(self, slot: int) -> None:
+        state = self.slots.pop(slot, None)
+        if state is not None and state.request is not None:
+            self.requests.pop(state.request.id, None)
+
+    def submit(self, request_id: int, slot: int, spec: GenerationRequest) -> None:
+        state = self.slots.get(slot)
+        refusal = self._refusal(state, spec)
+        if refusal is not None:
+            self.events.append((request_id, refusal))
+            return
+        assert state is not None
+        # Only an accepted request re-seeds the session and queues its prompt.
+        if spec.seed is not None:
+            state.key, state.position = stream_key(spec.seed), 0
+        state.pending.extend(spec.prompt_tokens)
+        self._active[slot] = None
+        state.consumed += len(spec.prompt_tokens)
+        state.recent = recent_tail(state.recent, self._decode(spec.prompt_tokens))
+        status = RequestStatus.WAITING if state.pending else RequestStatus.GENERATING
+        request = Request(request_id, slot, spec, status, StopMatcher(spec.stops), state.position)
+        state.request = self.requests[request_id] = request
+        self.events.append((request_id, StreamEvent(accepted=True, consumed_chars=state.consumed,
+                                                    recent_text=state.recent)))
+
+    def _refusal(self, state: SlotState | None, spec: GenerationRequest) -> StreamEvent | None:
+        if state is None or state.request is not None:
+            return StreamEvent(error="the session is closed or already generating", refused=True)
+        if self.draining:
+            return StreamEvent(finish=SHUTDOWN, refused=True)
+        if state.lost:
+            message = "the session's state was lost in a failed model step: reset or delete the session"
+            return StreamEvent(error=message, error_is_precondition=True, refused=True)
+        if not state.pending and state.logits is None and not spec.prompt_tokens:
+            message = "the session has consumed no text yet: send a prompt"
+            return StreamEvent(error=message, error_is_precondition=True, refused=True)
+        return None
+
+    def ack(self, request_id: int, delivered: int) -> None:
+        """The caller has handed `delivered` characters to its client in all."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        request.delivered = max(request.delivered, min(delivered, len(request.tokens)))
+        floor = max(request.delivered, 1)  # window[m] is kept: undoing to m needs it
+        for k in [k for k in request.window if k < floor]:
+            del request.window[k]
+        if request.delivered > 0:
+            request.start_logits = None
+        if request.status.is_finished and request.delivered == len(request.tokens):
+            self._settle(request)
+
+    def abort(self, request_id: int, delivered: int) -> None:
+        """The caller ended the request after handing `delivered` characters: undo the rest."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        self.ack(request_id, delivered)
+        if request.id in self.requests:
+            if not request.status.is_finished:
+                request.status = RequestStatus.ABORTED
+                self.events.append((request.id, StreamEvent(finish=CANCELLED)))  # closes the caller's route
+            self._settle(request)
+
+    def drain(self) -> None:
+        self.draining = True
+
+    # ---- settling a finished request ----
+
+    def _settle(self, request: Request) -> None:
+        """Detach the request; the session keeps exactly its delivered characters."""
+        state = self.slots[request.slot]
+        if request.delivered < len(request.tokens):
+            self._undo(state, request, request.delivered)
+        delivered = request.tokens[: request.delivered]
+        state.consumed += len(delivered)
+        state.recent = recent_tail(state.recent, self._decode(delivered))
+        state.request = None
+        del self.requests[request.id]
+
+    def _undo(self, state: SlotState, request: Request, m: int) -> None:
+        """Return the session to the state after the first m generated characters."""
+        state.position = request.start_position + (0 if request.spec.settings.greedy else m)
+        if m == 0:
+            # Back to the state the first character was sampled from.
+            state.pending.clear()
+            state.logits = request.start_logits
+            if request.stepped >= 1:
+                state.start = request.window[1]
+        else:
+            # The state before consuming char m, with char m waiting to be consumed again.
+            if request.stepped >= m:
+                state.start = request.window[m]
+            state.pending = collections.deque([request.tokens[m - 1]])
+            state.logits = None
+            self._active[request.slot] = None
+
+    # ---- one iteration ----
+
+    def _ready_slots(self) -> list[tuple[int, SlotState]]:
+        """Open slots with tokens waiting; the others leave the active set."""
+        ready = []
+        for slot in list(self._active):
+            state = self.slots.get(slot)
+            if state is None or not state.pending:
+                del self._active[slot]
+            else:
+                ready.append((slot, state))
+        return ready
+
+    def has_work(self) -> bool:
+        return bool(self._ready_slots()) or any(
+            self._can_sample(r) or (self.draining and not r.status.is_finished) for r in self.requests.values()
+        )
+
+    def _end_all(self, reason: str) -> None:
+        for request in self.requests.values():
+            if not request.status.is_finished:
+                request.status = FINISHED_BY_REASON[reason]
+                # Settled when the caller's final ack (or abort) says what it delivered.
+                self.events.append((request.id, StreamEvent(finish=reason)))
+
+    def _can_sample(self, request: Request) -> bool:
+        state = self.slots[request.slot]
+        return (
+            request.status is RequestStatus.GENERATING
+            and state.logits is not None
+            and not state.pending
+            and len(request.tokens) - request.delivered < self.lookahead
+        )
+
+    def sample(self) -> None:
+        """Sample the next character of every request that may run ahead; one vectorised pass."""
+        if self.draining:
+            self._end_all(SHUTDOWN)
+        rows = [r for r in self.requests.values() if self._can_sample(r)]
+        if not rows:
+            return
+        states = [self.slots[r.slot] for r in rows]
+        settings = [r.spec.settings for r in rows]
+        greedy = np.array([s.greedy for s in settings])  # [R]
+        positions = np.array([s.position for s in states], np.uint64)  # [R]
+        keys = np.array([s.key for s in states], np.uint64)  # [R]
+        tokens = sample_tokens(
+            np.stack([s.logits for s in states]),  # [R, V]
+            np.array([s.temperature for s in settings], np.float64),
+            np.array([s.top_k for s in settings], np.int64),
+            np.array([s.top_p for s in settings], np.float64),
+            uniforms_at(keys, positions),
+        )  # [R]
+        for request, state, token, draws in zip(rows, states, tokens.tolist(), (~greedy).tolist()):
+            if not request.tokens:
+                request.start_logits = state.logits
+            state.position += draws
+            state.pending.append(token)
+            state.logits = None
+            self._active[request.slot] = None
+            request.tokens.append(token)
+            char = self.chars[token]
+            matched = request.matcher.push(char)
+            finish = STOP if matched is not None else LENGTH if len(request.tokens) >= request.spec.max_chars else None
+            if finish is not None:
+                request.status = FINISHED_BY_REASON[finish]
+            self.events.append((request.id, StreamEvent(text=char, finish=finish, matched_stop=matched or "")))
+        if self._observer is not None:
+            ahead = [len(r.tokens) - r.delivered for r in self.requests.values()]
+            self._observer.observe_lookahead(sum(ahead), max(ahead, default=0))
+
+    def step(self) -> None:
+        """One batched model step over the slots with tokens waiting."""
+        self._iteration += 1
+        ready = self._ready_slots()
+        if not ready:
+            return
+        if len(ready) > self.max_batch:
+            ready.sort(key=lambda item: item[1].last_step)
+            ready = ready[: self.max_batch]
+        count = len(ready)
+        tokens = np.fromiter((state.pending[0] for _, state in ready), np.int64, count)  # [B]
+        slots = np.fromiter((slot for slot, _ in ready), np.int64, count)  # [B]
+        start_mask = np.fromiter((state.start is not None for _, state in ready), bool, count)  # [B]
+        start_states = None
+        if start_mask.any():
+            start_states = np.zeros((*self._zero_state.shape[:1], count, self._zero_state.shape[1]), np.float32)
+            for row in np.flatnonzero(start_mask):
+                start_states[:, row, :] = ready[row][1].start  # [L, H]
+        started = time.perf_counter()
+        try:
+            output = self.runner.step(tokens, slots, start_mask, start_states)
+        except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
+            logger.exception("model step failed")
+            self._fail([state for _, state in ready], exc)
+            return
+        if self._observer is not None:
+            self._observer.observe_step(count, time.perf_counter() - started)
+        for row, (_, state) in enumerate(ready):
+            self._consumed(state, output.logits[row], output.inputs, row)
+
+    def _consumed(self, state: SlotState, logits: np.ndarray, inputs: np.ndarray, row: int) -> None:
+        request = state.request
+        if request is not None and request.stepped < len(request.tokens):
+            # This step consumed generated char k: keep the state it started from.
+            request.stepped += 1
+            request.window[request.stepped] = inputs[:, row, :].copy()  # [L, H]
+        state.pending.popleft()
+        state.start = None
+        state.last_step = self._iteration
+        if request is not None and request.status is RequestStatus.WAITING:
+            request.status = RequestStatus.CONSUMING_PROMPT
+        if not state.pending:
+            state.logits = logits  # [V]
+            if request is not None and request.status is RequestStatus.CONSUMING_PROMPT:
+                request.status = RequestStatus.GENERATING
+
+    def _fail(self, states: list[SlotState], exc: Exception) -> None:
+        for state in states:
+            # The state can no longer be trusted; dropping its tokens also keeps a
+            # persistent failure from being retried in a tight loop.
+            state.pending.clear()
+            state.logits, state.lost = None, True
+            request = state.request
+            if request is not None and not request.status.is_finished:
+                request.status = RequestStatus.FINISHED_ERROR
+                self.events.append((request.id, StreamEvent(error=f"model step failed: {exc}")))
+            if request is not None:
+                state.request = None
+                del self.requests[request.id]
+
+    def _decode(self, tokens: list[int] | tuple[int, ...]) -> str:
+        return "".join(self.chars[t] for t in tokens)

@@ -1,0 +1,119 @@
+"""The scheduler, driven step by step on this thread: generation runs ahead of delivery by at
+most the lookahead, and an abort undoes exactly the characters never delivered (state and
+random stream), whatever the point, the settings and the other sessions in the batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.generation import LENGTH, GenerationRequest, RequestStatus
+from server.model_runner import load_runner
+from server.sampling import SamplingSettings
+from server.scheduler import Scheduler
+
+PROMPT = "To be, or"
+LENGTH_CHARS = 60
+SETTINGS = {
+    "greedy": SamplingSettings(temperature=0.0),
+    "sampled": SamplingSettings(temperature=1.0),
+    "top-k/top-p": SamplingSettings(temperature=0.9, top_k=6, top_p=0.9),
+}
+
+
+@pytest.fixture()
+def scheduler(tiny_model_dir: Path) -> Scheduler:
+    return Scheduler(load_runner(tiny_model_dir, device="cpu", num_slots=16), max_batch=4, lookahead=8)
+
+
+def encode(scheduler: Scheduler, text: str) -> list[int]:
+    return [scheduler.chars.index(c) for c in text]
+
+
+def run(scheduler: Scheduler, iterations: int) -> dict[int, str]:
+    """Run iterations; return the text each request generated in them."""
+    texts: dict[int, str] = {}
+    for _ in range(iterations):
+        scheduler.sample()
+        scheduler.step()
+        for request_id, event in scheduler.events:
+            texts[request_id] = texts.get(request_id, "") + event.text
+        scheduler.events.clear()
+    return texts
+
+
+def generate_all(scheduler: Scheduler, request_id: int, slot: int, n: int, settings: SamplingSettings) -> str:
+    """A whole generation, every character delivered as soon as it is made."""
+    scheduler.submit(request_id, slot, GenerationRequest((), n, settings))
+    text = ""
+    while request_id in scheduler.requests:
+        text += run(scheduler, 1).get(request_id, "")
+        scheduler.ack(request_id, len(text))
+    return text
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_abort_at_any_point_continues_exactly_as_the_uninterrupted_text(scheduler: Scheduler, name: str) -> None:
+    settings = SETTINGS[name]
+    scheduler.open(0, seed=7, prompt_tokens=encode(scheduler, PROMPT))
+    reference = generate_all(scheduler, 1, 0, LENGTH_CHARS, settings)
+    assert len(reference) == LENGTH_CHARS
+    points = [0, 1, 2, 9, 30, LENGTH_CHARS - 1]
+    # Every session in one batch, each cut at its own point.
+    for slot, _ in enumerate(points, start=1):
+        scheduler.open(slot, seed=7, prompt_tokens=encode(scheduler, PROMPT))
+        scheduler.submit(100 + slot, slot, GenerationRequest((), LENGTH_CHARS, settings))
+    generated = {slot: "" for slot in range(1, len(points) + 1)}
+    for _ in range(LENGTH_CHARS + 20):
+        for request_id, text in run(scheduler, 1).items():
+            generated[request_id - 100] += text
+        for slot, point in enumerate(points, start=1):
+            scheduler.ack(100 + slot, min(point, len(generated[slot])))
+    for slot, point in enumerate(points, start=1):
+        request = scheduler.requests[100 + slot]
+        # Ran ahead by exactly the lookahead (or to the end), never further.
+        assert len(request.tokens) == min(point + scheduler.lookahead, LENGTH_CHARS)
+        assert generated[slot] == reference[: len(request.tokens)]
+        scheduler.abort(100 + slot, point)
+        state = scheduler.slots[slot]
+        assert state.consumed == len(PROMPT) + point
+        assert state.recent == (PROMPT + reference[:point])[-256:]
+    for slot, point in enumerate(points, start=1):
+        rest = generate_all(scheduler, 200 + slot, slot, LENGTH_CHARS - point, settings)
+        assert reference[:point] + rest == reference, f"cut at {point}"
+
+
+def test_a_finished_request_waits_for_its_final_ack_and_can_still_be_cut_short(scheduler: Scheduler) -> None:
+    """Generation may end before delivery does: the last characters can still be undone."""
+    settings = SETTINGS["sampled"]
+    for slot in (0, 1):
+        scheduler.open(slot, seed=3, prompt_tokens=encode(scheduler, PROMPT))
+    reference = generate_all(scheduler, 1, 0, 20, settings) + generate_all(scheduler, 2, 0, 20, settings)
+    scheduler.submit(3, 1, GenerationRequest((), 20, settings))
+    scheduler.ack(3, 0)
+    run(scheduler, 40)  # lookahead 8 holds it back until acks come
+    assert len(scheduler.requests[3].tokens) == 8
+    scheduler.ack(3, 8)
+    run(scheduler, 40)
+    scheduler.ack(3, 12)
+    run(scheduler, 40)
+    request = scheduler.requests[3]
+    assert request.status is RequestStatus.FINISHED_LENGTH and len(request.tokens) == 20
+    scheduler.abort(3, 15)  # the client got 15 of the 20
+    assert 3 not in scheduler.requests
+    assert generate_all(scheduler, 4, 1, 25, settings) == reference[15:40]
+
+
+def test_the_finish_travels_with_the_last_character(scheduler: Scheduler) -> None:
+    scheduler.open(0, seed=1, prompt_tokens=encode(scheduler, PROMPT))
+    scheduler.submit(1, 0, GenerationRequest((), 3, SETTINGS["greedy"]))
+    events = []
+    for _ in range(len(PROMPT) + 10):
+        scheduler.sample()
+        scheduler.step()
+        events += [event for _, event in scheduler.events]
+        scheduler.events.clear()
+    assert events[0].accepted and events[0].consumed_chars == len(PROMPT)
+    assert [bool(e.text) for e in events[1:]] == [True, True, True]
+    assert [e.finish for e in events[1:]] == [None, None, LENGTH]

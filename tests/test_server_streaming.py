@@ -1,0 +1,175 @@
+"""Streaming promises under load, over a real server on a loopback port: a stream that ends early
+(cancel, deadline) leaves its session at exactly what was handed over, and the client can read
+where that is; coalesced messages lose, repeat and reorder nothing; a client that stops reading
+holds at most its lookahead and does not stop the others."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from protos.charstream.v1 import generator_pb2 as pb
+from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
+from server.background import BackgroundServer
+from server.config import ServerConfig
+
+LOOKAHEAD = 16
+PROMPT = "To be, or not"
+CHARS = 300
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[BackgroundServer]:
+    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=128, lookahead=LOOKAHEAD,
+                          metrics_port=0, max_chars=20_000)
+    with BackgroundServer(config) as running:
+        yield running
+
+
+async def create(stub: pb_grpc.GeneratorStub, seed: int, temperature: float) -> str:
+    reply = await stub.CreateSession(pb.CreateSessionRequest(prompt=PROMPT, seed=seed, temperature=temperature))
+    return reply.session_id
+
+
+async def read_all(stub: pb_grpc.GeneratorStub, session_id: str, n: int) -> str:
+    if n == 0:  # the cut came after the last character was handed over
+        return ""
+    return "".join([r.text async for r in stub.Generate(pb.GenerateRequest(session_id=session_id, max_chars=n))])
+
+
+async def references(stub: pb_grpc.GeneratorStub, seeds: list[int], temperature: float) -> list[str]:
+    """Each seed's uninterrupted text."""
+    sessions = [await create(stub, seed, temperature) for seed in seeds]
+    return await asyncio.gather(*(read_all(stub, s, CHARS) for s in sessions))
+
+
+async def cut_and_continue(stub: pb_grpc.GeneratorStub, seed: int, temperature: float, cut: int) -> dict:
+    """Read until `cut` characters arrived, cancel, read the session, continue to CHARS in all."""
+    session_id = await create(stub, seed, temperature)
+    call = stub.Generate(pb.GenerateRequest(session_id=session_id, max_chars=CHARS))
+    received = ""
+    async for response in call:
+        received += response.text
+        if len(received) >= cut:
+            call.cancel()
+            break
+    info = (await stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+    while info.busy:  # the server notices the cancel within a step
+        await asyncio.sleep(0.01)
+        info = (await stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+    rest = await read_all(stub, session_id, CHARS - (info.consumed_chars - len(PROMPT)))
+    return {"received": received, "consumed": info.consumed_chars, "recent": info.recent_text, "rest": rest}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "seeded"])
+def test_cancelled_streams_continue_exactly_under_concurrent_load(server: BackgroundServer, temperature: float) -> None:
+    rng = random.Random(int(temperature * 10))
+    seeds = list(range(40, 72))
+    cuts = [rng.randrange(1, CHARS - 1) for _ in seeds]
+
+    async def scenario() -> tuple[list[str], list[dict]]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            expected = await references(stub, seeds, temperature)
+            runs = await asyncio.gather(*(cut_and_continue(stub, s, temperature, c) for s, c in zip(seeds, cuts)))
+            return expected, runs
+
+    expected, runs = asyncio.run(scenario())
+    for reference, run in zip(expected, runs):
+        kept = run["consumed"] - len(PROMPT)  # what the session holds: at least what the client got
+        assert reference.startswith(run["received"])
+        assert len(run["received"]) <= kept <= CHARS
+        assert run["recent"] == (PROMPT + reference[:kept])[-256:]  # shows the client what it missed
+        assert reference[:kept] + run["rest"] == reference
+
+
+def test_a_deadline_behaves_like_a_cancel(server: BackgroundServer) -> None:
+    async def scenario() -> tuple[str, str, pb.SessionInfo, str]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            (reference,) = await references(stub, [5], 1.0)
+            session_id = await create(stub, 5, 1.0)
+            call = stub.Generate(pb.GenerateRequest(session_id=session_id, max_chars=CHARS), timeout=0.02)
+            received = ""
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                async for response in call:
+                    received += response.text
+                    await asyncio.sleep(0.002)  # a slow reader: the deadline passes mid-stream
+            assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            info = (await stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+            while info.busy:
+                await asyncio.sleep(0.01)
+                info = (await stub.GetSession(pb.GetSessionRequest(session_id=session_id))).session
+            rest = await read_all(stub, session_id, CHARS - (info.consumed_chars - len(PROMPT)))
+            return reference, received, info, rest
+
+    reference, received, info, rest = asyncio.run(scenario())
+    kept = info.consumed_chars - len(PROMPT)
+    assert reference.startswith(received) and len(received) <= kept < CHARS
+    assert info.recent_text == (PROMPT + reference[:kept])[-256:]
+    assert reference[:kept] + rest == reference
+
+
+def test_coalesced_messages_lose_repeat_and_reorder_nothing(server: BackgroundServer) -> None:
+    """Slow readers get several characters per message; the text is still exactly the reference."""
+    seeds = list(range(100, 132))
+
+    async def slow_read(stub: pb_grpc.GeneratorStub, seed: int) -> list[str]:
+        session_id = await create(stub, seed, 1.0)
+        messages = []
+        async for response in stub.Generate(pb.GenerateRequest(session_id=session_id, max_chars=CHARS)):
+            messages.append(response.text)
+            await asyncio.sleep(0.005)
+        return messages
+
+    async def scenario() -> tuple[list[str], list[list[str]]]:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GeneratorStub(channel)
+            expected = await references(stub, seeds, 1.0)
+            return expected, await asyncio.gather(*(slow_read(stub, seed) for seed in seeds))
+
+    expected, streams = asyncio.run(scenario())
+    assert ["".join(messages) for messages in streams] == expected
+    sizes = [len(text) for messages in streams for text in messages if text]
+    assert max(sizes) > 1, "a slow reader should get coalesced messages"
+    assert max(sizes) <= LOOKAHEAD + 1  # never more than the lookahead could have made ready
+
+
+def metric(server: BackgroundServer, name: str) -> float:
+    endpoint = server.running.metrics_endpoint  # type: ignore[union-attr]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=10).read().decode()
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert found, name
+    return float(found.group(1))
+
+
+def test_a_client_that_stops_reading_holds_at_most_its_lookahead(server: BackgroundServer) -> None:
+    # A tiny flow-control window: the server's writes block as soon as the client stops reading.
+    options = [("grpc.http2.lookahead_bytes", 512), ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(server.address, options=options) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        create_reply = stub.CreateSession(pb.CreateSessionRequest(prompt=PROMPT, seed=9))
+        reference_id = stub.CreateSession(pb.CreateSessionRequest(prompt=PROMPT, seed=9)).session_id
+        stalled = stub.Generate(pb.GenerateRequest(session_id=create_reply.session_id, max_chars=5000))
+        first = next(stalled).text
+        time.sleep(1.0)  # not reading
+        held = stub.GetSession(pb.GetSessionRequest(session_id=create_reply.session_id)).session
+        assert held.busy and held.consumed_chars - len(PROMPT) < 5000, "the stalled stream must be held back"
+        assert 0 < metric(server, "charstream_most_undelivered_chars") <= LOOKAHEAD
+        # Another stream runs to the end meanwhile.
+        other = stub.CreateSession(pb.CreateSessionRequest(prompt="Or", seed=1)).session_id
+        text = "".join(r.text for r in stub.Generate(pb.GenerateRequest(session_id=other, max_chars=2000), timeout=60))
+        assert len(text) == 2000
+        rest = "".join(r.text for r in stalled)  # reading again: nothing lost
+        reference = "".join(
+            r.text for r in stub.Generate(pb.GenerateRequest(session_id=reference_id, max_chars=5000), timeout=60)
+        )
+        assert first + rest == reference
