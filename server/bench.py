@@ -1,150 +1,300 @@
-"""Benchmark: N concurrent Generate streams against a server on loopback.
+"""charstream-bench: the server against the raw model it serves, every row in one run.
 
-    python -m server.bench --model MODEL_DIR --sessions 1,8,32 --chars 300
+    charstream-bench --model MODEL_DIR [--checkpoint CKPT_DIR] [--json PATH]
+    python -m server.bench --model MODEL_DIR ...
 
-Starts `python -m server` on 127.0.0.1 (a separate process, so the clients do
-not share its interpreter) unless --target names a running server, then for
-each N runs N streams at once, each a one-shot session generating --chars
-characters (temperature 1, a seed per stream), and prints aggregate
-characters per second, time to first character and the gap between
-characters as each stream sees them, and the server's mean batch size.
-Bounded: --timeout seconds per level.
+Starts `python -m server` on 127.0.0.1 (a separate process; the clients run in
+this one, over grpc.aio), reads GetModelInfo, and measures:
+
+  1  raw ONNX Runtime step loop at batch 1, on the file, provider and thread settings the server uses
+  2  the same raw loop at each --batch
+  3  a naive PyTorch eager loop, one stream (needs --checkpoint and torch; skipped otherwise)
+  4  the server, 1 streaming client: chars/s, time to first character
+  5  the server, --streams streaming clients: chars/s, chars per message, gaps, first character
+  6  row 5 against a second server started with --max-batch 1
+  7  a --long-prompt character prompt: time to first character vs raw batch-1 ingestion
+  8  the machine, provider, variant, the server's thread settings and lookahead
+
+prints the table and the target ratios, and writes it all as JSON (--json).
+Servers are always terminated, Ctrl-C included. See server/README.md#benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import re
-import subprocess
+import datetime
+import statistics
 import sys
-import threading
 import time
-import urllib.request
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
 
 import grpc
-import numpy as np
+import onnxruntime as ort
 
 from protos.charstream.v1 import generator_pb2 as pb
-from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
+from server import bench_clients as clients
+from server.bench_process import ServerProcess, batch_totals, machine_info, running_server
+from server.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
+from server.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
+                                  print_report, ratio_of, write_json)
 
+DEFAULT_JSON = "charstream-bench.json"
 PROMPT_CHARS = 16
+LONG_PROMPT_REPEATS = 3
+# Flags handed to the server processes only when given here, so the server's own defaults apply otherwise.
+PASS_THROUGH = ("device", "variant", "intra_op_threads", "allow_spinning", "lookahead", "max_batch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="charstream-bench", description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--model", required=True, metavar="DIR", help="model directory to serve (from charstream-export)")
+    add("--checkpoint", metavar="DIR", help="training checkpoint of the same model, for row 3 (default: skip row 3)")
+    add("--json", default=DEFAULT_JSON, metavar="PATH", help=f"results file, overwritten (default: ./{DEFAULT_JSON})")
+    add("--streams", type=int, default=64, metavar="N", help="concurrent streams in rows 5 and 6 (default: 64)")
+    add("--chars", type=int, default=400, metavar="N",
+        help="characters per stream, and steps of each raw loop (default: 400)")
+    add("--batch", default="64", metavar="B[,B...]", help="raw-loop batch sizes of row 2 (default: 64)")
+    add("--long-prompt", type=int, default=2000, metavar="N", help="prompt length of row 7; 0 skips it (default: 2000)")
+    add("--timeout", type=float, default=120.0, metavar="S", help="seconds allowed per row (default: 120)")
+    server = parser.add_argument_group("passed to both server processes only when given (else the server's defaults)")
+    server.add_argument("--device", choices=("auto", "cuda", "cpu"))
+    server.add_argument("--variant", metavar="NAME", help="model variant: fp32, fp16, int8, auto, ...")
+    server.add_argument("--intra-op-threads", type=int, metavar="N")
+    server.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction, default=None)
+    server.add_argument("--lookahead", type=int, metavar="N")
+    server.add_argument("--max-batch", type=int, metavar="N", help="for rows 4, 5, 7; row 6's server always gets 1")
+    return parser
+
+
+def server_flags(args: argparse.Namespace, **overrides: Any) -> list[str]:
+    """The pass-through flags the user set (plus overrides), as server arguments."""
+    values = {name: getattr(args, name) for name in PASS_THROUGH} | overrides
+    flags: list[str] = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def batches(args: argparse.Namespace) -> list[int]:
+    """Row 1's batch 1, then the --batch sizes (row 2)."""
+    return [1] + [b for b in dict.fromkeys(int(b) for b in args.batch.split(",")) if b != 1]
+
+
+def expected_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
+    """id -> (row number, title) of every row this run should produce, in order."""
+    streams = args.streams
+    rows = {f"raw_batch_{b}": (1 if b == 1 else 2, f"raw ONNX Runtime loop, batch {b}") for b in batches(args)}
+    rows |= {"torch_eager": (3, "PyTorch eager loop, 1 stream"),
+             "server_1_stream": (4, "server, 1 stream"),
+             "server_streams": (5, f"server, {streams} streams"),
+             "server_streams_max_batch_1": (6, f"server --max-batch 1, {streams} streams")}
+    if args.long_prompt > 0:
+        rows["long_prompt"] = (7, f"server, {args.long_prompt}-char prompt, 1st char")
+    return rows
 
 
 @dataclass
-class StreamResult:
-    chars: int
-    first_char_s: float
-    gaps_s: list[float]
+class Bench:
+    args: argparse.Namespace
+    log: TextIO
+    info: pb.GetModelInfoResponse | None = None
+    cell: ort.InferenceSession | None = None
+    rows: list[Row] = field(default_factory=list)  # every row measured, skipped or failed so far
+
+    def attempt(self, row_id: str, measure: Callable[[int, str, str], Row]) -> None:
+        """Run one row; a failure (timeout, RPC error, ...) becomes a failed row saying why."""
+        row, title = expected_rows(self.args)[row_id]
+        print(f"row {row}: {title} ...", file=self.log, flush=True)
+        started = time.monotonic()
+        try:
+            self.rows.append(measure(row, row_id, title))
+        except Exception as exc:  # noqa: BLE001 - one broken row must not lose the others
+            self.note(row_id, "failed", self.describe(exc))
+        print(f"row {row}: {self.rows[-1].status} in {time.monotonic() - started:.1f} s", file=self.log, flush=True)
+
+    def note(self, row_id: str, status: str, why: str) -> None:
+        """A row that was skipped or failed, saying why."""
+        row, title = expected_rows(self.args)[row_id]
+        self.rows.append(NoteRow(row=row, id=row_id, title=title, status=status, note=why))
+
+    def describe(self, exc: Exception) -> str:
+        """One line saying why a row failed."""
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return f"TimeoutError: no result within --timeout {self.args.timeout:g} s"
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+            return f"RPC failed: {exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.args.timeout
+
+    @property
+    def prompt(self) -> str:
+        vocab = list(self.info.vocabulary)  # type: ignore[union-attr]
+        return "".join(vocab[(i * 7) % len(vocab)] for i in range(PROMPT_CHARS))
+
+    def raw_row(self, batch: int) -> None:
+        self.attempt(f"raw_batch_{batch}", lambda row, row_id, title: raw_loop(
+            self.cell, batch, self.args.chars, self.deadline(), row_id=row_id, title=title, row=row))
+
+    def torch_row(self) -> None:
+        if not self.args.checkpoint:
+            return self.note("torch_eager", "skipped", "no --checkpoint given")
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return self.note("torch_eager", "skipped", "torch is not installed")
+        use_cuda = self.info.execution_provider == "CUDAExecutionProvider"  # type: ignore[union-attr]
+        self.attempt("torch_eager", lambda row, row_id, title: torch_loop(
+            self.args.checkpoint, self.args.chars, self.deadline(), use_cuda, row_id=row_id, title=title, row=row))
+
+    def streams_row(self, server: ServerProcess, row_id: str, streams: int) -> None:
+        def measure(row: int, row_id: str, title: str) -> StreamsResult:
+            before = batch_totals(server.metrics_url())
+            run = clients.bounded(clients.run_streams(server.address, self.prompt, streams, self.args.chars, 1),
+                                  self.args.timeout)
+            after = batch_totals(server.metrics_url())
+            steps = after[1] - before[1] if before and after else 0
+            return StreamsResult(
+                row=row, id=row_id, title=title, streams=streams, chars_per_stream=self.args.chars,
+                total_chars=run.total_chars, messages=run.messages, seconds=run.seconds,
+                chars_per_s=run.total_chars / run.seconds, chars_per_message=run.total_chars / max(1, run.messages),
+                first_char_ms_p50=run.first_char_ms(50), first_char_ms_p99=run.first_char_ms(99),
+                gap_ms_p50=run.gap_ms(50), gap_ms_p99=run.gap_ms(99),
+                mean_batch=(after[0] - before[0]) / steps if steps else None,  # type: ignore[index]
+                server_flags=server.flags)
+        self.attempt(row_id, measure)
+
+    def long_prompt_row(self, server: ServerProcess) -> None:
+        def measure(row: int, row_id: str, title: str) -> LongPromptResult:
+            length = self.args.long_prompt
+            vocab = "".join(self.info.vocabulary)  # type: ignore[union-attr]
+            prompt = (vocab * (length // len(vocab) + 1))[:length]
+            tokens = [vocab.index(c) for c in prompt]
+            firsts, raws, deadline = [], [], self.deadline()
+            for seed in range(LONG_PROMPT_REPEATS):
+                call = clients.run_streams(server.address, prompt, 1, self.args.chars, 1000 + seed)
+                firsts.append(clients.bounded(call, deadline - time.monotonic()).streams[0].first_char_s)
+                raws.append(raw_ingest_seconds(self.cell, tokens, deadline))  # type: ignore[arg-type]
+            return LongPromptResult(row=row, id=row_id, title=title, prompt_chars=length,
+                                    server_first_char_ms=statistics.median(firsts) * 1000,
+                                    raw_ingest_ms=statistics.median(raws) * 1000, repeats=LONG_PROMPT_REPEATS,
+                                    note=f"medians of {LONG_PROMPT_REPEATS}")
+        self.attempt("long_prompt", measure)
+
+    def warm_up(self, server: ServerProcess) -> None:
+        """A few characters on every stream first: connections, ONNX Runtime allocations."""
+        clients.bounded(clients.run_streams(server.address, self.prompt, self.args.streams, 8, 10**6),
+                        self.args.timeout)
+
+    def first_server(self, server: ServerProcess) -> None:
+        """Rows 1-5 and 7, all against (or configured from) the first server."""
+        self.info = clients.model_info(server.address, self.args.timeout)
+        path = Path(self.args.model) / self.info.model_file
+        self.cell = load_cell(path, self.info.execution_provider, server.settings())
+        for batch in batches(self.args):
+            self.raw_row(batch)
+        self.torch_row()
+        self.warm_up(server)
+        self.streams_row(server, "server_1_stream", 1)
+        self.streams_row(server, "server_streams", self.args.streams)
+        if self.args.long_prompt > 0:
+            self.long_prompt_row(server)
+
+    def second_server(self, server: ServerProcess) -> None:
+        """Row 6: the same streams against a server that steps one session at a time."""
+        self.info = self.info or clients.model_info(server.address, self.args.timeout)
+        self.warm_up(server)
+        self.streams_row(server, "server_streams_max_batch_1", self.args.streams)
 
 
-async def _one_stream(stub: pb_grpc.GeneratorStub, prompt: str, chars: int, seed: int) -> StreamResult:
-    request = pb.GenerateRequest(prompt=prompt, max_chars=chars, temperature=1.0, seed=seed)
-    started = time.perf_counter()
-    last, first, count, gaps = started, 0.0, 0, []
-    async for response in stub.Generate(request):
-        now = time.perf_counter()
-        if response.text:
-            if count == 0:
-                first = now - started
-            else:
-                gaps.append(now - last)
-            count += len(response.text)
-            last = now
-    return StreamResult(count, first, gaps)
+def describe_server(info: pb.GetModelInfoResponse, server: ServerProcess) -> dict[str, Any]:
+    """Row 8's server part: provider, variant, thread settings and lookahead as the server reports them."""
+    return {"execution_provider": info.execution_provider, "variant": info.variant,
+            "variant_reason": info.variant_reason, "model_file": info.model_file,
+            "model": f"{info.num_layers} x {info.hidden_size} GRU, embedding {info.embedding_dim}, "
+                     f"{info.vocab_size} characters",
+            "lookahead_chars": info.lookahead_chars, "server_settings": server.settings(),
+            "server_flags": server.flags}
 
 
-async def _level(target: str, prompt: str, streams: int, chars: int) -> tuple[float, list[StreamResult]]:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GeneratorStub(channel)
-        started = time.perf_counter()
-        results = await asyncio.gather(*(_one_stream(stub, prompt, chars, seed) for seed in range(streams)))
-        return time.perf_counter() - started, list(results)
+def target_ratios(rows: list[Row], args: argparse.Namespace) -> list[Ratio]:
+    """The ratios the targets are stated in (server/README.md#benchmark)."""
+    sizes = batches(args)[1:] or [1]
+    batch = args.streams if args.streams in sizes else sizes[0]
+
+    def rate(row_id: str) -> float | None:
+        return getattr(find(rows, row_id), "chars_per_s", None)
+
+    long = find(rows, "long_prompt")
+    long_ratio = ratio_of(long.server_first_char_ms, long.raw_ingest_ms) if long else None  # type: ignore[attr-defined]
+    return [Ratio("row 4 / row 1: server 1 stream / raw batch 1", ratio_of(rate("server_1_stream"),
+                                                                          rate("raw_batch_1")), ">=", 0.8),
+            Ratio(f"row 5 / row 2: server {args.streams} streams / raw batch {batch}",
+                  ratio_of(rate("server_streams"), rate(f"raw_batch_{batch}")), ">=", 0.7),
+            Ratio("row 7: server first char / raw ingestion", long_ratio, "<=", 1.2)]
 
 
-def _batch_totals(metrics_url: str | None) -> tuple[float, float]:
-    if metrics_url is None:
-        return 0.0, 0.0
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    total = re.search(r"^charstream_batch_size_sum (\S+)$", text, re.MULTILINE)
-    count = re.search(r"^charstream_batch_size_count (\S+)$", text, re.MULTILINE)
-    return (float(total.group(1)) if total else 0.0), (float(count.group(1)) if count else 0.0)
+def serve_rows(bench: Bench, flags: list[str], serve: Callable[[ServerProcess], None], row_ids: list[str],
+               machine: dict[str, Any]) -> None:
+    """Rows measured with one server process; if the server (or a set-up step) fails, the rows not yet
+    measured fail saying why."""
+    try:
+        with running_server(bench.args.model, flags, bench.args.timeout) as server:
+            serve(server)
+            if bench.info is not None:
+                described = describe_server(bench.info, server)
+                machine.update({k: v for k, v in described.items() if k not in machine})
+    except Exception as exc:  # noqa: BLE001 - reported as failed rows
+        print(f"server {' '.join(flags)}: {type(exc).__name__}: {exc}", file=bench.log, flush=True)
+        done = {row.id for row in bench.rows}
+        for row_id in row_ids:
+            if row_id not in done:
+                bench.note(row_id, "failed", bench.describe(exc))
 
 
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str | None]:
-    command = [sys.executable, "-m", "server", "--model", args.model, "--host", "127.0.0.1", "--port", "0",
-               "--device", args.device, "--max-batch", str(args.max_batch), "--metrics-port", "0",
-               "--max-sessions", str(max(args.sessions) + 8)]
-    if args.variant:
-        command += ["--variant", args.variant]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()  # type: ignore[union-attr]
-    if not line.startswith("listening on "):
-        process.kill()
-        raise SystemExit(f"server did not start: {process.stderr.read()}")  # type: ignore[union-attr]
-    address = line.split()[-1]
-    metrics = None
-    for log_line in process.stderr:  # type: ignore[union-attr]
-        found = re.search(r"event=listening .* provider=(\S+) metrics=(\S+)", log_line)
-        if found:
-            print(f"server: {address} provider={found.group(1)}", flush=True)
-            metrics = f"http://{found.group(2)}/metrics"
-            break
-    # Keep reading the server's log so that a full pipe never blocks it.
-    threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()  # type: ignore[union-attr]
-    return process, address, metrics
-
-
-def _percentile_ms(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q) * 1000) if values else float("nan")
+def run(args: argparse.Namespace, argv: list[str], log: TextIO) -> Report:
+    """Every row; each server is started for its rows and always stopped."""
+    bench = Bench(args, log)
+    settings = {"argv": argv, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                **{k: getattr(args, k) for k in ("model", "checkpoint", "streams", "chars", "long_prompt", "timeout")},
+                "batches": batches(args)[1:], "prompt_chars": PROMPT_CHARS, "temperature": clients.TEMPERATURE,
+                "server_flags": server_flags(args)}
+    report = Report(settings=settings, machine=machine_info())
+    second = "server_streams_max_batch_1"
+    first = [row_id for row_id in expected_rows(args) if row_id != second]
+    serve_rows(bench, server_flags(args), bench.first_server, first, report.machine)
+    serve_rows(bench, server_flags(args, max_batch=1), bench.second_server, [second], report.machine)
+    report.rows = sorted(bench.rows, key=lambda row: row.row)
+    report.ratios = target_ratios(report.rows, args)
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="model directory (starts a local server)")
-    parser.add_argument("--target", help="benchmark a running server at HOST:PORT instead")
-    parser.add_argument("--sessions", default="1,8,32", help="concurrent streams per level, comma-separated")
-    parser.add_argument("--chars", type=int, default=300, help="characters per stream")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--variant", default=None)
-    parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds allowed per level")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.sessions = [int(n) for n in args.sessions.split(",")]
-    if not (args.model or args.target):
-        parser.error("give --model (start a server) or --target (use a running one)")
-
-    process, metrics_url = None, None
-    if args.target:
-        target = args.target
-    else:
-        process, target, metrics_url = _start_server(args)
     try:
-        with grpc.insecure_channel(target) as channel:
-            vocab = list(pb_grpc.GeneratorStub(channel).GetModelInfo(pb.GetModelInfoRequest()).vocabulary)
-        prompt = "".join(vocab[(i * 7) % len(vocab)] for i in range(PROMPT_CHARS))
-        asyncio.run(_level(target, prompt, 1, 20))  # warm-up
-        print(f"{'streams':>7} {'chars/s':>9} {'first_ms_p50':>12} {'first_ms_p99':>12} "
-              f"{'gap_ms_p50':>10} {'gap_ms_p99':>10} {'mean_batch':>10} {'wall_s':>7}")
-        for streams in args.sessions:
-            before = _batch_totals(metrics_url)
-            wall, results = asyncio.run(asyncio.wait_for(_level(target, prompt, streams, args.chars), args.timeout))
-            after = _batch_totals(metrics_url)
-            steps = after[1] - before[1]
-            mean_batch = (after[0] - before[0]) / steps if steps else float("nan")
-            firsts = [r.first_char_s for r in results]
-            gaps = [g for r in results for g in r.gaps_s]
-            total = sum(r.chars for r in results)
-            print(f"{streams:>7} {total / wall:>9.0f} {_percentile_ms(firsts, 50):>12.2f} "
-                  f"{_percentile_ms(firsts, 99):>12.2f} {_percentile_ms(gaps, 50):>10.3f} "
-                  f"{_percentile_ms(gaps, 99):>10.3f} {mean_batch:>10.1f} {wall:>7.2f}", flush=True)
-    finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
-    return 0
+        sizes = batches(args)
+    except ValueError:
+        parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
+    if min(args.streams, args.chars, *sizes) < 1 or args.long_prompt < 0 or args.timeout <= 0:
+        parser.error("--streams, --chars and --batch must be >= 1, --long-prompt >= 0, --timeout > 0")
+    try:
+        report = run(args, list(sys.argv[1:] if argv is None else argv), sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; the servers were stopped", file=sys.stderr)
+        return 130
+    print_report(report, sys.stdout)
+    write_json(report, Path(args.json))
+    print(f"\nwrote {args.json}", flush=True)
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

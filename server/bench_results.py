@@ -1,0 +1,196 @@
+"""charstream-bench results: one dataclass per row kind, the ratios, the table printer and the JSON file.
+
+Every row has `row` (its number in server/README.md#benchmark), `id` (stable
+across runs with the same flags), `title` and `status` ("ok", "skipped" or
+"failed", with `note` saying why).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+SCHEMA = "charstream-bench/1"
+
+
+@dataclass(kw_only=True)
+class Row:
+    row: int
+    id: str
+    title: str
+    status: str = "ok"
+    note: str = ""
+
+    def cells(self) -> dict[str, Any]:
+        """Table cells by column name; missing columns print blank."""
+        return {}
+
+
+@dataclass(kw_only=True)
+class NoteRow(Row):
+    """A row that was skipped or failed; `note` says why."""
+
+
+@dataclass(kw_only=True)
+class RawResult(Row):
+    """ONNX Runtime step loop in the bench process: `steps` steps at `batch`, argmax fed back."""
+
+    batch: int
+    steps: int
+    seconds: float
+    chars_per_s: float
+    step_ms: float
+    provider: str
+
+    def cells(self) -> dict[str, Any]:
+        return {"chars/s": self.chars_per_s, "step ms": self.step_ms}
+
+
+@dataclass(kw_only=True)
+class TorchResult(Row):
+    """Naive PyTorch eager loop, one stream: one model call per character."""
+
+    steps: int
+    seconds: float
+    chars_per_s: float
+    step_ms: float
+    device: str
+    torch_threads: int
+
+    def cells(self) -> dict[str, Any]:
+        return {"chars/s": self.chars_per_s, "step ms": self.step_ms}
+
+
+@dataclass(kw_only=True)
+class StreamsResult(Row):
+    """`streams` concurrent one-shot Generate streams, as the clients saw them."""
+
+    streams: int
+    chars_per_stream: int
+    total_chars: int
+    messages: int
+    seconds: float
+    chars_per_s: float
+    chars_per_message: float
+    first_char_ms_p50: float
+    first_char_ms_p99: float
+    gap_ms_p50: float
+    gap_ms_p99: float
+    mean_batch: float | None
+    server_flags: list[str] = field(default_factory=list)
+
+    def cells(self) -> dict[str, Any]:
+        return {"chars/s": self.chars_per_s, "1st ms p50": self.first_char_ms_p50,
+                "1st ms p99": self.first_char_ms_p99, "gap ms p50": self.gap_ms_p50,
+                "gap ms p99": self.gap_ms_p99, "chars/msg": self.chars_per_message, "batch": self.mean_batch}
+
+
+@dataclass(kw_only=True)
+class LongPromptResult(Row):
+    """Time to the first character after a long prompt, next to raw batch-1 ingestion of the same prompt."""
+
+    prompt_chars: int
+    server_first_char_ms: float
+    raw_ingest_ms: float
+    repeats: int
+
+    def cells(self) -> dict[str, Any]:
+        return {"1st ms p50": self.server_first_char_ms, "raw ms": self.raw_ingest_ms}
+
+
+@dataclass
+class Ratio:
+    name: str
+    value: float | None
+    op: str  # ">=" or "<="
+    target: float
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None or math.isnan(self.value):
+            return None
+        return self.value >= self.target if self.op == ">=" else self.value <= self.target
+
+
+@dataclass
+class Report:
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    ratios: list[Ratio] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(row.status != "failed" for row in self.rows)
+
+    def to_json(self) -> dict[str, Any]:
+        rows = [{"kind": type(row).__name__, **asdict(row)} for row in self.rows]
+        ratios = [{**asdict(ratio), "met": ratio.met} for ratio in self.ratios]
+        return {"schema": SCHEMA, "ok": self.ok, "settings": self.settings, "machine": self.machine,
+                "rows": rows, "ratios": ratios}
+
+
+# "1st": time to the first character; "batch": the server's mean batch size; "raw ms": row 7's raw ingestion.
+COLUMNS = ("chars/s", "step ms", "1st ms p50", "1st ms p99", "gap ms p50", "gap ms p99", "chars/msg", "batch",
+           "raw ms")
+
+
+def _format(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def print_report(report: Report, out: TextIO) -> None:
+    """The table (one line per row), then the ratios and the machine."""
+    width = max([len(row.title) for row in report.rows] + [4])
+    used = [c for c in COLUMNS if any(c in row.cells() for row in report.rows)]
+    print(f"{'#':>2} {'row':<{width}} " + " ".join(f"{c:>{max(9, len(c))}}" for c in used) + "  notes", file=out)
+    for row in report.rows:
+        cells = row.cells()
+        text = " ".join(f"{_format(cells.get(c)):>{max(9, len(c))}}" for c in used)
+        note = row.note if row.status == "ok" else f"{row.status.upper()}: {row.note}"
+        print(f"{row.row:>2} {row.title:<{width}} {text}  {note}".rstrip(), file=out)
+    print("\nratios (targets):", file=out)
+    for ratio in report.ratios:
+        verdict = {True: "met", False: "NOT met", None: "n/a"}[ratio.met]
+        value = "n/a" if ratio.value is None else f"{ratio.value:.3f}"
+        print(f"  {ratio.name:<52} {value:>7}  target {ratio.op} {ratio.target}  {verdict}", file=out)
+    print("\nmachine (row 8):", file=out)
+    for key, value in report.machine.items():
+        shown = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+        print(f"  {key:<22} {shown}", file=out)
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(clean_floats(report.to_json()), indent=2, ensure_ascii=False, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def clean_floats(value: Any) -> Any:
+    """NaN and infinity -> None, recursively (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: clean_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_floats(v) for v in value]
+    return value
+
+
+def ratio_of(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator or math.isnan(numerator) or math.isnan(denominator):
+        return None
+    return numerator / denominator
+
+
+def find(rows: Sequence[Row], row_id: str) -> Row | None:
+    return next((row for row in rows if row.id == row_id and row.status == "ok"), None)
