@@ -29,6 +29,7 @@ from server.vocabulary import Vocabulary
 logger = logging.getLogger("charstream.server")
 
 DEFAULT_LOOKAHEAD = 32
+HELD_EVENTS_POLL = 0.0005  # seconds between checks while events wait for a busy loop
 
 
 class Engine:
@@ -43,6 +44,7 @@ class Engine:
         # Loop side, one hub per event loop (weak: a closed loop's hub goes with it).
         self._hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamHub] = weakref.WeakKeyDictionary()
         self._routes: dict[int, StreamHub] = {}  # engine thread: request id -> its caller's hub
+        self._held: dict[StreamHub, list] = {}  # engine thread: events waiting for their loop
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="charstream-engine", daemon=True)
 
@@ -112,7 +114,8 @@ class Engine:
         iterations = 0
         while not self._stopping:
             if not self._commands and not self.scheduler.has_work():
-                self._wake.wait()
+                # Held events go out when their loop runs the previous hand-off; poll for that.
+                self._wake.wait(HELD_EVENTS_POLL if self._held else None)
             self._wake.clear()
             while self._commands:
                 command = self._commands.popleft()
@@ -129,19 +132,19 @@ class Engine:
         log_event(logger, "engine_stopped", iterations=iterations)
 
     def _flush(self) -> None:
-        """Hand the collected events to their loops: one thread hop per loop, not per event."""
+        """Hand the collected events to their loops: one thread hop per loop, not per event,
+        and none to a loop that has not yet run the previous one (its events wait here)."""
         events, self.scheduler.events = self.scheduler.events, []
-        if not events:
-            return
-        by_hub: dict[StreamHub, list] = {}
         for request_id, event in events:
             hub = self._routes.get(request_id)
             if hub is None:
                 continue
-            by_hub.setdefault(hub, []).append((request_id, event))
+            self._held.setdefault(hub, []).append((request_id, event))
             if event.ends_stream:
                 del self._routes[request_id]
-        for hub, batch in by_hub.items():
+        for hub in [hub for hub in self._held if not hub.in_flight]:
+            batch = self._held.pop(hub)
+            hub.in_flight = True
             try:
                 hub.loop.call_soon_threadsafe(hub.dispatch, batch)
             except RuntimeError:  # the loop is closed: nobody is listening any more

@@ -38,11 +38,6 @@ class SamplingSettings:
 DEFAULT_SETTINGS = SamplingSettings()
 
 
-def new_generator(seed: int) -> np.random.Generator:
-    """A session's random stream: PCG64 seeded with a non-negative integer."""
-    return np.random.Generator(np.random.PCG64(seed))
-
-
 def choose_token(logits: np.ndarray, settings: SamplingSettings, uniform: float) -> int:
     """Token id for logits [V] given a uniform number in [0, 1); `uniform` is ignored when greedy.
 

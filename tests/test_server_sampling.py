@@ -10,7 +10,6 @@ from server.sampling import (
     RandomStream,
     SamplingSettings,
     choose_token,
-    new_generator,
     sample_tokens,
     stream_key,
     uniforms_at,
@@ -71,11 +70,11 @@ def test_a_seed_gives_the_same_stream() -> None:
     settings = SamplingSettings(temperature=1.3, top_k=4, top_p=0.9)
     runs = []
     for _ in range(2):
-        rng = new_generator(1234)
-        runs.append([choose_token(LOGITS, settings, rng.random()) for _ in range(50)])
+        stream = RandomStream(1234)
+        runs.append([choose_token(LOGITS, settings, stream.next()) for _ in range(50)])
     assert runs[0] == runs[1]
-    other = new_generator(4321)
-    assert runs[0] != [choose_token(LOGITS, settings, other.random()) for _ in range(50)]
+    other = RandomStream(4321)
+    assert runs[0] != [choose_token(LOGITS, settings, other.next()) for _ in range(50)]
 
 
 def _mixed_batch(rng: np.random.Generator, rows: int, vocab: int) -> tuple[np.ndarray, ...]:
