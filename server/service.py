@@ -26,7 +26,7 @@ from server.engine import Engine
 from server.errors import ServiceError
 from server.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
 from server.metrics import ServerMetrics
-from server.sampling import DEFAULT_SETTINGS, SamplingSettings
+from server.sampling import DEFAULT_SETTINGS
 from server.session_store import Session, SessionBusy, SessionNotFound, SessionStore, StoreFull
 from server.structured_log import log_event
 from server.validation import (
