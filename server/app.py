@@ -18,7 +18,10 @@ from server.engine import Engine
 from server.errors import ErrorInterceptor
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.model_runner import ModelRunner, load_runner
+from server.prefix_cache import PrefixCache
 from server.service import GeneratorService
+from server.session_backend import LocalSessions, SessionBackend
+from server.session_record import ModelFingerprint, file_sha256
 from server.session_store import SessionStore
 from server.structured_log import log_event
 from server.validation import Limits
@@ -78,6 +81,7 @@ class RunningServer:
         self.engine.drain()
         await self.server.stop(grace)
         self._sweeper.cancel()
+        await self.service.store.close()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.engine.stop)
         if self.metrics_endpoint is not None:
@@ -85,10 +89,23 @@ class RunningServer:
         log_event(logger, "shutdown_complete")
 
 
-async def _sweep_expired(store: SessionStore, period: float) -> None:
-    while True:
-        await asyncio.sleep(period)
-        store.expire_idle()
+def model_fingerprint(runner: ModelRunner) -> ModelFingerprint:
+    """What a session record is tied to: the served file's digest, vocabulary and sizes."""
+    spec = runner.info.spec
+    return ModelFingerprint(file_sha256(runner.info.model_file.path), tuple(spec.vocab), spec.embedding_dim,
+                            spec.hidden_size, spec.num_layers)
+
+
+def build_sessions(config: ServerConfig, engine: Engine, local: SessionStore,
+                   fingerprint: ModelFingerprint) -> SessionBackend:
+    """The session backend --session-store asks for."""
+    if config.session_store == "memory":
+        return LocalSessions(local)
+    from server.redis_records import RedisRecords  # the redis package is needed only here
+    from server.redis_sessions import RedisSessions
+
+    records = RedisRecords(config.session_store, config.session_ttl, config.lease_seconds)
+    return RedisSessions(records, local, engine, fingerprint, config.write_back_chars, config.lease_seconds)
 
 
 async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
@@ -96,7 +113,10 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     if runner is None:
         runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.thread_settings())
     metrics = ServerMetrics()
-    engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead)
+    prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
+    if prefix_cache is not None:
+        metrics.track_prefix_cache(prefix_cache)
+    engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead, prefix_cache=prefix_cache)
     store = SessionStore(
         engine,
         config.max_sessions,
@@ -104,8 +124,10 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
         on_removed=lambda reason: metrics.sessions_removed.labels(reason=reason).inc(),
     )
     metrics.track_sessions(lambda: len(store))
+    fingerprint = model_fingerprint(runner)
+    sessions = build_sessions(config, engine, store, fingerprint)
     limits = Limits(max_chars=config.max_chars, max_prompt_chars=config.max_prompt_chars)
-    service = GeneratorService(engine, store, limits, metrics, model_info_message(runner, config))
+    service = GeneratorService(engine, sessions, limits, metrics, model_info_message(runner, config), fingerprint)
 
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics)],
@@ -130,7 +152,14 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     endpoint = None
     if config.metrics_port is not None:
         endpoint = metrics.serve(config.metrics_host or config.host, config.metrics_port)
-    sweeper = asyncio.create_task(_sweep_expired(store, min(30.0, max(0.05, config.session_ttl / 4))))
+
+    async def set_serving(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if not service.shutting_down.is_set():
+            await health.set(SERVICE_NAME, status)
+
+    # Expiry sweeps, and for a shared store its leases and health.
+    sweeper = asyncio.create_task(sessions.run_background(set_serving))
     running = RunningServer(server, port, config, engine, service, health, metrics, endpoint, sweeper)
     log_event(
         logger,

@@ -11,12 +11,30 @@
         session.delete()
 
 Failed calls raise grpc.RpcError; `.code()` and `.details()` say what went wrong.
+
+Several replicas (servers sharing sessions through --session-store redis://...):
+any replica serves any session, so one channel may spread its calls over all of
+them with gRPC's round_robin policy. Give every address in one gRPC target:
+
+    ipv4:127.0.0.1:50051,127.0.0.1:50052      IPv4 addresses, each with its port
+    ipv6:[::1]:50051,[::1]:50052              IPv6 addresses, bracketed
+    dns:///charstream.example:50051           a DNS name with one A record per replica
+
+    from server.client import CharstreamClient, targets_to_uri
+
+    target = targets_to_uri(["127.0.0.1:50051", "127.0.0.1:50052"])  # "ipv4:127.0.0.1:50051,127.0.0.1:50052"
+    with CharstreamClient(target, lb_policy="round_robin") as client:
+        print(client.generate("ROMEO:", max_chars=100, temperature=0).text())
+
+Without lb_policy gRPC uses pick_first: every call goes to the first address
+that answers, the others only take over when it fails.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import queue
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 
@@ -24,6 +42,59 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 
 FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
+# Target schemes gRPC resolves itself; a target that starts with one is a whole URI, not an address.
+URI_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p")
+MULTI_HINT = "give a single dns:///HOST:PORT target whose name resolves to every replica instead"
+
+
+def has_uri_scheme(target: str) -> bool:
+    """True for a gRPC target URI such as dns:///host:50051 or ipv4:10.0.0.1:50051,10.0.0.2:50051."""
+    scheme, colon, _ = target.partition(":")
+    return bool(colon) and scheme.lower() in URI_SCHEMES
+
+
+def _address_family(address: str) -> str:
+    """'ipv4' or 'ipv6' for an IP address with a port ("10.0.0.1:50051", "[::1]:50051"); ValueError otherwise."""
+    if has_uri_scheme(address):
+        raise ValueError(f"{address!r} is a target URI, not an address: a list takes HOST:PORT addresses")
+    if address.startswith("["):
+        host, bracket, port = address[1:].partition("]")
+        if not bracket or not port.startswith(":"):
+            raise ValueError(f"{address!r}: write IPv6 addresses as [ADDRESS]:PORT")
+        port = port[1:]
+    else:
+        host, _, port = address.rpartition(":")
+        if ":" in host:  # an IPv6 address without brackets: its last group would pass for a port
+            raise ValueError(f"{address!r}: write IPv6 addresses as [ADDRESS]:PORT")
+    # A missing port would make gRPC dial 443, not a charstream port: insist on one.
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: expected IP:PORT with a port in 1..65535")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{address!r} names a host, not an IP address: {MULTI_HINT}") from None
+    if address.startswith("[") != (ip.version == 6):
+        raise ValueError(f"{address!r}: only IPv6 addresses go in brackets, and they must")
+    return f"ipv{ip.version}"
+
+
+def targets_to_uri(addresses: Sequence[str]) -> str:
+    """One gRPC target for several replicas: ["10.0.0.1:50051", "10.0.0.2:50051"] ->
+    "ipv4:10.0.0.1:50051,10.0.0.2:50051" (IPv6: ["[::1]:50051", ...] -> "ipv6:[::1]:50051,...").
+
+    A single address (or URI) is returned unchanged. In a list of several, every entry
+    must be an IP address of the same family with its port: gRPC's ipv4:/ipv6: targets
+    take no host names (use one dns:/// target for those).
+    """
+    cleaned = [address.strip() for address in addresses]
+    if not cleaned or not all(cleaned):
+        raise ValueError("expected one or more non-empty addresses")
+    if len(cleaned) == 1:
+        return cleaned[0]
+    families = {_address_family(address) for address in cleaned}
+    if len(families) > 1:
+        raise ValueError(f"IPv4 and IPv6 addresses mixed in {cleaned}: a target holds one family; {MULTI_HINT}")
+    return f"{families.pop()}:{','.join(cleaned)}"
 
 
 def _optional(message: object, **values: object) -> None:
@@ -80,6 +151,16 @@ class Session:
     def delete(self) -> None:
         self.client.stub.DeleteSession(pb.DeleteSessionRequest(session_id=self.id), timeout=self.client.timeout)
 
+    def fork(self) -> "Session":
+        """A new session with this one's state and random stream; both continue independently."""
+        reply = self.client.stub.ForkSession(pb.ForkSessionRequest(session_id=self.id), timeout=self.client.timeout)
+        return Session(self.client, reply.session_id)
+
+    def export(self) -> bytes:
+        """The session's record: import it on any server serving the same model (import_session)."""
+        request = pb.ExportSessionRequest(session_id=self.id)
+        return self.client.stub.ExportSession(request, timeout=self.client.timeout).state
+
 
 class Conversation:
     """One Converse stream: say() sends a turn and yields its reply's text chunks."""
@@ -111,10 +192,18 @@ class Conversation:
 
 
 class CharstreamClient:
-    def __init__(self, target: str, timeout: float | None = 30.0, credentials: grpc.ChannelCredentials | None = None):
-        """`timeout` bounds unary calls; streams run until they finish or are cancelled."""
+    def __init__(self, target: str, timeout: float | None = 30.0, credentials: grpc.ChannelCredentials | None = None,
+                 *, lb_policy: str | None = None):
+        """`timeout` bounds unary calls; streams run until they finish or are cancelled.
+
+        `lb_policy` ("round_robin", "pick_first") picks how calls spread over the
+        addresses `target` resolves to; None leaves gRPC's default (pick_first).
+        """
+        options = [("grpc.lb_policy_name", lb_policy)] if lb_policy else []
         self.channel = (
-            grpc.secure_channel(target, credentials) if credentials is not None else grpc.insecure_channel(target)
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=options)
         )
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.timeout = timeout
@@ -137,6 +226,11 @@ class CharstreamClient:
         _optional(request, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         response = self.stub.CreateSession(request, timeout=self.timeout)
         return Session(self, response.session_id)
+
+    def import_session(self, state: bytes) -> Session:
+        """A new session from a record made by Session.export (here or on another server)."""
+        reply = self.stub.ImportSession(pb.ImportSessionRequest(state=state), timeout=self.timeout)
+        return Session(self, reply.session_id)
 
     def session(self, session_id: str) -> Session:
         """A handle on an existing session (not checked until used)."""

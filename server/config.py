@@ -34,6 +34,10 @@ class ServerConfig:
     intra_op_threads: int = ThreadSettings.intra_op_threads
     allow_spinning: bool = ThreadSettings.allow_spinning
     lookahead: int = 32
+    prefix_cache_bytes: int = 64 * 1024 * 1024
+    session_store: str = "memory"
+    lease_seconds: float = 10.0
+    write_back_chars: int = 256
     log_format: str = "kv"
     log_level: str = "info"
 
@@ -66,6 +70,14 @@ HELP = {
     "--no-allow-spinning suits a shared machine",
     "lookahead": "most characters a stream is generated ahead of what was handed to its client; "
     "bounds each stream's memory",
+    "prefix_cache_bytes": "bytes of session states kept by prompt text, so that a new session whose prompt starts "
+    "with a cached text skips consuming it; 0 = off",
+    "session_store": "memory: sessions live in this process; redis://HOST:PORT/DB: session records in Redis, "
+    "shared by every replica pointed at it",
+    "lease_seconds": "with --session-store redis: how long a replica's hold on a session outlives the replica "
+    "(a crashed replica's sessions are served elsewhere after this)",
+    "write_back_chars": "with --session-store redis: a stream's state is written back at least every this many "
+    "delivered characters (a replica crash loses at most this many)",
     "log_format": "log line format: kv (key=value) or json",
     "log_level": "debug, info, warning or error",
 }
@@ -75,10 +87,12 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads",
-            "lookahead")
+            "lookahead", "prefix_cache_bytes", "write_back_chars")
+FLOATS = ("session_ttl", "shutdown_grace", "lease_seconds")
 BOOLEANS = ("allow_spinning",)
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
-           "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0, "lookahead": 1}
+           "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0, "lookahead": 1, "prefix_cache_bytes": 0,
+           "write_back_chars": 1}
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 
@@ -94,7 +108,7 @@ def parse_bool(text: str) -> bool:
 
 
 def _converter(field_name: str) -> Callable[[str], Any]:
-    if field_name in ("session_ttl", "shutdown_grace"):
+    if field_name in FLOATS:
         return float
     if field_name in INTEGERS:
         return int
@@ -135,7 +149,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Serv
     values = vars(parser.parse_args(argv))
     if not values["model"]:
         parser.error("--model (or CHARSTREAM_MODEL) is required: the model directory to serve")
-    for name in ("session_ttl", "shutdown_grace"):
+    for name in FLOATS:
         # float() accepts "nan" and "inf": a NaN TTL would expire every session at once.
         if not math.isfinite(values[name]):
             parser.error(f"--{name.replace('_', '-')} must be a finite number of seconds, got {values[name]}")
@@ -143,8 +157,12 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Serv
         value = values.get(name)
         if value is not None and value < minimum:
             parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
-    if values["session_ttl"] <= 0:
-        parser.error("--session-ttl must be > 0 seconds")
+    for name in ("session_ttl", "lease_seconds"):
+        if values[name] <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0 seconds")
+    store = values["session_store"]
+    if store != "memory" and not store.startswith("redis://"):
+        parser.error(f"--session-store must be memory or redis://HOST:PORT/DB, got {store!r}")
     if values["port"] > 65535 or (values["metrics_port"] or 0) > 65535:
         parser.error("ports must be <= 65535")
     return ServerConfig(**values)

@@ -21,7 +21,9 @@ from typing import Callable
 
 from server.generation import GenerationRequest
 from server.model_runner import ModelRunner
+from server.prefix_cache import PrefixCache
 from server.scheduler import Scheduler, StepObserver
+from server.slot_state import SlotSnapshot
 from server.stream import GenerationStream, StreamHub
 from server.structured_log import log_event
 from server.vocabulary import Vocabulary
@@ -34,10 +36,10 @@ HELD_EVENTS_POLL = 0.0005  # seconds between checks while events wait for a busy
 
 class Engine:
     def __init__(self, runner: ModelRunner, max_batch: int = 256, observer: StepObserver | None = None,
-                 lookahead: int = DEFAULT_LOOKAHEAD):
+                 lookahead: int = DEFAULT_LOOKAHEAD, prefix_cache: PrefixCache | None = None):
         self.runner = runner
         self.vocab = Vocabulary(runner.info.spec.vocab)
-        self.scheduler = Scheduler(runner, max_batch, lookahead, observer)  # engine thread only
+        self.scheduler = Scheduler(runner, max_batch, lookahead, observer, prefix_cache)  # engine thread only
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._ids = itertools.count(1)
@@ -72,6 +74,40 @@ class Engine:
 
     def close_slot(self, slot: int) -> None:
         self._submit(lambda: self.scheduler.close(slot))
+
+    def restore_slot(self, slot: int, snapshot: SlotSnapshot) -> None:
+        """A session in `slot` continuing exactly from `snapshot`."""
+        self._submit(lambda: self.scheduler.restore(slot, snapshot))
+
+    async def snapshot(self, slot: int) -> SlotSnapshot:
+        """The state of the session in `slot` after its prompts and the characters delivered so
+        far (commands run in order: it sees every ack queued before it). Raises LookupError
+        for a closed slot and ValueError for a state lost in a failed step."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SlotSnapshot] = loop.create_future()
+
+        def settle(result: SlotSnapshot | None, error: Exception | None) -> None:
+            if future.done():  # the caller gave up waiting
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        def command() -> None:
+            try:
+                result, error = self.scheduler.snapshot(slot), None
+            except (LookupError, ValueError) as exc:
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the caller's loop is closed
+                pass
+
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine is not running")
+        self._submit(command)
+        return await future
 
     def submit(self, slot: int, request: GenerationRequest) -> GenerationStream:
         """Start a generation on `slot`, from a coroutine; read its chunks from the returned stream."""

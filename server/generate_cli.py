@@ -5,6 +5,12 @@
 Generated characters go to stdout, flushed as they arrive; the finish line and
 errors go to stderr. --session ID continues a session; --session new creates
 one and prints its id (to stderr) so that a later call can continue it.
+
+Several replicas sharing sessions (charstream-serve --session-store redis://...):
+repeat --target (or separate addresses with commas); calls then spread over
+them with gRPC's round_robin policy (--lb-policy changes that).
+
+    charstream-generate --target 10.0.0.1:50051 --target 10.0.0.2:50051 --prompt "ROMEO:"
 """
 
 from __future__ import annotations
@@ -15,12 +21,23 @@ from typing import Sequence
 
 import grpc
 
-from server.client import CharstreamClient
+from server.client import CharstreamClient, has_uri_scheme, targets_to_uri
+
+DEFAULT_TARGET = "localhost:50051"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charstream-generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="localhost:50051", help="server address HOST:PORT (default %(default)s)")
+    parser.add_argument(
+        "--target", action="append", default=[],
+        help=f"server address HOST:PORT or a gRPC target URI (default {DEFAULT_TARGET}); repeat it, or separate "
+        "IP:PORT addresses with commas, to spread calls over several replicas",
+    )
+    parser.add_argument(
+        "--lb-policy", default=None,
+        help="gRPC load-balancing policy (round_robin, pick_first); default: round_robin with several "
+        "targets, else gRPC's default (pick_first)",
+    )
     parser.add_argument("--prompt", default="", help="text consumed before generating")
     parser.add_argument("--max-chars", type=int, default=500, help="characters to generate (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: the session's (1.0)")
@@ -33,10 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_target(values: Sequence[str], lb_policy: str | None) -> tuple[str, str | None]:
+    """The gRPC target and load-balancing policy for the --target values given."""
+    addresses: list[str] = []
+    for value in values or [DEFAULT_TARGET]:
+        # A target URI keeps its commas: "ipv4:a:1,b:2" is already one target for several servers.
+        addresses.extend([value] if has_uri_scheme(value) else value.split(","))
+    if len(addresses) > 1:
+        return targets_to_uri(addresses), lb_policy or "round_robin"
+    return addresses[0].strip(), lb_policy
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        target, lb_policy = resolve_target(args.target, args.lb_policy)
+    except ValueError as error:
+        parser.error(f"--target: {error}")
     out = sys.stdout
-    with CharstreamClient(args.target) as client:
+    with CharstreamClient(target, lb_policy=lb_policy) as client:
         stream = None
         try:
             session_id = args.session

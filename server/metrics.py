@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from server.prefix_cache import PrefixCache
 
 STEP_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -49,6 +52,20 @@ class ServerMetrics:
             "charstream_most_undelivered_chars", "Characters generated ahead of delivery by the stream furthest "
             "ahead (at most --lookahead).", registry=self.registry,
         )
+        self.prefix_cache_lookups = Counter(
+            "charstream_prefix_cache_lookups", "Prompts of fresh sessions looked up in the prefix-state cache, by "
+            "result (hit: it started after a cached text).", ["result"], registry=self.registry,
+        )
+        self.prefix_cache_skipped_chars = Counter(
+            "charstream_prefix_cache_skipped_chars", "Prompt characters not consumed thanks to the prefix-state cache.",
+            registry=self.registry,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "charstream_prefix_cache_bytes", "Bytes held by the prefix-state cache.", registry=self.registry
+        )
+        self.prefix_cache_entries = Gauge(
+            "charstream_prefix_cache_entries", "Texts held by the prefix-state cache.", registry=self.registry
+        )
         self.rpc_errors = Counter(
             "charstream_rpc_errors", "RPCs that ended with an error status, by method and code.",
             ["method", "code"], registry=self.registry,
@@ -67,6 +84,16 @@ class ServerMetrics:
         """Called on the engine thread after sampling."""
         self.undelivered_chars.set(total)
         self.most_undelivered_chars.set(most)
+
+    def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: "PrefixCache") -> None:
+        """Called on the engine thread after each prefix-cache lookup."""
+        self.prefix_cache_lookups.labels(result="hit" if hit else "miss").inc()
+        self.prefix_cache_skipped_chars.inc(skipped_chars)
+
+    def track_prefix_cache(self, cache: "PrefixCache") -> None:
+        """Read the cache's size at scrape time (plain int reads: safe beside the engine thread)."""
+        self.prefix_cache_bytes.set_function(lambda: float(cache.bytes))
+        self.prefix_cache_entries.set_function(lambda: float(cache.entries))
 
     def count_error(self, method: str, code: grpc.StatusCode) -> None:
         self.rpc_errors.labels(method=method, code=code.name).inc()

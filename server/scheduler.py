@@ -42,8 +42,10 @@ from server.generation import (
     recent_tail,
 )
 from server.model_runner import ModelRunner
+from server.prefix_cache import PrefixCache
+from server.prefix_states import PrefixStates
 from server.sampling import sample_tokens, stream_key, uniforms_at
-from server.slot_state import Request, SlotState, rewind
+from server.slot_state import Request, SlotSnapshot, SlotState, refusal_of, restored, rewind, snapshot_of
 
 logger = logging.getLogger("charstream.server")
 
@@ -51,10 +53,12 @@ logger = logging.getLogger("charstream.server")
 class StepObserver(Protocol):
     def observe_step(self, batch_size: int, seconds: float) -> None: ...
     def observe_lookahead(self, total: int, most: int) -> None: ...
+    def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: PrefixCache) -> None: ...
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, max_batch: int, lookahead: int, observer: StepObserver | None = None):
+    def __init__(self, runner: ModelRunner, max_batch: int, lookahead: int, observer: StepObserver | None = None,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch <= 0 or lookahead <= 0:
             raise ValueError(f"max_batch and lookahead must be positive, got {max_batch} and {lookahead}")
         self.runner = runner
@@ -62,6 +66,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.lookahead = lookahead
         self._observer = observer
+        self.prefixes = PrefixStates(prefix_cache, runner, observer)
         spec = runner.info.spec
         self._zero_state = np.zeros((spec.num_layers, spec.hidden_size), np.float32)  # [L, H]
         self.slots: dict[int, SlotState] = {}
@@ -85,6 +90,22 @@ class Scheduler:
         state.pending = collections.deque(prompt_tokens)
         state.logits, state.start, state.lost = None, self._zero_state, False
         state.consumed, state.recent = len(prompt_tokens), recent_tail("", self._decode(prompt_tokens))
+        self.prefixes.start(state, prompt_tokens, self._decode(prompt_tokens))
+        self._active[slot] = None
+
+    def snapshot(self, slot: int) -> SlotSnapshot:
+        """The session's state after its prompts and delivered characters (slot_state.snapshot_of)."""
+        state = self.slots.get(slot)
+        if state is None:
+            raise LookupError("the session is closed")
+        if state.lost:
+            raise ValueError("the session's state was lost in a failed model step: reset or delete the session")
+        return snapshot_of(state, lambda: self.runner.read_states(np.array([slot]))[:, 0, :], self._decode)
+
+    def restore(self, slot: int, snapshot: SlotSnapshot) -> None:
+        """Open `slot` continuing exactly from `snapshot` (a fork, an import, a session loaded from a store)."""
+        self.close(slot)
+        self.slots[slot] = restored(snapshot)
         self._active[slot] = None
 
     def close(self, slot: int) -> None:
@@ -94,7 +115,7 @@ class Scheduler:
 
     def submit(self, request_id: int, slot: int, spec: GenerationRequest) -> None:
         state = self.slots.get(slot)
-        refusal = self._refusal(state, spec)
+        refusal = refusal_of(state, spec, self.draining)
         if refusal is not None:
             self.events.append((request_id, refusal))
             return
@@ -102,6 +123,8 @@ class Scheduler:
         # Only an accepted request re-seeds the session and queues its prompt.
         if spec.seed is not None:
             state.key, state.position = stream_key(spec.seed), 0
+        if spec.prompt_tokens:
+            state.capture = None  # the state after the queue is no longer that of the prompt alone
         state.pending.extend(spec.prompt_tokens)
         self._active[slot] = None
         state.consumed += len(spec.prompt_tokens)
@@ -111,19 +134,6 @@ class Scheduler:
         state.request = self.requests[request_id] = request
         self.events.append((request_id, StreamEvent(accepted=True, consumed_chars=state.consumed,
                                                     recent_text=state.recent)))
-
-    def _refusal(self, state: SlotState | None, spec: GenerationRequest) -> StreamEvent | None:
-        if state is None or state.request is not None:
-            return StreamEvent(error="the session is closed or already generating", refused=True)
-        if self.draining:
-            return StreamEvent(finish=SHUTDOWN, refused=True)
-        if state.lost:
-            message = "the session's state was lost in a failed model step: reset or delete the session"
-            return StreamEvent(error=message, error_is_precondition=True, refused=True)
-        if not state.pending and state.logits is None and not spec.prompt_tokens:
-            message = "the session has consumed no text yet: send a prompt"
-            return StreamEvent(error=message, error_is_precondition=True, refused=True)
-        return None
 
     def ack(self, request_id: int, delivered: int) -> None:
         """The caller has handed `delivered` characters to its client in all."""
@@ -268,6 +278,7 @@ class Scheduler:
             self._observer.observe_step(count, time.perf_counter() - started)
         for row, (_, state) in enumerate(ready):
             self._consumed(state, output.logits[row], output.inputs, row)
+        self.prefixes.capture(ready)
 
     def _consumed(self, state: SlotState, logits: np.ndarray, inputs: np.ndarray, row: int) -> None:
         request = state.request

@@ -11,33 +11,26 @@ undoes what was generated ahead of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
 import time
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
-from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.engine import Engine
 from server.errors import ServiceError
 from server.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
 from server.metrics import ServerMetrics
 from server.sampling import DEFAULT_SETTINGS
-from server.session_store import Session, SessionBusy, SessionNotFound, SessionStore, StoreFull
+from server.session_backend import SessionBackend
+from server.session_record import ModelFingerprint
+from server.session_service import SessionRPCs, store_errors
+from server.session_store import Session
 from server.structured_log import log_event
-from server.validation import (
-    Limits,
-    check_max_chars,
-    check_session_id,
-    check_stops,
-    check_text,
-    resolve_settings,
-    seed_of,
-)
+from server.validation import Limits, check_max_chars, check_session_id, check_stops, check_text, resolve_settings, seed_of
 
 logger = logging.getLogger("charstream.server")
 Context = grpc.aio.ServicerContext
@@ -51,98 +44,25 @@ FINISH_REASONS = {
 MakeResponse = Callable[[str, StreamEvent | None, int], object]  # (text, end, generated so far) -> message
 
 
-@contextlib.contextmanager
-def store_errors() -> Iterator[None]:
-    """Session store exceptions as gRPC statuses."""
-    try:
-        yield
-    except SessionNotFound as exc:
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
-    except SessionBusy as exc:
-        raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from exc
-    except StoreFull as exc:
-        raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-
-
-class GeneratorService(pb_grpc.GeneratorServicer):
+class GeneratorService(SessionRPCs):
     def __init__(
         self,
         engine: Engine,
-        store: SessionStore,
+        store: SessionBackend,
         limits: Limits,
         metrics: ServerMetrics,
         model_info: pb.GetModelInfoResponse,
+        fingerprint: ModelFingerprint,
     ):
-        self.engine = engine
-        self.store = store
-        self.limits = limits
-        self.metrics = metrics
+        super().__init__(engine, store, limits, metrics, fingerprint)
         self.model_info = model_info
         self.shutting_down = asyncio.Event()
         self.active_streams = 0
-
-    # ---- unary RPCs ----
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
     ) -> pb.GetModelInfoResponse:
         return self.model_info
-
-    async def CreateSession(
-        self, request: pb.CreateSessionRequest, context: Context
-    ) -> pb.CreateSessionResponse:
-        settings = resolve_settings(request, DEFAULT_SETTINGS)
-        tokens = check_text(self.engine.vocab, request.prompt, self.limits)
-        seed = seed_of(request)
-        with store_errors():
-            session = self.store.create(
-                settings, secrets.randbits(64) if seed is None else seed, tokens, prompt_text=request.prompt
-            )
-        log_event(logger, "session_created", session=session.id[:8], prompt_chars=len(tokens))
-        return pb.CreateSessionResponse(session_id=session.id, session=self._describe(session))
-
-    async def GetSession(self, request: pb.GetSessionRequest, context: Context) -> pb.GetSessionResponse:
-        with store_errors():
-            session = self.store.get(check_session_id(request.session_id))
-        return pb.GetSessionResponse(session=self._describe(session))
-
-    async def ResetSession(
-        self, request: pb.ResetSessionRequest, context: Context
-    ) -> pb.ResetSessionResponse:
-        session_id = check_session_id(request.session_id)
-        tokens = check_text(self.engine.vocab, request.prompt, self.limits)
-        with store_errors():
-            session = self.store.reset(session_id, seed_of(request), tokens, prompt_text=request.prompt)
-        return pb.ResetSessionResponse(session=self._describe(session))
-
-    async def DeleteSession(
-        self, request: pb.DeleteSessionRequest, context: Context
-    ) -> pb.DeleteSessionResponse:
-        with store_errors():
-            self.store.delete(check_session_id(request.session_id))
-        return pb.DeleteSessionResponse()
-
-    async def ListSessions(
-        self, request: pb.ListSessionsRequest, context: Context
-    ) -> pb.ListSessionsResponse:
-        return pb.ListSessionsResponse(
-            sessions=[self._describe(s) for s in self.store.sessions()], max_sessions=self.store.max_sessions
-        )
-
-    def _describe(self, session: Session) -> pb.SessionInfo:
-        idle = self.store.idle_seconds(session)
-        return pb.SessionInfo(
-            session_id=session.id,
-            consumed_chars=session.consumed_chars,
-            recent_text=session.recent_text,
-            temperature=session.settings.temperature,
-            top_k=session.settings.top_k,
-            top_p=session.settings.top_p,
-            busy=session.busy,
-            age_seconds=self.store.age_seconds(session),
-            idle_seconds=idle,
-            expires_in_seconds=max(0.0, self.store.ttl_seconds - idle),
-        )
 
     # ---- streaming RPCs ----
 
@@ -158,17 +78,20 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 if not tokens:
                     message = "a one-shot Generate (no session_id) needs a prompt"
                     raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
-                session = self.store.create(DEFAULT_SETTINGS, secrets.randbits(64) if seed is None else seed, [])
-                session.busy = True
+                # The prompt opens the session (a zero state: the prefix-state cache applies).
+                session = await self.store.create_ephemeral(
+                    DEFAULT_SETTINGS, secrets.randbits(64) if seed is None else seed, tokens, request.prompt
+                )
             else:
-                session = self.store.acquire(check_session_id(request.session_id))
+                session = await self.store.acquire(check_session_id(request.session_id))
         try:
             if session.consumed_chars + len(tokens) == 0:
                 raise ServiceError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"session {session.id} has consumed no text yet: send a prompt (at least one character)",
                 )
-            job = GenerationRequest(tuple(tokens), max_chars, resolve_settings(request, session.settings), seed, stops)
+            prompt = () if one_shot else tuple(tokens)
+            job = GenerationRequest(prompt, max_chars, resolve_settings(request, session.settings), seed, stops)
 
             def response(text: str, end: StreamEvent | None, generated: int) -> pb.GenerateResponse:
                 message = pb.GenerateResponse(text=text)
@@ -181,17 +104,17 @@ class GeneratorService(pb_grpc.GeneratorServicer):
 
             await self._stream(session, job, context, response)
         finally:
-            if one_shot:
-                self.store.discard(session)
-            else:
-                self.store.release(session)
+            with store_errors():
+                if one_shot:
+                    await self.store.discard(session)
+                else:
+                    await self.store.release(session)
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
     ) -> None:
         with store_errors():
-            session = self.store.create(DEFAULT_SETTINGS, secrets.randbits(64), [])
-        session.busy = True
+            session = await self.store.create_ephemeral(DEFAULT_SETTINGS, secrets.randbits(64), [], "")
         log_event(logger, "conversation_opened", session=session.id[:8])
         turns = aiter(request_iterator)
         try:
@@ -222,7 +145,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 if await self._stream(session, job, context, response) == SHUTDOWN:
                     return
         finally:
-            self.store.discard(session)
+            await self.store.discard(session)
             log_event(logger, "conversation_closed", session=session.id[:8])
 
     async def _next_turn(self, turns: AsyncIterator[pb.ConverseRequest]) -> pb.ConverseRequest | None:
@@ -258,6 +181,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         stream.on_update = session.record  # the session's count and recent text follow the stream
         started = time.monotonic()
         finish = CANCELLED
+        write_back, written_back = self.store.write_back_chars, 0
         self.metrics.active_streams.inc()
         self.active_streams += 1
         try:
@@ -277,6 +201,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 if chunk.text:
                     self.metrics.generated_chars.inc(len(chunk.text))
                     self.metrics.stream_messages.inc()
+                if write_back is not None and stream.delivered - written_back >= write_back:
+                    # A shared store gets the state before the client gets the characters that
+                    # would put it `write_back` behind: a crash of this server loses fewer than
+                    # that many of the characters the client received.
+                    written_back = stream.delivered
+                    with store_errors():
+                        await self.store.checkpoint(session)
                 await context.write(response(chunk.text, chunk.end, stream.delivered))
                 if chunk.end is not None:
                     finish = chunk.end.finish or ERROR

@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 
 from server.generation import RECENT_CHARS
 from server.sampling import SamplingSettings
+from server.slot_state import SlotSnapshot
 from server.state_pool import SlotAllocator
 
 SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -28,6 +29,7 @@ class SlotEngine(Protocol):
     def open_slot(self, slot: int, seed: int, prompt_tokens: list[int]) -> None: ...
     def reset_slot(self, slot: int, seed: int | None, prompt_tokens: list[int]) -> None: ...
     def close_slot(self, slot: int) -> None: ...
+    def restore_slot(self, slot: int, snapshot: SlotSnapshot) -> None: ...
 
 
 class SessionNotFound(LookupError):
@@ -40,6 +42,14 @@ class SessionBusy(RuntimeError):
 
 class StoreFull(RuntimeError):
     """Every session is busy, so none can be evicted to make room."""
+
+
+class StoreUnavailable(RuntimeError):
+    """A shared session store cannot be reached; the message names it."""
+
+
+class SessionTakenOver(RuntimeError):
+    """This server lost its hold on a session (lease expired) and another may have advanced it."""
 
 
 @dataclass(eq=False)
@@ -84,6 +94,21 @@ class SessionStore:
     def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int], prompt_text: str = "") -> Session:
         """A new session (evicting the least recently used idle one when full); `prompt_text`
         is the text of `prompt_tokens`."""
+        session = self._new_session(secrets.token_hex(16), settings, len(prompt_tokens), prompt_text[-RECENT_CHARS:])
+        self._engine.open_slot(session.slot, seed, prompt_tokens)
+        return session
+
+    def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot, session_id: str | None = None) -> Session:
+        """A new session continuing exactly from `snapshot` (fork, import, or a session loaded
+        from a shared store under its own id)."""
+        if session_id is not None and session_id in self._live:
+            raise SessionBusy(f"session {session_id} is already loaded on this server")
+        session = self._new_session(session_id or secrets.token_hex(16), settings, snapshot.consumed_chars,
+                                    snapshot.recent_text)
+        self._engine.restore_slot(session.slot, snapshot)
+        return session
+
+    def _new_session(self, session_id: str, settings: SamplingSettings, consumed: int, recent: str) -> Session:
         self.expire_idle()
         slot = self._slots.acquire()
         if slot is None:
@@ -102,11 +127,9 @@ class SessionStore:
             slot = self._slots.acquire()
             assert slot is not None
         now = self._clock()
-        session_id = secrets.token_hex(16)  # 128 random bits
-        session = Session(session_id, slot, settings, created=now, last_used=now, consumed_chars=len(prompt_tokens),
-                          recent_text=prompt_text[-RECENT_CHARS:])
+        session = Session(session_id, slot, settings, created=now, last_used=now, consumed_chars=consumed,
+                          recent_text=recent)
         self._live[session_id] = session
-        self._engine.open_slot(slot, seed, prompt_tokens)
         return session
 
     def get(self, session_id: str) -> Session:
@@ -153,10 +176,11 @@ class SessionStore:
             raise SessionBusy(f"session {session_id} is generating; cancel that call before deleting it")
         self._remove(session, reason, f"session {session_id} was deleted")
 
-    def discard(self, session: Session) -> None:
-        """Drop a session its own caller is done with (one-shot and conversation sessions)."""
+    def discard(self, session: Session, reason: str = "closed") -> None:
+        """Drop a session its own caller is done with (one-shot and conversation sessions; a
+        shared store's session unloaded after its call, reason "unloaded")."""
         if self._live.get(session.id) is session:
-            self._remove(session, "closed", f"session {session.id} ended with the call that owned it")
+            self._remove(session, reason, f"session {session.id} ended with the call that owned it")
 
     def sessions(self) -> list[Session]:
         """Live sessions, most recently used first."""

@@ -13,10 +13,28 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
-from server.generation import GenerationRequest, RequestStatus, StopMatcher
+from server.generation import SHUTDOWN, GenerationRequest, RequestStatus, StopMatcher, StreamEvent, recent_tail
+
+
+@dataclass(frozen=True)
+class SlotSnapshot:
+    """A session's model state, portable between slots, servers and time (see session_record.py).
+
+    Continuing from it is exact: feed `pending` to the model starting from `hidden`,
+    or, when nothing is pending, sample from `logits`.
+    """
+
+    hidden: np.ndarray  # [L, H] float32: the state before `pending` is consumed
+    logits: np.ndarray | None  # [V] float32 after the last consumed token; None while tokens are pending
+    pending: tuple[int, ...]  # token ids not yet consumed by a model step
+    stream_key: int  # the random stream's key (from the seed), 0 <= key < 2**64
+    position: int  # random numbers drawn so far
+    consumed_chars: int  # prompt and delivered characters in the state
+    recent_text: str  # the last of them (generation.RECENT_CHARS at most)
 
 
 @dataclass(eq=False)
@@ -50,6 +68,7 @@ class SlotState:
     request: Request | None = None
     last_step: int = -1  # iteration of this slot's last step (batch fairness)
     lost: bool = False  # a failed step lost tokens of this state: unusable until reset
+    capture: str | None = None  # prompt text whose state goes to the prefix cache once consumed
 
 
 def rewind(state: SlotState, request: Request, m: int) -> None:
@@ -68,3 +87,63 @@ def rewind(state: SlotState, request: Request, m: int) -> None:
         state.pending = collections.deque([request.tokens[m - 1]])
         state.logits = None
 
+
+
+def snapshot_of(state: SlotState, pooled: Callable[[], np.ndarray], decode: Callable[[list[int]], str]) -> SlotSnapshot:
+    """The session's state as it stands for its caller: with a generation running, the state
+    after the characters delivered so far (what undoing the rest would leave); `pooled()` reads
+    the slot's pooled state [L, H]."""
+    request = state.request
+    if request is None or not request.tokens:
+        hidden = state.start if state.start is not None else pooled()
+        return SlotSnapshot(np.array(hidden, np.float32), _copy(state.logits), tuple(state.pending),
+                            state.key, state.position, state.consumed, state.recent)
+    m = request.delivered
+    # Sampling waits for an empty queue, so at most one generated character is unconsumed:
+    # stepped >= len(tokens) - 1 >= m - 1, and the state before char m is window[m] or the current one.
+    if m == 0:
+        hidden = request.window[1] if request.stepped >= 1 else _current(state, pooled)
+        logits, pending = _copy(request.start_logits), ()
+    else:
+        hidden = request.window[m] if request.stepped >= m else _current(state, pooled)
+        logits, pending = None, (request.tokens[m - 1],)
+    position = request.start_position + (0 if request.spec.settings.greedy else m)
+    delivered = request.tokens[:m]
+    return SlotSnapshot(np.array(hidden, np.float32), logits, pending, state.key, position,
+                        state.consumed + m, recent_tail(state.recent, decode(delivered)))
+
+
+def restored(snapshot: SlotSnapshot) -> SlotState:
+    """A slot's state continuing exactly from `snapshot`: its hidden state overrides the pool."""
+    return SlotState(
+        key=snapshot.stream_key,
+        position=snapshot.position,
+        pending=collections.deque(snapshot.pending),
+        logits=_copy(snapshot.logits),
+        start=np.array(snapshot.hidden, np.float32),
+        consumed=snapshot.consumed_chars,
+        recent=snapshot.recent_text,
+    )
+
+
+def _current(state: SlotState, pooled: Callable[[], np.ndarray]) -> np.ndarray:
+    return state.start if state.start is not None else pooled()
+
+
+def _copy(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else np.array(array, np.float32)
+
+
+def refusal_of(state: SlotState | None, spec: GenerationRequest, draining: bool) -> StreamEvent | None:
+    """Why a generation cannot start on this state (the event that tells its caller), or None."""
+    if state is None or state.request is not None:
+        return StreamEvent(error="the session is closed or already generating", refused=True)
+    if draining:
+        return StreamEvent(finish=SHUTDOWN, refused=True)
+    if state.lost:
+        message = "the session's state was lost in a failed model step: reset or delete the session"
+        return StreamEvent(error=message, error_is_precondition=True, refused=True)
+    if not state.pending and state.logits is None and not spec.prompt_tokens:
+        message = "the session has consumed no text yet: send a prompt"
+        return StreamEvent(error=message, error_is_precondition=True, refused=True)
+    return None

@@ -75,6 +75,21 @@ class GeneratorStub:
                 request_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ConverseResponse.FromString,
                 _registered_method=True)
+        self.ForkSession = channel.unary_unary(
+                '/charstream.v1.Generator/ForkSession',
+                request_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ForkSessionResponse.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/charstream.v1.Generator/ExportSession',
+                request_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/charstream.v1.Generator/ImportSession',
+                request_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer:
@@ -146,6 +161,34 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForkSession(self, request, context):
+        """Unary. A new session with the same state, random stream position and
+        sampling defaults as `session_id`; the two continue independently (the
+        same call on each gives the same text). The source must not be busy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """Unary. The session's state as a self-describing record (bytes): hidden
+        state, random stream position, sampling defaults, consumed count and
+        recent text, tied to the served model. Keep it, archive it, or import it
+        on any server that serves the same model file. The session is unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """Unary. A new session from a record made by ExportSession. A record made
+        for another model is refused with FAILED_PRECONDITION; a truncated or
+        altered record with INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +231,21 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.Converse,
                     request_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ConverseRequest.FromString,
                     response_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ConverseResponse.SerializeToString,
+            ),
+            'ForkSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkSession,
+                    request_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ForkSessionRequest.FromString,
+                    response_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ExportSessionRequest.FromString,
+                    response_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ImportSessionRequest.FromString,
+                    response_serializer=protos_dot_charstream_dot_v1_dot_generator__pb2.ImportSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -407,6 +465,87 @@ class Generator:
             '/charstream.v1.Generator/Converse',
             protos_dot_charstream_dot_v1_dot_generator__pb2.ConverseRequest.SerializeToString,
             protos_dot_charstream_dot_v1_dot_generator__pb2.ConverseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charstream.v1.Generator/ForkSession',
+            protos_dot_charstream_dot_v1_dot_generator__pb2.ForkSessionRequest.SerializeToString,
+            protos_dot_charstream_dot_v1_dot_generator__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charstream.v1.Generator/ExportSession',
+            protos_dot_charstream_dot_v1_dot_generator__pb2.ExportSessionRequest.SerializeToString,
+            protos_dot_charstream_dot_v1_dot_generator__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/charstream.v1.Generator/ImportSession',
+            protos_dot_charstream_dot_v1_dot_generator__pb2.ImportSessionRequest.SerializeToString,
+            protos_dot_charstream_dot_v1_dot_generator__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

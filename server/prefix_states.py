@@ -1,0 +1,55 @@
+"""The prefix-state cache at work in the scheduler (engine thread only).
+
+A fresh session (zero state) whose prompt starts with a cached text starts
+after that text; the state after a whole prompt is cached once a step has
+consumed it. Exact: the cache holds the very state and logits that consuming
+the text produced, and a cached state is fed to the next step unchanged.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from server.model_runner import ModelRunner
+from server.prefix_cache import PrefixCache
+from server.slot_state import SlotState
+
+if TYPE_CHECKING:
+    from server.scheduler import StepObserver
+
+
+class PrefixStates:
+    def __init__(self, cache: PrefixCache | None, runner: ModelRunner, observer: "StepObserver | None"):
+        self.cache = cache
+        self._runner = runner
+        self._observer = observer
+
+    def start(self, state: SlotState, prompt_tokens: list[int], text: str) -> None:
+        """`state` was just reset to zeros with `prompt_tokens` (whose text is `text`) queued."""
+        state.capture = None
+        if self.cache is None or not prompt_tokens:
+            return
+        hit = self.cache.lookup(text)
+        skipped = 0 if hit is None else len(hit.text)
+        if hit is not None:
+            state.start = hit.hidden  # [L, H]
+            state.pending = collections.deque(prompt_tokens[skipped:])
+            state.logits = None if state.pending else hit.logits  # [V]
+        if skipped < len(text):
+            state.capture = text
+        if self._observer is not None:
+            self._observer.observe_prefix_cache(hit is not None, skipped, self.cache)
+
+    def capture(self, stepped: list[tuple[int, SlotState]]) -> None:
+        """After a step over `stepped` (slot, state): cache the states of prompts consumed in full."""
+        done = [(slot, state) for slot, state in stepped if state.capture is not None and not state.pending]
+        if not done or self.cache is None:
+            return
+        hidden = self._runner.read_states(np.array([slot for slot, _ in done]))  # [L, C, H]
+        for column, (_, state) in enumerate(done):
+            assert state.capture is not None and state.logits is not None
+            self.cache.insert(state.capture, hidden[:, column, :], state.logits)
+            state.capture = None
