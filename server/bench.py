@@ -12,8 +12,9 @@ this one, over grpc.aio), reads GetModelInfo, and measures:
   4  the server, 1 streaming client: chars/s, time to first character
   5  the server, --streams streaming clients: chars/s, chars per message, gaps, first character
   6  row 5 against a second server started with --max-batch 1
-  7  a --long-prompt character prompt: time to first character vs raw batch-1 ingestion
+  7  a --long-prompt character prompt: time to first character vs raw batch-1 ingestion (a new prompt each time)
   8  the machine, provider, variant, the server's thread settings and lookahead
+  9-11  prefix-state cache cold vs warm; a session call, in-process store vs Redis; idle sessions (bench_sessions.py)
 
 prints the table and the target ratios, and writes it all as JSON (--json).
 Servers are always terminated, Ctrl-C included. See server/README.md#benchmark.
@@ -35,14 +36,14 @@ import onnxruntime as ort
 
 from protos.charstream.v1 import generator_pb2 as pb
 from server import bench_clients as clients
-from server.bench_process import ServerProcess, batch_totals, machine_info, running_server
+from server import bench_sessions as sessions
+from server.bench_process import ServerProcess, batch_totals, describe_server, machine_info, running_server
 from server.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
 from server.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
                                   print_report, ratio_of, write_json)
 
 DEFAULT_JSON = "charstream-bench.json"
 PROMPT_CHARS = 16
-LONG_PROMPT_REPEATS = 3
 # Flags handed to the server processes only when given here, so the server's own defaults apply otherwise.
 PASS_THROUGH = ("device", "variant", "intra_op_threads", "allow_spinning", "lookahead", "max_batch")
 
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--chars", type=int, default=400, metavar="N",
         help="characters per stream, and steps of each raw loop (default: 400)")
     add("--batch", default="64", metavar="B[,B...]", help="raw-loop batch sizes of row 2 (default: 64)")
-    add("--long-prompt", type=int, default=2000, metavar="N", help="prompt length of row 7; 0 skips it (default: 2000)")
+    add("--long-prompt", type=int, default=2000, metavar="N", help="prompt of rows 7 and 9; 0: skip (default: 2000)")
     add("--timeout", type=float, default=120.0, metavar="S", help="seconds allowed per row (default: 120)")
     server = parser.add_argument_group("passed to both server processes only when given (else the server's defaults)")
     server.add_argument("--device", choices=("auto", "cuda", "cpu"))
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction, default=None)
     server.add_argument("--lookahead", type=int, metavar="N")
     server.add_argument("--max-batch", type=int, metavar="N", help="for rows 4, 5, 7; row 6's server always gets 1")
+    sessions.add_arguments(parser)
     return parser
 
 
@@ -89,15 +91,14 @@ def batches(args: argparse.Namespace) -> list[int]:
 
 def expected_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
     """id -> (row number, title) of every row this run should produce, in order."""
-    streams = args.streams
     rows = {f"raw_batch_{b}": (1 if b == 1 else 2, f"raw ONNX Runtime loop, batch {b}") for b in batches(args)}
     rows |= {"torch_eager": (3, "PyTorch eager loop, 1 stream"),
              "server_1_stream": (4, "server, 1 stream"),
-             "server_streams": (5, f"server, {streams} streams"),
-             "server_streams_max_batch_1": (6, f"server --max-batch 1, {streams} streams")}
+             "server_streams": (5, f"server, {args.streams} streams"),
+             "server_streams_max_batch_1": (6, f"server --max-batch 1, {args.streams} streams")}
     if args.long_prompt > 0:
         rows["long_prompt"] = (7, f"server, {args.long_prompt}-char prompt, 1st char")
-    return rows
+    return rows | sessions.session_rows(args)
 
 
 @dataclass
@@ -174,19 +175,22 @@ class Bench:
 
     def long_prompt_row(self, server: ServerProcess) -> None:
         def measure(row: int, row_id: str, title: str) -> LongPromptResult:
-            length = self.args.long_prompt
+            length, repeats = self.args.long_prompt, sessions.LONG_PROMPT_REPEATS
             vocab = "".join(self.info.vocabulary)  # type: ignore[union-attr]
-            prompt = (vocab * (length // len(vocab) + 1))[:length]
-            tokens = [vocab.index(c) for c in prompt]
+            # A new prompt each repeat: a repeated one would be served by the prefix-state cache, not ingested.
             firsts, raws, deadline = [], [], self.deadline()
-            for seed in range(LONG_PROMPT_REPEATS):
+            before = sessions.cache_counts(server)
+            for seed, prompt in enumerate(sessions.distinct_prompts(vocab, length, repeats)):
                 call = clients.run_streams(server.address, prompt, 1, self.args.chars, 1000 + seed)
                 firsts.append(clients.bounded(call, deadline - time.monotonic()).streams[0].first_char_s)
+                tokens = [vocab.index(c) for c in prompt]
                 raws.append(raw_ingest_seconds(self.cell, tokens, deadline))  # type: ignore[arg-type]
-            return LongPromptResult(row=row, id=row_id, title=title, prompt_chars=length,
+            hits, _ = sessions.hits_between(before, sessions.cache_counts(server))
+            cold = f"; {hits} prefix-cache hits: not cold ingestion" if hits else ""
+            return LongPromptResult(row=row, id=row_id, title=title, prompt_chars=length, cache_hits=hits,
                                     server_first_char_ms=statistics.median(firsts) * 1000,
-                                    raw_ingest_ms=statistics.median(raws) * 1000, repeats=LONG_PROMPT_REPEATS,
-                                    note=f"medians of {LONG_PROMPT_REPEATS}")
+                                    raw_ingest_ms=statistics.median(raws) * 1000, repeats=repeats,
+                                    status="failed" if hits else "ok", note=f"medians of {repeats}{cold}")
         self.attempt("long_prompt", measure)
 
     def warm_up(self, server: ServerProcess) -> None:
@@ -195,7 +199,7 @@ class Bench:
                         self.args.timeout)
 
     def first_server(self, server: ServerProcess) -> None:
-        """Rows 1-5 and 7, all against (or configured from) the first server."""
+        """Rows 1-5, 7, 9 and 10 (in-process store), all against (or configured from) the first server."""
         self.info = clients.model_info(server.address, self.args.timeout)
         path = Path(self.args.model) / self.info.model_file
         self.cell = load_cell(path, self.info.execution_provider, server.settings())
@@ -207,22 +211,13 @@ class Bench:
         self.streams_row(server, "server_streams", self.args.streams)
         if self.args.long_prompt > 0:
             self.long_prompt_row(server)
+        sessions.first_server_rows(self, server)
 
     def second_server(self, server: ServerProcess) -> None:
         """Row 6: the same streams against a server that steps one session at a time."""
         self.info = self.info or clients.model_info(server.address, self.args.timeout)
         self.warm_up(server)
         self.streams_row(server, "server_streams_max_batch_1", self.args.streams)
-
-
-def describe_server(info: pb.GetModelInfoResponse, server: ServerProcess) -> dict[str, Any]:
-    """Row 8's server part: provider, variant, thread settings and lookahead as the server reports them."""
-    return {"execution_provider": info.execution_provider, "variant": info.variant,
-            "variant_reason": info.variant_reason, "model_file": info.model_file,
-            "model": f"{info.num_layers} x {info.hidden_size} GRU, embedding {info.embedding_dim}, "
-                     f"{info.vocab_size} characters",
-            "lookahead_chars": info.lookahead_chars, "server_settings": server.settings(),
-            "server_flags": server.flags}
 
 
 def target_ratios(rows: list[Row], args: argparse.Namespace) -> list[Ratio]:
@@ -261,17 +256,20 @@ def serve_rows(bench: Bench, flags: list[str], serve: Callable[[ServerProcess], 
 
 
 def run(args: argparse.Namespace, argv: list[str], log: TextIO) -> Report:
-    """Every row; each server is started for its rows and always stopped."""
+    """Every row; each server (and a private redis-server) is started for its rows and always stopped."""
     bench = Bench(args, log)
     settings = {"argv": argv, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                **{k: getattr(args, k) for k in ("model", "checkpoint", "streams", "chars", "long_prompt", "timeout")},
+                **{k: getattr(args, k) for k in ("model", "checkpoint", "streams", "chars", "long_prompt", "timeout",
+                                                 "store_calls", "redis_url", "idle_sessions")},
                 "batches": batches(args)[1:], "prompt_chars": PROMPT_CHARS, "temperature": clients.TEMPERATURE,
                 "server_flags": server_flags(args)}
     report = Report(settings=settings, machine=machine_info())
     second = "server_streams_max_batch_1"
-    first = [row_id for row_id in expected_rows(args) if row_id != second]
+    first = [row_id for row_id in expected_rows(args) if row_id not in (second, *sessions.REDIS_ROW_IDS)]
     serve_rows(bench, server_flags(args), bench.first_server, first, report.machine)
     serve_rows(bench, server_flags(args, max_batch=1), bench.second_server, [second], report.machine)
+    sessions.redis_rows(bench, lambda url, serve, row_ids: serve_rows(
+        bench, server_flags(args, session_store=url), serve, row_ids, report.machine))
     report.rows = sorted(bench.rows, key=lambda row: row.row)
     report.ratios = target_ratios(report.rows, args)
     return report
@@ -286,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
     if min(args.streams, args.chars, *sizes) < 1 or args.long_prompt < 0 or args.timeout <= 0:
         parser.error("--streams, --chars and --batch must be >= 1, --long-prompt >= 0, --timeout > 0")
+    sessions.check_arguments(parser, args)
     try:
         report = run(args, list(sys.argv[1:] if argv is None else argv), sys.stderr)
     except KeyboardInterrupt:

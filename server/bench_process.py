@@ -1,4 +1,5 @@
-"""charstream-bench: the server as a separate process, its log, and the machine description (row 8)."""
+"""charstream-bench: the server as a separate process, its log and metrics, a private redis-server (rows 10
+and 11), and the machine description (row 8)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import platform
 import queue
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -18,9 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from protos.charstream.v1 import generator_pb2 as pb
+
 # Log fields that describe how the server runs the model: copied into row 8 and
 # used for the raw loop's ONNX Runtime session options.
 SETTING_WORDS = ("thread", "spinning", "lookahead", "max_batch", "variant", "device")
+REDIS_SERVER = "redis-server"
+REDIS_START_SECONDS = 10.0
+REDIS_STOP_SECONDS = 5.0
+REDIS_PORT_TRIES = 3
 
 
 class ServerStartError(RuntimeError):
@@ -103,16 +112,19 @@ def _start(model: str, flags: list[str], timeout: float) -> ServerProcess:
     return server
 
 
-def stop(server: ServerProcess) -> None:
-    """SIGTERM, then SIGKILL after 15 s; always reaps the process."""
-    process = server.process
+def stop_process(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds; always reaps the process."""
     if process.poll() is None:
         process.terminate()
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             process.kill()
     process.wait()
+
+
+def stop(server: ServerProcess) -> None:
+    stop_process(server.process)
 
 
 @contextmanager
@@ -127,19 +139,104 @@ def running_server(model: str, flags: list[str], timeout: float) -> Iterator[Ser
             stop(server)
 
 
-def batch_totals(metrics_url: str | None) -> tuple[float, float] | None:
-    """(sum, count) of the server's charstream_batch_size histogram, or None."""
+def describe_server(info: pb.GetModelInfoResponse, server: ServerProcess) -> dict[str, Any]:
+    """Row 8's server part: provider, variant, thread settings and lookahead as the server reports them."""
+    return {"execution_provider": info.execution_provider, "variant": info.variant,
+            "variant_reason": info.variant_reason, "model_file": info.model_file,
+            "model": f"{info.num_layers} x {info.hidden_size} GRU, embedding {info.embedding_dim}, "
+                     f"{info.vocab_size} characters",
+            "lookahead_chars": info.lookahead_chars, "server_settings": server.settings(),
+            "server_flags": server.flags}
+
+
+def metrics_text(metrics_url: str | None) -> str | None:
+    """The server's Prometheus metrics page, or None where there is none or it does not answer."""
     if metrics_url is None:
         return None
     try:
-        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        return urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     except OSError:
+        return None
+
+
+def batch_totals(metrics_url: str | None) -> tuple[float, float] | None:
+    """(sum, count) of the server's charstream_batch_size histogram, or None."""
+    text = metrics_text(metrics_url)
+    if text is None:
         return None
     total = re.search(r"^charstream_batch_size_sum (\S+)$", text, re.MULTILINE)
     count = re.search(r"^charstream_batch_size_count (\S+)$", text, re.MULTILINE)
     if not (total and count):
         return None
     return float(total.group(1)), float(count.group(1))
+
+
+def vm_rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process (VmRSS in /proc/PID/status), or None where that is not readable."""
+    try:
+        text = open(f"/proc/{pid}/status", encoding="utf-8").read()
+    except OSError:
+        return None
+    found = re.search(r"^VmRSS:\s*(\d+)\s*kB", text, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else None
+
+
+class RedisStartError(RuntimeError):
+    """redis-server exited or did not answer PING."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _start_redis(binary: str, directory: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server on 127.0.0.1 that keeps nothing on disk, answering PING; (process, port)."""
+    log = os.path.join(directory, "redis.log")
+    for _ in range(REDIS_PORT_TRIES):  # a free port can be taken by someone else before redis binds it
+        port = free_port()
+        process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no", "--dir", directory, "--daemonize", "no", "--logfile", log],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + REDIS_START_SECONDS
+            while process.poll() is None and time.monotonic() < deadline:
+                if answers_ping(port):
+                    return process, port
+                time.sleep(0.05)
+        except BaseException:  # Ctrl-C while waiting must not leave it running
+            stop_process(process, REDIS_STOP_SECONDS)
+            raise
+        stop_process(process, REDIS_STOP_SECONDS)
+    try:
+        tail = "\n".join(open(log, encoding="utf-8", errors="replace").read().splitlines()[-10:])
+    except OSError:
+        tail = "(no log)"
+    raise RedisStartError(f"redis-server did not start:\n{tail}")
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway redis-server for the block, in a temporary directory; yields its URL. Always stopped."""
+    binary = shutil.which(REDIS_SERVER)
+    if binary is None:
+        raise RedisStartError(f"{REDIS_SERVER} is not on PATH")
+    with tempfile.TemporaryDirectory(prefix="charstream-bench-redis-") as directory:
+        process, port = _start_redis(binary, directory)
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop_process(process, REDIS_STOP_SECONDS)
 
 
 def _cpuinfo() -> tuple[str, int | None]:

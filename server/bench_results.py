@@ -96,9 +96,62 @@ class LongPromptResult(Row):
     server_first_char_ms: float
     raw_ingest_ms: float
     repeats: int
+    cache_hits: int | None = None  # prefix-state cache hits over the calls (0: all cold); None: unknown
 
     def cells(self) -> dict[str, Any]:
         return {"1st ms p50": self.server_first_char_ms, "raw ms": self.raw_ingest_ms}
+
+
+@dataclass(kw_only=True)
+class PrefixCacheResult(Row):
+    """Time to the first character of a long one-shot prompt: never sent before (the prefix-state cache misses)
+    and sent again (a full hit); the hits are the server's own counters over each set of calls."""
+
+    prompt_chars: int
+    cold_first_char_ms: float
+    warm_first_char_ms: float
+    cold_over_warm: float | None
+    repeats: int
+    cold_hits: int | None  # None: the metrics endpoint did not say
+    warm_hits: int | None
+    skipped_chars: int | None
+
+    def cells(self) -> dict[str, Any]:
+        return {"cold ms": self.cold_first_char_ms, "warm ms": self.warm_first_char_ms,
+                "cold/warm": self.cold_over_warm}
+
+
+@dataclass(kw_only=True)
+class SessionStoreResult(Row):
+    """One session call at a time on one session (Generate, 1 character), and CreateSession, with one store."""
+
+    store: str  # "memory" or the Redis URL
+    calls: int
+    call_ms_p50: float
+    call_ms_p99: float
+    creates: int
+    create_ms_p50: float
+
+    def cells(self) -> dict[str, Any]:
+        return {"call ms p50": self.call_ms_p50, "call ms p99": self.call_ms_p99, "create ms": self.create_ms_p50}
+
+
+@dataclass(kw_only=True)
+class IdleSessionsResult(Row):
+    """`sessions` sessions created on the Redis-backed server and left idle: what they hold in Redis and the server."""
+
+    sessions: int
+    seconds: float  # to create them all
+    redis_used_memory_before: int
+    redis_used_memory_after: int
+    redis_bytes_per_session: float
+    server_rss_before: int | None
+    server_rss_after: int | None
+
+    def cells(self) -> dict[str, Any]:
+        after = self.server_rss_after
+        return {"B/session": self.redis_bytes_per_session, "redis MB": self.redis_used_memory_after / 2**20,
+                "RSS MB": None if after is None else after / 2**20}
 
 
 @dataclass
@@ -133,9 +186,15 @@ class Report:
                 "rows": rows, "ratios": ratios}
 
 
-# "1st": time to the first character; "batch": the server's mean batch size; "raw ms": row 7's raw ingestion.
+# "1st": time to the first character; "batch": the server's mean batch size; "raw ms": row 7's raw ingestion;
+# "cold"/"warm": row 9's first character on a cache miss / hit; "call": row 10's session call; "B/session": row
+# 11's Redis memory per idle session, "redis MB" and "RSS MB" after them.
 COLUMNS = ("chars/s", "step ms", "1st ms p50", "1st ms p99", "gap ms p50", "gap ms p99", "chars/msg", "batch",
-           "raw ms")
+           "raw ms", "cold ms", "warm ms", "cold/warm", "call ms p50", "call ms p99", "create ms", "B/session",
+           "redis MB", "RSS MB")
+# Rows from this number on (sessions and state) print as a table of their own, so that neither table carries
+# the other's empty columns.
+SECOND_TABLE_FROM = 9
 
 
 def _format(value: Any) -> str:
@@ -148,16 +207,26 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def print_report(report: Report, out: TextIO) -> None:
-    """The table (one line per row), then the ratios and the machine."""
-    width = max([len(row.title) for row in report.rows] + [4])
-    used = [c for c in COLUMNS if any(c in row.cells() for row in report.rows)]
+def _print_table(rows: Sequence[Row], width: int, out: TextIO) -> None:
+    """A header, then one line per row with the columns any of these rows has."""
+    used = [c for c in COLUMNS if any(c in row.cells() for row in rows)]
     print(f"{'#':>2} {'row':<{width}} " + " ".join(f"{c:>{max(9, len(c))}}" for c in used) + "  notes", file=out)
-    for row in report.rows:
+    for row in rows:
         cells = row.cells()
         text = " ".join(f"{_format(cells.get(c)):>{max(9, len(c))}}" for c in used)
         note = row.note if row.status == "ok" else f"{row.status.upper()}: {row.note}"
         print(f"{row.row:>2} {row.title:<{width}} {text}  {note}".rstrip(), file=out)
+
+
+def print_report(report: Report, out: TextIO) -> None:
+    """The tables (one line per row), then the ratios and the machine."""
+    width = max([len(row.title) for row in report.rows] + [4])
+    tables = ([row for row in report.rows if row.row < SECOND_TABLE_FROM],
+              [row for row in report.rows if row.row >= SECOND_TABLE_FROM])
+    for number, rows in enumerate(table for table in tables if table):
+        if number:
+            print(file=out)
+        _print_table(rows, width, out)
     print("\nratios (targets):", file=out)
     for ratio in report.ratios:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[ratio.met]

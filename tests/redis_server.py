@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from server.bench_process import answers_ping, free_port
 
 REDIS_SERVER = "redis-server"
 START_TIMEOUT_SECONDS = 10.0
@@ -38,21 +39,6 @@ def redis_server_binary() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 class RedisServer:
     """One redis-server process; `start()` again after `stop()` reuses the same port."""
 
@@ -60,7 +46,7 @@ class RedisServer:
         self.directory = Path(directory)
         self.binary = binary or redis_server_binary()
         self._fixed_port = port is not None
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -88,7 +74,7 @@ class RedisServer:
                 self._fixed_port = True
                 return self
             if not self._fixed_port:
-                self.port = _free_port()
+                self.port = free_port()
         raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self._log_tail()}")
 
     def _launch_and_wait(self) -> bool:
@@ -109,7 +95,7 @@ class RedisServer:
             if self._process.poll() is not None:
                 self._process = None
                 return False
-            if _answers_ping(self.port):
+            if answers_ping(self.port):
                 return True
             time.sleep(0.05)
         self.stop()
