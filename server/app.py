@@ -4,6 +4,7 @@ reflection and the metrics endpoint. Used by main.py and by BackgroundServer."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 import grpc
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
+from server.auth import load_api_keys
 from server.config import ServerConfig
 from server.engine import Engine
 from server.errors import ErrorInterceptor
@@ -29,6 +31,15 @@ from server.validation import Limits
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charstream.v1.Generator"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 logger = logging.getLogger("charstream.server")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: assume it reaches beyond this machine
+        return False
 
 
 def host_port(host: str, port: int) -> str:
@@ -108,6 +119,37 @@ def build_sessions(config: ServerConfig, engine: Engine, local: SessionStore,
     return RedisSessions(records, local, engine, fingerprint, config.write_back_chars, config.lease_seconds)
 
 
+# A client that vanishes without closing its connection (power loss, a cut cable) is
+# noticed by keepalive pings: its streams end and its sessions are free again within
+# about KEEPALIVE_TIME + KEEPALIVE_TIMEOUT. A killed process closes its sockets at once.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would
+        # silently share its traffic. Refuse instead.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def listen(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Bind the gRPC port, with TLS when --tls-cert is given; returns the port (0: failed)."""
+    address = host_port(config.host, config.port)
+    if not config.tls_cert:
+        return server.add_insecure_port(address)
+    from server.tls import server_credentials
+
+    credentials = server_credentials(config.tls_cert, config.tls_key or "", config.tls_client_ca)
+    return server.add_secure_port(address, credentials)
+
+
 async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
     """Load the model (unless `runner` is given), bind, and start serving."""
     if runner is None:
@@ -117,30 +159,34 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     if prefix_cache is not None:
         metrics.track_prefix_cache(prefix_cache)
     engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead, prefix_cache=prefix_cache)
+    api_keys = load_api_keys(config.api_keys) if config.api_keys else None
+    if api_keys is None and not is_loopback(config.host):
+        log_event(logger, "no_api_keys", logging.WARNING, host=config.host,
+                  message="listening beyond loopback without --api-keys: anyone who can connect may use any session")
     store = SessionStore(
         engine,
         config.max_sessions,
         config.session_ttl,
         on_removed=lambda reason: metrics.sessions_removed.labels(reason=reason).inc(),
+        per_owner_limit=config.sessions_per_key if api_keys else None,
     )
     metrics.track_sessions(lambda: len(store))
     fingerprint = model_fingerprint(runner)
     sessions = build_sessions(config, engine, store, fingerprint)
     limits = Limits(max_chars=config.max_chars, max_prompt_chars=config.max_prompt_chars)
-    service = GeneratorService(engine, sessions, limits, metrics, model_info_message(runner, config), fingerprint)
+    service = GeneratorService(engine, sessions, limits, metrics, model_info_message(runner, config), fingerprint,
+                               streams_per_key=config.streams_per_key if api_keys else None)
 
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics)],
-        # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would
-        # silently share its traffic. Refuse instead.
-        options=[("grpc.so_reuseport", 0)],
+        interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics, api_keys.authenticate if api_keys else None)],
+        options=server_options(config),
     )
     pb_grpc.add_GeneratorServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
-        port = server.add_insecure_port(host_port(config.host, config.port))
+        port = listen(server, config)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {host_port(config.host, config.port)}: {exc}") from exc
     if port == 0:

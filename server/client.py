@@ -28,6 +28,19 @@ them with gRPC's round_robin policy. Give every address in one gRPC target:
 
 Without lb_policy gRPC uses pick_first: every call goes to the first address
 that answers, the others only take over when it fails.
+
+TLS and API keys (server started with --tls-cert / --tls-client-ca / --api-keys):
+
+    from server.client import CharstreamClient, tls_credentials
+
+    credentials = tls_credentials("ca.pem")          # trust this CA; tls_credentials(): the system's roots
+    credentials = tls_credentials("ca.pem", "client.crt", "client.key")  # mutual TLS: present a certificate
+    key = os.environ["CHARSTREAM_API_KEY"]
+    with CharstreamClient("localhost:50051", credentials=credentials, api_key=key) as client:
+        ...
+
+api_key is sent as `authorization: Bearer KEY` metadata on every call (Generate,
+Converse, the session calls); without TLS it crosses the network in clear.
 """
 
 from __future__ import annotations
@@ -40,6 +53,11 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
+from server.client_credentials import ApiKeyInterceptor, tls_credentials
+
+# tls_credentials is defined beside the interceptor but belongs to this module's API.
+__all__ = ["CharstreamClient", "Conversation", "GenerationStream", "Session", "has_uri_scheme", "targets_to_uri",
+           "tls_credentials"]
 
 FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
 # Target schemes gRPC resolves itself; a target that starts with one is a whole URI, not an address.
@@ -193,18 +211,24 @@ class Conversation:
 
 class CharstreamClient:
     def __init__(self, target: str, timeout: float | None = 30.0, credentials: grpc.ChannelCredentials | None = None,
-                 *, lb_policy: str | None = None):
+                 *, lb_policy: str | None = None, api_key: str | None = None):
         """`timeout` bounds unary calls; streams run until they finish or are cancelled.
 
+        `credentials` (see tls_credentials) makes the channel TLS; None: plaintext.
         `lb_policy` ("round_robin", "pick_first") picks how calls spread over the
         addresses `target` resolves to; None leaves gRPC's default (pick_first).
+        `api_key` goes with every call as `authorization: Bearer KEY`.
         """
+        # Made first: a key that cannot be sent fails before a channel exists to leak.
+        interceptor = ApiKeyInterceptor(api_key) if api_key else None
         options = [("grpc.lb_policy_name", lb_policy)] if lb_policy else []
-        self.channel = (
+        channel = (
             grpc.secure_channel(target, credentials, options=options)
             if credentials is not None
             else grpc.insecure_channel(target, options=options)
         )
+        # Without a key the channel stays as gRPC made it; intercept_channel's closes it too.
+        self.channel = grpc.intercept_channel(channel, interceptor) if interceptor else channel
         self.stub = pb_grpc.GeneratorStub(self.channel)
         self.timeout = timeout
 

@@ -38,8 +38,25 @@ class ServerConfig:
     session_store: str = "memory"
     lease_seconds: float = 10.0
     write_back_chars: int = 256
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    api_keys: str | None = None
+    max_sessions_per_key: int = 0  # 0: half of max_sessions (see sessions_per_key)
+    max_streams_per_key: int = 0  # 0: half of max_sessions
+    max_message_bytes: int = 2 * 1024 * 1024
     log_format: str = "kv"
     log_level: str = "info"
+
+    @property
+    def sessions_per_key(self) -> int:
+        """Most sessions one API key may hold (only with --api-keys)."""
+        return self.max_sessions_per_key or max(1, self.max_sessions // 2)
+
+    @property
+    def streams_per_key(self) -> int:
+        """Most streams one API key may run at once (only with --api-keys)."""
+        return self.max_streams_per_key or max(1, self.max_sessions // 2)
 
     def thread_settings(self) -> ThreadSettings:
         """The ONNX Runtime threading this configuration asks for (for load_runner)."""
@@ -78,6 +95,16 @@ HELP = {
     "(a crashed replica's sessions are served elsewhere after this)",
     "write_back_chars": "with --session-store redis: a stream's state is written back at least every this many "
     "delivered characters (a replica crash loses at most this many)",
+    "tls_cert": "PEM certificate chain: serve TLS (with --tls-key); a renewed file is picked up without a restart",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA bundle: require client certificates signed by it (mutual TLS; needs --tls-cert)",
+    "api_keys": "file of NAME:SECRET lines (# comments, blank lines): every Generator call needs "
+    "'authorization: Bearer SECRET'; sessions belong to the key that made them",
+    "max_sessions_per_key": "with --api-keys: most sessions one key holds (its least recently used idle one is "
+    "evicted first); 0 = half of --max-sessions",
+    "max_streams_per_key": "with --api-keys: most Generate calls and Converse streams one key runs at once; "
+    "0 = half of --max-sessions",
+    "max_message_bytes": "largest request message accepted (bigger ones get RESOURCE_EXHAUSTED)",
     "log_format": "log line format: kv (key=value) or json",
     "log_level": "debug, info, warning or error",
 }
@@ -87,12 +114,13 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads",
-            "lookahead", "prefix_cache_bytes", "write_back_chars")
+            "lookahead", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key", "max_streams_per_key",
+            "max_message_bytes")
 FLOATS = ("session_ttl", "shutdown_grace", "lease_seconds")
 BOOLEANS = ("allow_spinning",)
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
            "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0, "lookahead": 1, "prefix_cache_bytes": 0,
-           "write_back_chars": 1}
+           "write_back_chars": 1, "max_sessions_per_key": 0, "max_streams_per_key": 0, "max_message_bytes": 4096}
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 
@@ -163,6 +191,10 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Serv
     store = values["session_store"]
     if store != "memory" and not store.startswith("redis://"):
         parser.error(f"--session-store must be memory or redis://HOST:PORT/DB, got {store!r}")
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        parser.error("--tls-cert and --tls-key go together")
+    if values["tls_client_ca"] and not values["tls_cert"]:
+        parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     if values["port"] > 65535 or (values["metrics_port"] or 0) > 65535:
         parser.error("ports must be <= 65535")
     return ServerConfig(**values)

@@ -97,7 +97,7 @@ class Engine:
         def command() -> None:
             try:
                 result, error = self.scheduler.snapshot(slot), None
-            except (LookupError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure goes to the waiting caller
                 result, error = None, exc
             try:
                 loop.call_soon_threadsafe(settle, result, error)
@@ -160,9 +160,13 @@ class Engine:
                 except Exception:  # noqa: BLE001 - a bad command must not kill the engine
                     logger.exception("engine command failed")
             self._flush()  # acceptances and refusals
-            self.scheduler.sample()
-            self._flush()  # characters reach their callers while the step runs
-            self.scheduler.step()
+            try:
+                self.scheduler.sample()
+                self._flush()  # characters reach their callers while the step runs
+                self.scheduler.step()
+            except Exception as exc:  # noqa: BLE001 - a bug here must not stop every session for good
+                logger.exception("engine iteration failed")
+                self.scheduler.fail_running(exc)
             self._flush()  # failures of the step
             iterations += 1
         log_event(logger, "engine_stopped", iterations=iterations)

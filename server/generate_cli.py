@@ -11,19 +11,27 @@ repeat --target (or separate addresses with commas); calls then spread over
 them with gRPC's round_robin policy (--lb-policy changes that).
 
     charstream-generate --target 10.0.0.1:50051 --target 10.0.0.2:50051 --prompt "ROMEO:"
+
+A server with TLS and API keys: --tls-ca trusts its CA (--tls alone: the
+system's roots), --tls-cert/--tls-key present a client certificate (mutual
+TLS); the API key comes from CHARSTREAM_API_KEY (or --api-key).
+
+    CHARSTREAM_API_KEY=... charstream-generate --target charstream.example:50051 --tls-ca ca.pem --prompt "ROMEO:"
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 import grpc
 
-from server.client import CharstreamClient, has_uri_scheme, targets_to_uri
+from server.client import CharstreamClient, has_uri_scheme, targets_to_uri, tls_credentials
 
 DEFAULT_TARGET = "localhost:50051"
+API_KEY_ENV = "CHARSTREAM_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop", action="append", default=[], help="stop after this string (repeatable)")
     parser.add_argument("--session", default="", help="session id to continue, or 'new' to create one")
     parser.add_argument("--echo", action="store_true", help="print the prompt before the generated text")
+    add_security_arguments(parser)
     return parser
+
+
+def add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("TLS and API keys")
+    group.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root CAs")
+    group.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting the CAs in this PEM bundle")
+    group.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS (with --tls-key)")
+    group.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    # The default is read here but never shown: --help would print the secret.
+    group.add_argument(
+        "--api-key", metavar="SECRET", default=os.environ.get(API_KEY_ENV) or None,
+        help=f"sent as 'authorization: Bearer SECRET'; default: ${API_KEY_ENV}. Prefer the environment "
+        "variable: a flag is visible to other users in the process list",
+    )
+
+
+def channel_credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the TLS flags given, None for a plaintext channel."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    return tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def resolve_target(values: Sequence[str], lb_policy: str | None) -> tuple[str, str | None]:
@@ -68,8 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         target, lb_policy = resolve_target(args.target, args.lb_policy)
     except ValueError as error:
         parser.error(f"--target: {error}")
+    try:
+        credentials = channel_credentials(args)
+        client = CharstreamClient(target, credentials=credentials, lb_policy=lb_policy, api_key=args.api_key)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     out = sys.stdout
-    with CharstreamClient(target, lb_policy=lb_policy) as client:
+    with client:
         stream = None
         try:
             session_id = args.session

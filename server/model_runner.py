@@ -25,8 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from server.model_dir import AUTO, ModelFile, ModelSpec, choose_model_file, read_spec
-from server.providers import CPU, CUDA, ThreadSettings, create_session, expected_provider
+from server.model_dir import AUTO, ModelDirError, ModelFile, ModelSpec, choose_model_file, read_spec
+from server.providers import CPU, CUDA, MODEL_LOAD_ERRORS, ThreadSettings, create_session, expected_provider
 from server.state_pool import DeviceStatePool, HostStatePool
 from server.structured_log import log_event
 
@@ -149,6 +149,17 @@ def build_device_runner(
     return DeviceStateRunner(session, info, device_type="cuda" if provider == CUDA else "cpu")
 
 
+def _open(path: Path, device: str, threads: ThreadSettings) -> ort.InferenceSession:
+    """create_session, with a file ONNX Runtime cannot load reported as a bad model directory."""
+    try:
+        # Positional arguments: tests stand in for create_session with plain callables.
+        return create_session(path, device, threads)
+    except MODEL_LOAD_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelDirError(f"{path} cannot be loaded as an ONNX model (corrupt or truncated? export it "
+                            f"again with charstream-export): {reason}") from exc
+
+
 def load_runner(
     model_dir: Path | str,
     variant: str | None = AUTO,
@@ -175,14 +186,13 @@ def load_runner(
         threads = ThreadSettings(intra_op_threads=int(threads))
     assumed = expected_provider(device) if variant == AUTO else None
     model_file = choose_model_file(model_dir, variant, assumed)
-    # Positional arguments: tests stand in for create_session with plain callables.
-    session = create_session(Path(model_file.path), device, threads)
+    session = _open(Path(model_file.path), device, threads)
     if assumed is not None and session.get_providers()[0] != assumed:
         actual = session.get_providers()[0]
         again = choose_model_file(model_dir, variant, actual)
         if again.path != model_file.path:
             # Straight to the provider in use: asking for CUDA again would fail again.
-            session = create_session(Path(again.path), "cpu" if actual == CPU else device, threads)
+            session = _open(Path(again.path), "cpu" if actual == CPU else device, threads)
         reason = f"{again.reason}; chosen again: the session runs on {actual}, not the {assumed} assumed"
         model_file = ModelFile(again.directory, again.variant, again.path, reason=reason)
     spec = _session_spec(session, str(model_file.path))

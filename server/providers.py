@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from server.structured_log import log_event
 
@@ -99,6 +100,11 @@ def expected_provider(device: str) -> str:
     return CPU
 
 
+# What ONNX Runtime raises for a file that is not a usable model, whatever the provider.
+MODEL_LOAD_ERRORS: tuple[type[Exception], ...] = (ort_state.InvalidProtobuf, ort_state.InvalidGraph,
+                                                  ort_state.NoSuchFile, ort_state.NoModel)
+
+
 def _try_cuda(model: Path | bytes, threads: ThreadSettings) -> tuple[ort.InferenceSession | None, str]:
     """A CUDA session, or (None, reason)."""
     if CUDA not in ort.get_available_providers():
@@ -114,6 +120,8 @@ def _try_cuda(model: Path | bytes, threads: ThreadSettings) -> tuple[ort.Inferen
     source = str(model) if isinstance(model, Path) else model
     try:
         session = ort.InferenceSession(source, session_options(threads), providers=[CUDA, CPU])
+    except MODEL_LOAD_ERRORS:
+        raise  # the file is at fault, not CUDA: the caller reports it as a bad model
     except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError/Fail here
         return None, f"creating the CUDA provider failed: {exc}"
     if session.get_providers()[0] != CUDA:

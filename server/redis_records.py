@@ -281,9 +281,15 @@ class RedisRecords:
             why = "another holder has taken it" if reply[1] else "it expired"
             raise LeaseLost(f"write to session {session_id} refused: the lease is no longer ours ({why})")
         if reply[0] == -3:
-            raise LeaseLost(
-                f"write to session {session_id} refused: it is at version {reply[1]}, not {version} (a newer write won)"
-            )
+            # The lease is still ours (checked first), and a lease, once lost, never comes back
+            # to the same holder token: every write since we took it was ours. So the version
+            # moved because one of our writes succeeded after its reply was lost (a timeout):
+            # continue from it.
+            args[1] = int(reply[1])
+            with self._translated():
+                reply = await self._write(keys=self._keys(session_id), args=args)
+            if reply[0] < 0:
+                raise LeaseLost(f"write to session {session_id} refused (code {reply[0]}) after a lost reply")
         return int(reply[0])
 
     async def release(self, session_id: str, holder: str) -> None:

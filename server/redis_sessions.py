@@ -33,7 +33,7 @@ import numpy as np
 
 from server.engine import Engine
 from server.generation import RECENT_CHARS
-from server.redis_records import LeaseLost, RecordBusy, RecordNotFound, RedisRecords
+from server.redis_records import LeaseLost, RecordBusy, RecordNotFound, RecordStoreError, RedisRecords
 from server.redis_records import StoreUnavailable as RecordsUnavailable
 from server.sampling import SamplingSettings, stream_key
 from server.session_record import ModelFingerprint, SessionRecord, decode_record, encode_record
@@ -95,6 +95,8 @@ class RedisSessions:
             ) from exc
         except RecordsUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
+        except RecordStoreError as exc:  # Redis answered with an error (read-only replica, out of memory, ...)
+            raise StoreUnavailable(str(exc)) from exc
 
     # ---- sessions at rest: records in Redis ----
 
@@ -105,32 +107,43 @@ class RedisSessions:
         return SlotSnapshot(zeros, None, tuple(prompt_tokens), seed_key, position, len(prompt_tokens),
                             prompt_text[-RECENT_CHARS:])
 
-    async def _store_new(self, settings: SamplingSettings, snapshot: SlotSnapshot) -> Session:
+    async def _store_new(self, settings: SamplingSettings, snapshot: SlotSnapshot, owner: str) -> Session:
         session_id = secrets.token_hex(16)  # 128 random bits
         now = time.time()
-        record = SessionRecord(self.fingerprint, snapshot, settings, created=now, updated=now)
+        record = SessionRecord(self.fingerprint, snapshot, settings, owner, created=now, updated=now)
         with self._errors(session_id):
             await self.records.create(session_id, encode_record(record))
         return self._view(session_id, record, busy=False)
 
     async def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
-                     prompt_text: str) -> Session:
-        return await self._store_new(settings, self._fresh(stream_key(seed), 0, prompt_tokens, prompt_text))
+                     prompt_text: str, owner: str) -> Session:
+        return await self._store_new(settings, self._fresh(stream_key(seed), 0, prompt_tokens, prompt_text), owner)
 
-    async def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot) -> Session:
-        return await self._store_new(settings, snapshot)
+    async def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot, owner: str) -> Session:
+        return await self._store_new(settings, snapshot, owner)
 
-    async def get(self, session_id: str) -> Session:
+    async def get(self, session_id: str, owner: str) -> Session:
         with self._errors(session_id):
             data, _, lease_left = await self.records.read(session_id)
-        return self._view(session_id, decode_record(data, self.fingerprint), busy=lease_left is not None)
+        record = self._owned(session_id, data, owner)
+        return self._view(session_id, record, busy=lease_left is not None)
 
-    async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str) -> Session:
+    def _owned(self, session_id: str, data: bytes, owner: str) -> SessionRecord:
+        """The record, if `owner` owns it; to anyone else it does not exist."""
+        record = decode_record(data, self.fingerprint)
+        if record.owner != owner:
+            with self._errors(session_id):
+                raise RecordNotFound(session_id)
+        return record
+
+    async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str,
+                    owner: str) -> Session:
+        await self.get(session_id, owner)  # first: "busy" would reveal another owner's session
         holder = self._holder()
         with self._errors(session_id):
             leased = await self.records.lease(session_id, holder)
             try:
-                old = decode_record(leased.record, self.fingerprint)
+                old = self._owned(session_id, leased.record, owner)
                 key, position = (stream_key(seed), 0) if seed is not None else (
                     old.snapshot.stream_key, old.snapshot.position)
                 record = SessionRecord(self.fingerprint, self._fresh(key, position, prompt_tokens, prompt_text),
@@ -140,17 +153,18 @@ class RedisSessions:
                 await self.records.release(session_id, holder)
         return self._view(session_id, record, busy=False)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, owner: str) -> None:
+        await self.get(session_id, owner)  # another owner's session does not exist for this caller
         with self._errors(session_id):
             await self.records.delete(session_id)
 
-    async def sessions(self) -> list[Session]:
+    async def sessions(self, owner: str) -> list[Session]:
         with self._errors():
             ids = await self.records.scan_ids(LIST_LIMIT)
         views = []
         for session_id in ids:
-            with contextlib.suppress(SessionNotFound):  # expired since the scan
-                views.append(await self.get(session_id))
+            with contextlib.suppress(SessionNotFound):  # expired since the scan, or not the caller's
+                views.append(await self.get(session_id, owner))
         return sorted(views, key=lambda s: s.last_used, reverse=True)
 
     def _view(self, session_id: str, record: SessionRecord, busy: bool) -> Session:
@@ -164,15 +178,17 @@ class RedisSessions:
     def _holder(self) -> str:
         return f"{self._replica}:{secrets.token_hex(6)}"
 
-    async def acquire(self, session_id: str) -> Session:
+    async def acquire(self, session_id: str, owner: str) -> Session:
+        await self.get(session_id, owner)  # first: "busy" would reveal another owner's session
         holder = self._holder()
         with self._errors(session_id):
             leased = await self.records.lease(session_id, holder)
         try:
-            record = decode_record(leased.record, self.fingerprint)
-            session = self.local.create_restored(record.settings, record.snapshot, session_id=session_id)
+            record = self._owned(session_id, leased.record, owner)
+            session = self.local.create_restored(record.settings, record.snapshot, session_id=session_id,
+                                                 owner=owner)
         except BaseException:
-            with self._errors(session_id), contextlib.suppress(StoreUnavailable):
+            with contextlib.suppress(RecordStoreError):  # the original error matters; the lease lapses anyway
                 await self.records.release(session_id, holder)
             raise
         session.busy = True
@@ -197,12 +213,12 @@ class RedisSessions:
             self._held.pop(session.id, None)
             self.local.discard(session, reason="unloaded")
             if hold is not None:
-                with contextlib.suppress(RecordsUnavailable):  # unreleased, the lease lapses by itself
+                with contextlib.suppress(RecordStoreError):  # unreleased, the lease lapses by itself
                     await self.records.release(session.id, hold.holder)
 
     async def create_ephemeral(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
-                               prompt_text: str) -> Session:
-        session = self.local.create(settings, seed, prompt_tokens, prompt_text)
+                               prompt_text: str, owner: str) -> Session:
+        session = self.local.create(settings, seed, prompt_tokens, prompt_text, owner)
         session.busy = True
         return session
 
@@ -223,31 +239,28 @@ class RedisSessions:
     # ---- background: health and leases ----
 
     async def run_background(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
-        """Ping Redis and renew the leases held here, forever (cancelled at shutdown)."""
+        """Ping Redis and renew the leases held here, forever (cancelled at shutdown). Serving
+        means both work: a read-only or full Redis answers PING but cannot keep sessions."""
         period = min(1.0, self.lease_seconds / 3)
         serving = True
         while True:
             try:
                 await self.records.ping()
-                reachable = True
-            except RecordsUnavailable as exc:
-                reachable, reason = False, str(exc)
-            if reachable != serving:
-                serving = reachable
-                log_event(logger, "session_store_" + ("reachable" if reachable else "unreachable"),
-                          logging.INFO if reachable else logging.ERROR, store=self.records.display_url,
-                          **({} if reachable else {"reason": reason}))
-                await set_serving(reachable)
-            if reachable:
                 await self._renew_leases()
+                healthy, reason = True, ""
+            except Exception as exc:  # noqa: BLE001 - this task must outlive any one failure
+                healthy, reason = False, str(exc) or type(exc).__name__
+            if healthy != serving:
+                serving = healthy
+                log_event(logger, "session_store_" + ("reachable" if healthy else "unreachable"),
+                          logging.INFO if healthy else logging.ERROR, store=self.records.display_url,
+                          **({} if healthy else {"reason": reason}))
+                await set_serving(healthy)
             await asyncio.sleep(period)
 
     async def _renew_leases(self) -> None:
         for session_id, hold in list(self._held.items()):
-            try:
-                renewed = await self.records.renew(session_id, hold.holder)
-            except RecordsUnavailable:
-                return
+            renewed = await self.records.renew(session_id, hold.holder)
             if not renewed and not hold.lost:
                 hold.lost = True  # the next write-back is refused (fencing) and ends the call
                 log_event(logger, "session_lease_lost", logging.WARNING, session=session_id[:8])

@@ -105,7 +105,11 @@ class Scheduler:
     def restore(self, slot: int, snapshot: SlotSnapshot) -> None:
         """Open `slot` continuing exactly from `snapshot` (a fork, an import, a session loaded from a store)."""
         self.close(slot)
-        self.slots[slot] = restored(snapshot)
+        state = self.slots[slot] = restored(snapshot)
+        fresh = snapshot.logits is None and snapshot.consumed_chars == len(snapshot.pending)
+        if fresh and snapshot.pending and not np.any(snapshot.hidden):
+            # A session stored with its prompt unconsumed (a shared store's CreateSession).
+            self.prefixes.start(state, list(snapshot.pending), self._decode(list(snapshot.pending)))
         self._active[slot] = None
 
     def close(self, slot: int) -> None:
@@ -125,6 +129,7 @@ class Scheduler:
             state.key, state.position = stream_key(spec.seed), 0
         if spec.prompt_tokens:
             state.capture = None  # the state after the queue is no longer that of the prompt alone
+            state.logits = None  # the next character comes after the prompt: those logits are spent
         state.pending.extend(spec.prompt_tokens)
         self._active[slot] = None
         state.consumed += len(spec.prompt_tokens)
@@ -295,6 +300,11 @@ class Scheduler:
             state.logits = logits  # [V]
             if request is not None and request.status is RequestStatus.CONSUMING_PROMPT:
                 request.status = RequestStatus.GENERATING
+
+    def fail_running(self, exc: Exception) -> None:
+        """An iteration failed outside the model step: end every running generation (their states
+        can no longer be trusted), so the engine can go on serving the others."""
+        self._fail([self.slots[r.slot] for r in list(self.requests.values()) if r.slot in self.slots], exc)
 
     def _fail(self, states: list[SlotState], exc: Exception) -> None:
         for state in states:

@@ -11,11 +11,13 @@ undoes what was generated ahead of it.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import itertools
 import logging
 import secrets
 import time
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -25,6 +27,7 @@ from server.errors import ServiceError
 from server.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
 from server.metrics import ServerMetrics
 from server.sampling import DEFAULT_SETTINGS
+from server.auth import caller
 from server.session_backend import SessionBackend
 from server.session_record import ModelFingerprint
 from server.session_service import SessionRPCs, store_errors
@@ -53,11 +56,32 @@ class GeneratorService(SessionRPCs):
         metrics: ServerMetrics,
         model_info: pb.GetModelInfoResponse,
         fingerprint: ModelFingerprint,
+        streams_per_key: int | None = None,
     ):
         super().__init__(engine, store, limits, metrics, fingerprint)
         self.model_info = model_info
         self.shutting_down = asyncio.Event()
         self.active_streams = 0
+        self.streams_per_key = streams_per_key  # None: no per-key limit (the server has no API keys)
+        self._streams_by_key: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def _stream_quota(self) -> Iterator[None]:
+        """One Generate call or Converse stream of the caller's key, within --max-streams-per-key."""
+        key, limit = caller(), self.streams_per_key
+        if limit is not None and self._streams_by_key[key] >= limit:
+            raise ServiceError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"API key {key} already runs {limit} streams, its limit (--max-streams-per-key); "
+                "wait for one to finish",
+            )
+        self._streams_by_key[key] += 1
+        try:
+            yield
+        finally:
+            self._streams_by_key[key] -= 1
+            if not self._streams_by_key[key]:
+                del self._streams_by_key[key]
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
@@ -67,6 +91,10 @@ class GeneratorService(SessionRPCs):
     # ---- streaming RPCs ----
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> None:
+        with self._stream_quota():
+            await self._generate(request, context)
+
+    async def _generate(self, request: pb.GenerateRequest, context: Context) -> None:
         max_chars = check_max_chars(request.max_chars, self.limits)
         tokens = check_text(self.engine.vocab, request.prompt, self.limits)
         stops = check_stops(request.stop, self.engine.vocab, self.limits)
@@ -80,10 +108,10 @@ class GeneratorService(SessionRPCs):
                     raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
                 # The prompt opens the session (a zero state: the prefix-state cache applies).
                 session = await self.store.create_ephemeral(
-                    DEFAULT_SETTINGS, secrets.randbits(64) if seed is None else seed, tokens, request.prompt
+                    DEFAULT_SETTINGS, secrets.randbits(64) if seed is None else seed, tokens, request.prompt, caller()
                 )
             else:
-                session = await self.store.acquire(check_session_id(request.session_id))
+                session = await self.store.acquire(check_session_id(request.session_id), caller())
         try:
             if session.consumed_chars + len(tokens) == 0:
                 raise ServiceError(
@@ -113,8 +141,12 @@ class GeneratorService(SessionRPCs):
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
     ) -> None:
+        with self._stream_quota():
+            await self._converse(request_iterator, context)
+
+    async def _converse(self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context) -> None:
         with store_errors():
-            session = await self.store.create_ephemeral(DEFAULT_SETTINGS, secrets.randbits(64), [], "")
+            session = await self.store.create_ephemeral(DEFAULT_SETTINGS, secrets.randbits(64), [], "", caller())
         log_event(logger, "conversation_opened", session=session.id[:8])
         turns = aiter(request_iterator)
         try:
@@ -160,6 +192,8 @@ class GeneratorService(SessionRPCs):
             stopping.cancel()
             if not reading.done():  # shutting down, or this call was cancelled
                 reading.cancel()
+            elif not reading.cancelled():
+                reading.exception()  # mark its outcome read: if this call is being cancelled, nothing below reads it
         # A cancelled task stays pending until it next runs: not done means not read.
         if not reading.done() or reading.cancelled():
             return None
@@ -201,14 +235,21 @@ class GeneratorService(SessionRPCs):
                 if chunk.text:
                     self.metrics.generated_chars.inc(len(chunk.text))
                     self.metrics.stream_messages.inc()
+                failed_write_back = None
                 if write_back is not None and stream.delivered - written_back >= write_back:
                     # A shared store gets the state before the client gets the characters that
                     # would put it `write_back` behind: a crash of this server loses fewer than
                     # that many of the characters the client received.
                     written_back = stream.delivered
-                    with store_errors():
-                        await self.store.checkpoint(session)
+                    try:
+                        with store_errors():
+                            await self.store.checkpoint(session)
+                    except ServiceError as error:
+                        failed_write_back = error
+                # Counted as delivered already: they go out even when the write-back failed.
                 await context.write(response(chunk.text, chunk.end, stream.delivered))
+                if failed_write_back is not None:
+                    raise failed_write_back
                 if chunk.end is not None:
                     finish = chunk.end.finish or ERROR
                     return finish

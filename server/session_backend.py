@@ -28,19 +28,22 @@ class SessionBackend(Protocol):
     ttl_seconds: float  # idle sessions expire after this
     write_back_chars: int | None  # checkpoint a stream every this many delivered characters (None: never)
 
+    # `owner`: the caller's API key name ("" without keys). A session of another owner is
+    # NOT_FOUND (SessionNotFound), never "forbidden": its existence is not revealed.
     async def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
-                     prompt_text: str) -> Session: ...
+                     prompt_text: str, owner: str) -> Session: ...
     async def create_ephemeral(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
-                               prompt_text: str) -> Session: ...
-    async def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot) -> Session: ...
-    async def get(self, session_id: str) -> Session: ...
-    async def acquire(self, session_id: str) -> Session: ...
+                               prompt_text: str, owner: str) -> Session: ...
+    async def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot, owner: str) -> Session: ...
+    async def get(self, session_id: str, owner: str) -> Session: ...
+    async def acquire(self, session_id: str, owner: str) -> Session: ...
     async def checkpoint(self, session: Session) -> None: ...
     async def release(self, session: Session) -> None: ...
-    async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str) -> Session: ...
-    async def delete(self, session_id: str) -> None: ...
+    async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str,
+                    owner: str) -> Session: ...
+    async def delete(self, session_id: str, owner: str) -> None: ...
     async def discard(self, session: Session) -> None: ...
-    async def sessions(self) -> list[Session]: ...
+    async def sessions(self, owner: str) -> list[Session]: ...
     def idle_seconds(self, session: Session) -> float: ...
     def age_seconds(self, session: Session) -> float: ...
     async def run_background(self, set_serving: Callable[[bool], Awaitable[None]]) -> None: ...
@@ -61,23 +64,23 @@ class LocalSessions:
         return len(self.store)
 
     async def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
-                     prompt_text: str) -> Session:
-        return self.store.create(settings, seed, prompt_tokens, prompt_text)
+                     prompt_text: str, owner: str) -> Session:
+        return self.store.create(settings, seed, prompt_tokens, prompt_text, owner)
 
     async def create_ephemeral(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
-                               prompt_text: str) -> Session:
-        session = self.store.create(settings, seed, prompt_tokens, prompt_text)
+                               prompt_text: str, owner: str) -> Session:
+        session = self.store.create(settings, seed, prompt_tokens, prompt_text, owner)
         session.busy = True  # its own call holds it until discard
         return session
 
-    async def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot) -> Session:
-        return self.store.create_restored(settings, snapshot)
+    async def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot, owner: str) -> Session:
+        return self.store.create_restored(settings, snapshot, owner=owner)
 
-    async def get(self, session_id: str) -> Session:
-        return self.store.get(session_id)
+    async def get(self, session_id: str, owner: str) -> Session:
+        return self.store.get(session_id, owner)
 
-    async def acquire(self, session_id: str) -> Session:
-        return self.store.acquire(session_id)
+    async def acquire(self, session_id: str, owner: str) -> Session:
+        return self.store.acquire(session_id, owner)
 
     async def checkpoint(self, session: Session) -> None:
         return None
@@ -85,17 +88,18 @@ class LocalSessions:
     async def release(self, session: Session) -> None:
         self.store.release(session)
 
-    async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str) -> Session:
-        return self.store.reset(session_id, seed, prompt_tokens, prompt_text)
+    async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str,
+                    owner: str) -> Session:
+        return self.store.reset(session_id, seed, prompt_tokens, prompt_text, owner)
 
-    async def delete(self, session_id: str) -> None:
-        self.store.delete(session_id)
+    async def delete(self, session_id: str, owner: str) -> None:
+        self.store.delete(session_id, owner=owner)
 
     async def discard(self, session: Session) -> None:
         self.store.discard(session)
 
-    async def sessions(self) -> list[Session]:
-        return self.store.sessions()
+    async def sessions(self, owner: str) -> list[Session]:
+        return self.store.sessions(owner)
 
     def idle_seconds(self, session: Session) -> float:
         return self.store.idle_seconds(session)

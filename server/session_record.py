@@ -22,11 +22,11 @@ ignored, NaN/Infinity are not allowed. Integers fit int64; stream_key and positi
     "model":    {"sha256": 64 lowercase hex digits (the served .onnx file),
                  "vocab": [distinct single characters; token id = index],
                  "embedding_dim": E >= 0, "hidden_size": H >= 1, "num_layers": L >= 1; all < 2**31}
-    "settings": {"temperature": number >= 0 (0 = greedy), "top_k": integer >= 0 (0 = no limit),
-                 "top_p": number in (0, 1]}
-    "state":    {"stream_key": [0, 2**64), "position": [0, 2**64) (random numbers drawn),
+    "settings": {"temperature": 0 (greedy) or a positive normal float32, "top_k": integer in
+                 [0, 2**31) (0 = no limit), "top_p": number in (0, 1]}
+    "state":    {"stream_key": [0, 2**64), "position": [0, 2**63) (random numbers drawn),
                  "pending": [token ids in [0, len(vocab)) not yet fed to the model],
-                 "consumed_chars": [0, 2**63), "recent_text": at most 256 code points}
+                 "consumed_chars": [0, 2**62), "recent_text": at most 256 code points, no lone surrogates}
     "owner": string ("" = none), "created", "updated": unix seconds, finite, >= 0
     "arrays":   {"hidden": {"dtype": "float32", "shape": [L, H], "offset": o, "length": 4*L*H},
                  "logits": null or {"dtype": "float32", "shape": [len(vocab)], "offset": o, "length": 4*len(vocab)}}
@@ -295,6 +295,19 @@ def _read_array(arrays: dict[str, Any], name: str, shape: tuple[int, ...],
     return values.reshape(shape).astype(np.float32), (offset, offset + length)
 
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_utf8(text: str) -> bool:
+    """No lone surrogates: the text can go out in a protobuf string field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
@@ -342,17 +355,21 @@ def _check_record(record: Any) -> None:
     pending_ok = isinstance(snap.pending, (tuple, list)) and all(_is_int(i) and 0 <= i < vocab_size
                                                                  for i in snap.pending)
     rules = [
-        ("settings.temperature", _is_number(t) and t >= 0, "finite and >= 0 (0 = greedy)"),
-        ("settings.top_k", _is_int(k) and 0 <= k < 2**63, "an integer >= 0 (0 = no limit)"),
+        # The API's types bound these (temperature a float32, top_k an int32): a record holds
+        # only what a session created through the API can hold, so describing it never fails.
+        ("settings.temperature", _is_number(t) and (t == 0 or FLOAT32_TINY <= t <= FLOAT32_MAX),
+         "0 (greedy) or a positive normal float32"),
+        ("settings.top_k", _is_int(k) and 0 <= k < 2**31, "an integer in [0, 2**31) (0 = no limit)"),
         ("settings.top_p", _is_number(p) and 0 < p <= 1, "in (0, 1]"),
         ("state.pending", pending_ok, f"a list of token ids in [0, {vocab_size})"),
         ("state.pending", snap.logits is None or not snap.pending, "empty when the state has logits"),
         ("state.stream_key", _is_int(snap.stream_key) and 0 <= snap.stream_key < 2**64, "an integer in [0, 2**64)"),
-        ("state.position", _is_int(snap.position) and 0 <= snap.position < 2**64, "an integer in [0, 2**64)"),
-        ("state.consumed_chars", _is_int(snap.consumed_chars) and 0 <= snap.consumed_chars < 2**63,
-         "an integer in [0, 2**63)"),
-        ("state.recent_text", isinstance(snap.recent_text, str) and len(snap.recent_text) <= RECENT_CHARS,
-         f"a string of at most {RECENT_CHARS} characters"),
+        # Headroom below the uint64 / int64 counters they feed: a session keeps counting.
+        ("state.position", _is_int(snap.position) and 0 <= snap.position < 2**63, "an integer in [0, 2**63)"),
+        ("state.consumed_chars", _is_int(snap.consumed_chars) and 0 <= snap.consumed_chars < 2**62,
+         "an integer in [0, 2**62)"),
+        ("state.recent_text", isinstance(snap.recent_text, str) and len(snap.recent_text) <= RECENT_CHARS
+         and _is_utf8(snap.recent_text), f"valid text of at most {RECENT_CHARS} characters"),
         ("owner", isinstance(record.owner, str), "a string"),
         ("created", _is_number(record.created) and record.created >= 0, "finite unix seconds >= 0"),
         ("updated", _is_number(record.updated) and record.updated >= 0, "finite unix seconds >= 0"),

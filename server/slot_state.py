@@ -96,7 +96,8 @@ def snapshot_of(state: SlotState, pooled: Callable[[], np.ndarray], decode: Call
     request = state.request
     if request is None or not request.tokens:
         hidden = state.start if state.start is not None else pooled()
-        return SlotSnapshot(np.array(hidden, np.float32), _copy(state.logits), tuple(state.pending),
+        logits = None if state.pending else _copy(state.logits)  # logits only of a state with nothing queued
+        return SlotSnapshot(np.array(hidden, np.float32), logits, tuple(state.pending),
                             state.key, state.position, state.consumed, state.recent)
     m = request.delivered
     # Sampling waits for an empty queue, so at most one generated character is unconsumed:

@@ -242,3 +242,39 @@ def test_redis_down_means_unavailable_and_not_serving_until_it_is_back(replicas:
         a.stub.GetSession(pb.GetSessionRequest(session_id=session_id))
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     assert len(generate(a.stub, create(a.stub, 0.0), 5)) == 5
+
+
+def test_shared_sessions_belong_to_their_key_on_every_replica(tiny_model_dir: Path, redis: RedisServer,
+                                                              tmp_path: Path) -> None:
+    alice, bob = ("authorization", "Bearer alice-secret-0123456789"), ("authorization", "Bearer bob-secret-0123456789xy")
+    keys = tmp_path / "keys.txt"
+    keys.write_text("alice:alice-secret-0123456789\nbob:bob-secret-0123456789xy\n")
+    a = Replica(tiny_model_dir, redis.url, tmp_path / "ka.log", api_keys=keys)
+    b = Replica(tiny_model_dir, redis.url, tmp_path / "kb.log", api_keys=keys)
+    try:
+        request = pb.CreateSessionRequest(prompt=PROMPT, seed=3, temperature=0.9)
+        session_id = a.stub.CreateSession(request, metadata=(alice,)).session_id
+        stream = a.stub.Generate(pb.GenerateRequest(session_id=session_id, max_chars=10_000), metadata=(alice,))
+        next(stream)  # busy on A: to bob it must still not exist (not "busy")
+        try:
+            for call in (lambda: b.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=(bob,)),
+                         lambda: list(b.stub.Generate(pb.GenerateRequest(session_id=session_id, max_chars=3),
+                                                      metadata=(bob,))),
+                         lambda: b.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id),
+                                                      metadata=(bob,))):
+                with pytest.raises(grpc.RpcError) as hidden:
+                    call()
+                assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+            listed = b.stub.ListSessions(pb.ListSessionsRequest(), metadata=(bob,)).sessions
+            assert session_id not in [s.session_id for s in listed]
+        finally:
+            stream.cancel()
+        deadline = time.monotonic() + 10
+        while b.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=(alice,)).session.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len("".join(r.text for r in b.stub.Generate(
+            pb.GenerateRequest(session_id=session_id, max_chars=5), metadata=(alice,)))) == 5
+    finally:
+        a.stop()
+        b.stop()

@@ -117,3 +117,35 @@ def test_the_finish_travels_with_the_last_character(scheduler: Scheduler) -> Non
     assert events[0].accepted and events[0].consumed_chars == len(PROMPT)
     assert [bool(e.text) for e in events[1:]] == [True, True, True]
     assert [e.finish for e in events[1:]] == [None, None, LENGTH]
+
+
+@pytest.mark.parametrize("name", ["greedy", "sampled"])
+def test_snapshots_at_any_point_restore_to_the_same_continuation(scheduler: Scheduler, name: str) -> None:
+    settings = SETTINGS[name]
+    scheduler.open(0, seed=5, prompt_tokens=encode(scheduler, PROMPT))
+    reference = generate_all(scheduler, 1, 0, 40, settings)
+    scheduler.open(1, seed=5, prompt_tokens=encode(scheduler, PROMPT))
+    scheduler.submit(2, 1, GenerationRequest((), 40, settings))
+    text = ""
+    for point in (0, 3, 11):  # running ahead of delivery: the snapshot is at the delivered point
+        for _ in range(3 * scheduler.lookahead):
+            text += run(scheduler, 1).get(2, "")
+            scheduler.ack(2, min(point, len(text)))
+        assert len(text) == point + scheduler.lookahead  # generated ahead, not delivered
+        snapshot = scheduler.snapshot(1)
+        assert snapshot.consumed_chars == len(PROMPT) + point
+        assert (snapshot.logits is None) == bool(snapshot.pending)  # one or the other, never both
+        scheduler.restore(9, snapshot)
+        assert generate_all(scheduler, 50 + point, 9, 40 - point, settings) == reference[point:]
+    scheduler.abort(2, 11)
+
+
+def test_a_queued_prompt_leaves_no_stale_logits_in_a_snapshot(scheduler: Scheduler) -> None:
+    scheduler.open(0, seed=5, prompt_tokens=encode(scheduler, PROMPT))
+    generate_all(scheduler, 1, 0, 5, SETTINGS["sampled"])
+    # A new call's prompt is queued but not consumed yet (say its deadline passes now).
+    scheduler.submit(2, 0, GenerationRequest(tuple(encode(scheduler, " be")), 5, SETTINGS["sampled"]))
+    scheduler.abort(2, 0)
+    snapshot = scheduler.snapshot(0)
+    assert snapshot.logits is None and snapshot.pending == tuple(encode(scheduler, " be"))
+    assert snapshot.consumed_chars == len(PROMPT) + 5 + 3

@@ -123,3 +123,38 @@ def test_reset_reopens_state_and_sessions_list_most_recent_first() -> None:
     store.reset(a.id, seed=5, prompt_tokens=[3])
     assert engine.calls[-1] == ("reset", a.slot, 5, [3]) and a.consumed_chars == 1
     assert [s.id for s in store.sessions()] == [a.id, b.id]
+
+
+def test_per_owner_limit_evicts_the_owners_own_idle_session_and_refuses_when_all_busy() -> None:
+    engine, clock, removed = RecordingEngine(), Clock(), []
+    store = SessionStore(engine, 10, 100.0, clock=clock, on_removed=removed.append, per_owner_limit=2)
+    other = store.create(SamplingSettings(), 1, [], owner="bob")
+    first = store.create(SamplingSettings(), 1, [], owner="alice")
+    clock.now += 1
+    second = store.create(SamplingSettings(), 1, [], owner="alice")
+    clock.now += 1
+    third = store.create(SamplingSettings(), 1, [], owner="alice")  # alice's oldest idle one goes
+    assert {s.id for s in store.sessions("alice")} == {second.id, third.id}
+    assert store.get(other.id, "bob") is other and removed == ["evicted"]
+    with pytest.raises(SessionNotFound, match="--max-sessions-per-key"):
+        store.get(first.id, "alice")
+    store.acquire(second.id, "alice")
+    store.acquire(third.id, "alice")
+    with pytest.raises(StoreFull, match="alice holds its limit of 2 sessions"):
+        store.create(SamplingSettings(), 1, [], owner="alice")
+    assert len(store.create(SamplingSettings(), 1, [], owner="bob").id) == 32  # bob is not limited by alice
+
+
+def test_another_owners_session_is_indistinguishable_from_an_unknown_one() -> None:
+    store, _, _, _ = make_store()
+    session = store.create(SamplingSettings(), 1, [], owner="alice")
+    with pytest.raises(SessionNotFound) as theirs:
+        store.get(session.id, "bob")
+    with pytest.raises(SessionNotFound) as unknown:
+        store.get("f" * 32, "bob")
+    assert str(theirs.value) == str(unknown.value).replace("f" * 32, session.id)
+    store.delete(session.id, owner="alice")
+    with pytest.raises(SessionNotFound, match="was deleted"):
+        store.get(session.id, "alice")
+    with pytest.raises(SessionNotFound, match="not found on this server"):
+        store.get(session.id, "bob")  # why it is gone is for its owner only

@@ -326,7 +326,7 @@ def _replace_snapshot(**changes: Any) -> SessionRecord:
     (_replace_snapshot(hidden=np.zeros((2, 8), dtype=np.float64)), "float32"),
     (_replace_snapshot(hidden=np.zeros((8, 2), dtype=np.float32)), "shape"),
     (_replace_snapshot(pending=(1,), logits=np.zeros(5, dtype=np.float32)), "state.pending"),
-    (_replace_snapshot(recent_text="\ud800"), "Unicode"),
+    (_replace_snapshot(recent_text="\ud800"), "recent_text must be valid text"),
     (SessionRecord(make_model(hidden=300_000, layers=1), SlotSnapshot(
         np.zeros((1, 300_000), dtype=np.float32), None, (), 0, 0, 0, ""), SamplingSettings()), "limit"),
 ])
@@ -360,9 +360,10 @@ def records(draw: st.DrawFn) -> SessionRecord:
     pending = () if with_logits else tuple(draw(st.lists(st.integers(0, len(vocab) - 1), max_size=4)))
     snapshot = SlotSnapshot(
         hidden=draw(hnp.arrays(np.float32, (layers, hidden_size), elements=_FLOAT32)), logits=logits,
-        pending=pending, stream_key=draw(st.integers(0, 2**64 - 1)), position=draw(st.integers(0, 2**64 - 1)),
-        consumed_chars=draw(st.integers(0, 2**63 - 1)), recent_text=draw(st.text(_TEXT, max_size=RECENT_CHARS)))
-    settings = SamplingSettings(draw(st.floats(0, 1e6)), draw(st.integers(0, 10**6)),
+        pending=pending, stream_key=draw(st.integers(0, 2**64 - 1)), position=draw(st.integers(0, 2**63 - 1)),
+        consumed_chars=draw(st.integers(0, 2**62 - 1)), recent_text=draw(st.text(_TEXT, max_size=RECENT_CHARS)))
+    temperature = draw(st.one_of(st.just(0.0), st.floats(1e-30, 1e6)))  # 0 or a normal float32
+    settings = SamplingSettings(temperature, draw(st.integers(0, 10**6)),
                                 draw(st.floats(0, 1, exclude_min=True)))
     times = st.floats(0, 1e12)
     return SessionRecord(model, snapshot, settings, draw(st.text(_TEXT, max_size=20)), draw(times), draw(times))
