@@ -14,19 +14,19 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.auth import load_api_keys
+from server.api.auth import load_api_keys
 from server.config import ServerConfig
-from server.engine import Engine
-from server.errors import ErrorInterceptor
+from server.engine.loop import Engine
+from server.api.errors import ErrorInterceptor
 from server.metrics import MetricsEndpoint, ServerMetrics
-from server.model_runner import ModelRunner, load_runner
-from server.prefix_cache import PrefixCache
-from server.service import GeneratorService
-from server.session_backend import LocalSessions, SessionBackend
-from server.session_record import ModelFingerprint, file_sha256
-from server.session_store import SessionStore
+from server.engine.model_runner import ModelRunner, load_runner
+from server.sessions.prefix_cache import PrefixCache
+from server.api.service import GeneratorService
+from server.sessions.backend import LocalSessions, SessionBackend
+from server.sessions.record import ModelFingerprint, file_sha256
+from server.sessions.memory import SessionStore
 from server.structured_log import log_event
-from server.validation import Limits
+from server.api.validation import Limits
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charstream.v1.Generator"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -112,8 +112,8 @@ def build_sessions(config: ServerConfig, engine: Engine, local: SessionStore,
     """The session backend --session-store asks for."""
     if config.session_store == "memory":
         return LocalSessions(local)
-    from server.redis_records import RedisRecords  # the redis package is needed only here
-    from server.redis_sessions import RedisSessions
+    from server.sessions.redis_records import RedisRecords  # the redis package is needed only here
+    from server.sessions.redis_store import RedisSessions
 
     records = RedisRecords(config.session_store, config.session_ttl, config.lease_seconds)
     return RedisSessions(records, local, engine, fingerprint, config.write_back_chars, config.lease_seconds)
@@ -144,7 +144,7 @@ def listen(server: grpc.aio.Server, config: ServerConfig) -> int:
     address = host_port(config.host, config.port)
     if not config.tls_cert:
         return server.add_insecure_port(address)
-    from server.tls import server_credentials
+    from server.api.tls import server_credentials
 
     credentials = server_credentials(config.tls_cert, config.tls_key or "", config.tls_client_ca)
     return server.add_secure_port(address, credentials)

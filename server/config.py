@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
-from server.model_dir import AUTO
-from server.providers import DEVICES, ThreadSettings
+from server.engine.model_dir import AUTO
+from server.engine.providers import DEVICES, ThreadSettings
 from server.structured_log import LOG_FORMATS
 
 

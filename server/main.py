@@ -11,8 +11,8 @@ from typing import Sequence
 
 from server.app import start_server
 from server.config import ServerConfig, describe, parse_config
-from server.model_dir import ModelDirError
-from server.providers import DeviceError
+from server.engine.model_dir import ModelDirError
+from server.engine.providers import DeviceError
 from server.structured_log import configure_logging, log_event
 
 logger = logging.getLogger("charstream.server")

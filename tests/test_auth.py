@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.auth import ApiKeysError, parse_api_keys
+from server.api.auth import ApiKeysError, parse_api_keys
 from server.background import BackgroundServer
 from server.config import ServerConfig
 

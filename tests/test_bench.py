@@ -13,9 +13,13 @@ from typing import Any
 
 import pytest
 
-from server import bench, bench_process, bench_sessions
-from server.bench_raw import CPU, load_cell, raw_ingest_seconds, raw_loop, session_options
-from server.bench_results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
+from server.clients import bench
+
+from server.clients import bench_process
+
+from server.clients import bench_sessions
+from server.clients.bench_raw import CPU, load_cell, raw_ingest_seconds, raw_loop, session_options
+from server.clients.bench_results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
 
 STREAMS, CHARS, LONG_PROMPT, BATCH, STORE_CALLS, IDLE_SESSIONS = 4, 30, 200, 4, 10, 50
 ROW_IDS = ["raw_batch_1", "raw_batch_4", "torch_eager", "server_1_stream", "server_streams",
@@ -223,8 +227,8 @@ def test_table_and_json_show_every_row_and_turn_nan_into_null(tmp_path: Path) ->
 @pytest.mark.parametrize("threads, spinning", [(1, False), (2, True), (0, False)])
 def test_raw_loop_session_options_match_the_servers(threads: int, spinning: bool) -> None:
     """The raw loop must run the cell as the server does; this fails if the server's options drift."""
-    from server.providers import ThreadSettings
-    from server.providers import session_options as server_session_options
+    from server.engine.providers import ThreadSettings
+    from server.engine.providers import session_options as server_session_options
 
     ours = session_options({"intra_op_threads": threads, "allow_spinning": spinning})
     theirs = server_session_options(ThreadSettings(intra_op_threads=threads, allow_spinning=spinning))

@@ -11,9 +11,9 @@ from typing import Iterator
 import grpc
 import pytest
 
-from server import generate_cli
+from server.clients import generate_cli
 from server.background import BackgroundServer
-from server.client import CharstreamClient, targets_to_uri
+from server.clients.client import CharstreamClient, targets_to_uri
 from server.config import ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

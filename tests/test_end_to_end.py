@@ -73,7 +73,7 @@ def test_train_export_serve_generate(trained_checkpoint: Path, tmp_path: Path) -
         match = re.search(r"listening on (\S+:\d+)", first_line)
         assert match, f"unexpected first server line: {first_line!r}"
         target = match.group(1)
-        client = run("-m", "server.generate_cli", "--target", target, "--prompt", PROMPT,
+        client = run("-m", "server.clients.generate_cli", "--target", target, "--prompt", PROMPT,
                      "--max-chars", str(GENERATED), "--temperature", "0", timeout=60)  # fmt: skip
         # The client ends its output with a newline when the text does not.
         assert client.stdout in (expected, expected + "\n")

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
-from server.client import tls_credentials
+from server.clients.client import tls_credentials
 from server.config import ServerConfig
 from tests.conftest import TINY_TEXT
 from tests.tls_certs import make_pki

@@ -9,14 +9,14 @@ from typing import AsyncIterator
 
 import pytest
 
-from server.redis_records import (
+from server.sessions.redis_records import (
     LeaseLost,
     Leased,
     RecordBusy,
     RecordNotFound,
     RecordStoreError,
     RedisRecords,
-    StoreUnavailable,
+    RedisUnavailable,
 )
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
 
@@ -206,7 +206,7 @@ def test_unreachable_redis_fails_fast_then_recovers(redis_server: RedisServer) -
             }
             for name, call in calls.items():
                 started = time.monotonic()
-                with pytest.raises(StoreUnavailable) as caught:
+                with pytest.raises(RedisUnavailable) as caught:
                     await call()
                 assert time.monotonic() - started < 3.0, name
                 assert f"session store {redis_server.url} is unreachable: " in str(caught.value), name

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.client import CharstreamClient, targets_to_uri
+from server.clients.client import CharstreamClient, targets_to_uri
 from tests.redis_server import RedisServer, redis_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.config import ServerConfig, parse_config
-from server.providers import ThreadSettings
+from server.engine.providers import ThreadSettings
 
 
 def test_environment_variables_set_defaults_and_flags_win() -> None:

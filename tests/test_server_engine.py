@@ -10,10 +10,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from server.engine import Engine
-from server.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
-from server.model_runner import StepOutput, load_runner
-from server.sampling import SamplingSettings
+from server.engine.loop import Engine
+from server.engine.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
+from server.engine.model_runner import StepOutput, load_runner
+from server.engine.sampling import SamplingSettings
 
 
 @pytest.fixture()

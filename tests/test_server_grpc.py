@@ -18,7 +18,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
-from server.sampling import RandomStream, SamplingSettings, choose_token
+from server.engine.sampling import RandomStream, SamplingSettings, choose_token
 
 MAX_CHARS = 20_000
 

@@ -26,9 +26,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
-from server.client import CharstreamClient
+from server.clients.client import CharstreamClient
 from server.config import ServerConfig
-from server.model_runner import load_runner
+from server.engine.model_runner import load_runner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,7 +134,7 @@ def test_generate_cli_prints_the_text_as_it_arrives(small_server: BackgroundServ
     with CharstreamClient(small_server.address) as client:
         expected = client.generate("To be", 60, temperature=0.8, seed=1).text()
     result = subprocess.run(
-        [sys.executable, "-m", "server.generate_cli", "--target", small_server.address, "--prompt", "To be",
+        [sys.executable, "-m", "server.clients.generate_cli", "--target", small_server.address, "--prompt", "To be",
          "--max-chars", "60", "--temperature", "0.8", "--seed", "1"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
@@ -142,7 +142,7 @@ def test_generate_cli_prints_the_text_as_it_arrives(small_server: BackgroundServ
     assert result.stdout == expected + "\n"
     assert "[finish: length, 60 chars]" in result.stderr
     bad = subprocess.run(
-        [sys.executable, "-m", "server.generate_cli", "--target", small_server.address, "--prompt", "Zebra"],
+        [sys.executable, "-m", "server.clients.generate_cli", "--target", small_server.address, "--prompt", "Zebra"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "'Z'" in bad.stderr
@@ -198,7 +198,7 @@ def test_sigterm_ends_active_streams_with_a_finish_reason_and_exits_0(tiny_model
 
 def test_the_server_never_imports_torch() -> None:
     code = (
-        "import sys, server.main, server.app, server.client, server.generate_cli, server.bench\n"
+        "import sys, server.main, server.app, server.clients.client, server.clients.generate_cli, server.clients.bench\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)

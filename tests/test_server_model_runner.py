@@ -12,9 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.model_dir import ModelDirError, choose_model_file
-from server.model_runner import build_device_runner, load_runner
-from server.providers import CUDA, DeviceError, cuda_device_count
+from server.engine.model_dir import ModelDirError, choose_model_file
+from server.engine.model_runner import build_device_runner, load_runner
+from server.engine.providers import CUDA, DeviceError, cuda_device_count
 
 HAS_CUDA = CUDA in ort.get_available_providers() and cuda_device_count()[0] > 0
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and onnxruntime-gpu")
@@ -205,7 +205,7 @@ def test_a_failing_device_state_pool_falls_back_to_host_states(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Where the pooled CUDA graph cannot be built, the plain cell still serves (states on the host)."""
-    import server.model_runner as model_runner
+    import server.engine.model_runner as model_runner
 
     real_create = model_runner.create_session
 
@@ -350,7 +350,7 @@ def test_variant_auto_chooses_again_when_the_session_lands_on_another_provider(
     int8_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CUDA looked available, so fp16 was chosen, but the session came up on the CPU: int8 is served instead."""
-    import server.model_runner as model_runner
+    import server.engine.model_runner as model_runner
 
     directory = _edited_copy(int8_model_dir, tmp_path / "fp16", _with_fake_fp16_verified_on_cuda)
     shutil.copy(directory / "model.onnx", directory / "model.fp16.onnx")
@@ -375,7 +375,7 @@ def test_variant_auto_chooses_again_when_the_session_lands_on_another_provider(
 
 
 def test_session_options_carry_the_thread_settings() -> None:
-    from server.providers import ALLOW_SPINNING_KEY, ThreadSettings, session_options
+    from server.engine.providers import ALLOW_SPINNING_KEY, ThreadSettings, session_options
 
     options = session_options(ThreadSettings(intra_op_threads=3, allow_spinning=True))
     assert options.intra_op_num_threads == 3
@@ -388,7 +388,7 @@ def test_session_options_carry_the_thread_settings() -> None:
 
 @pytest.mark.parametrize("allow_spinning", [True, False])
 def test_sessions_are_created_with_the_thread_settings(tiny_model_dir: Path, allow_spinning: bool) -> None:
-    from server.providers import ALLOW_SPINNING_KEY, ThreadSettings, create_session
+    from server.engine.providers import ALLOW_SPINNING_KEY, ThreadSettings, create_session
 
     threads = ThreadSettings(intra_op_threads=2, allow_spinning=allow_spinning)
     session = create_session(tiny_model_dir / "model.onnx", "cpu", threads)
@@ -406,7 +406,7 @@ def test_sessions_are_created_with_the_thread_settings(tiny_model_dir: Path, all
 
 
 def test_load_runner_defaults_and_a_bare_thread_count(tiny_model_dir: Path) -> None:
-    from server.providers import ALLOW_SPINNING_KEY
+    from server.engine.providers import ALLOW_SPINNING_KEY
 
     options = load_runner(tiny_model_dir, device="cpu", num_slots=2).session.get_session_options()
     assert (options.intra_op_num_threads, options.get_session_config_entry(ALLOW_SPINNING_KEY)) == (1, "0")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.sampling import (
+from server.engine.sampling import (
     RandomStream,
     SamplingSettings,
     choose_token,

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from server.generation import LENGTH, GenerationRequest, RequestStatus
-from server.model_runner import load_runner
-from server.sampling import SamplingSettings
-from server.scheduler import Scheduler
+from server.engine.generation import LENGTH, GenerationRequest, RequestStatus
+from server.engine.model_runner import load_runner
+from server.engine.sampling import SamplingSettings
+from server.engine.scheduler import Scheduler
 
 PROMPT = "To be, or"
 LENGTH_CHARS = 60

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from server.sampling import SamplingSettings
-from server.session_store import SessionBusy, SessionNotFound, SessionStore, StoreFull
+from server.engine.sampling import SamplingSettings
+from server.sessions.memory import SessionBusy, SessionNotFound, SessionStore, StoreFull
 
 
 class RecordingEngine:

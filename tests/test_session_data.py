@@ -16,7 +16,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
-from server.session_record import decode_record, encode_record
+from server.sessions.record import decode_record, encode_record
 
 PROMPT = "To be, or not"
 
@@ -165,7 +165,7 @@ def test_prefix_cache_skips_prompts_and_changes_no_text(tiny_model_dir: Path) ->
 
 
 def test_python_client_forks_exports_and_imports(server: BackgroundServer) -> None:
-    from server.client import CharstreamClient
+    from server.clients.client import CharstreamClient
 
     with CharstreamClient(server.address) as client:
         reference = client.create_session(prompt=PROMPT, seed=5, temperature=0.9)

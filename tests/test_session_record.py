@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from server.generation import RECENT_CHARS
-from server.sampling import SamplingSettings
-from server.session_record import (
+from server.engine.generation import RECENT_CHARS
+from server.engine.sampling import SamplingSettings
+from server.sessions.record import (
     FORMAT_VERSION,
     MAGIC,
     MAX_RECORD_BYTES,
@@ -33,7 +33,7 @@ from server.session_record import (
     file_sha256,
     fingerprint_of,
 )
-from server.slot_state import SlotSnapshot
+from server.engine.slot_state import SlotSnapshot
 
 VOCAB = ("a", "é", "—", "😀", "\n")
 SHA = hashlib.sha256(b"model one").hexdigest()

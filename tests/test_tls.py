@@ -23,11 +23,11 @@ from cryptography import x509
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server import generate_cli
+from server.clients import generate_cli
 from server.background import BackgroundServer
-from server.client import CharstreamClient, tls_credentials
+from server.clients.client import CharstreamClient, tls_credentials
 from server.config import ServerConfig
-from server.tls import TlsConfigError, server_credentials
+from server.api.tls import TlsConfigError, server_credentials
 from tests.tls_certs import Issued, Pki, make_pki
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

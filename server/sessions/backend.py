@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable, Protocol
 
-from server.sampling import SamplingSettings
-from server.session_store import Session, SessionStore
-from server.slot_state import SlotSnapshot
+from server.engine.sampling import SamplingSettings
+from server.sessions.memory import Session, SessionStore
+from server.engine.slot_state import SlotSnapshot
 
 
 class SessionBackend(Protocol):

@@ -54,9 +54,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from server.generation import RECENT_CHARS
-from server.sampling import SamplingSettings
-from server.slot_state import SlotSnapshot
+from server.engine.generation import RECENT_CHARS
+from server.engine.sampling import SamplingSettings
+from server.engine.slot_state import SlotSnapshot
 
 FORMAT_VERSION = 1
 MAGIC = b"CSREC"

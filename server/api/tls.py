@@ -26,7 +26,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from server.client_credentials import read_file
+from server.clients.credentials import read_file
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")

@@ -1,7 +1,7 @@
 """charstream-bench: the server against the raw model it serves, every row in one run.
 
     charstream-bench --model MODEL_DIR [--checkpoint CKPT_DIR] [--json PATH]
-    python -m server.bench --model MODEL_DIR ...
+    python -m server.clients.bench --model MODEL_DIR ...
 
 Starts `python -m server` on 127.0.0.1 (a separate process; the clients run in
 this one, over grpc.aio), reads GetModelInfo, and measures:
@@ -35,11 +35,11 @@ import grpc
 import onnxruntime as ort
 
 from protos.charstream.v1 import generator_pb2 as pb
-from server import bench_clients as clients
-from server import bench_sessions as sessions
-from server.bench_process import ServerProcess, batch_totals, describe_server, machine_info, running_server
-from server.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
-from server.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
+from server.clients import bench_clients as clients
+from server.clients import bench_sessions as sessions
+from server.clients.bench_process import ServerProcess, batch_totals, describe_server, machine_info, running_server
+from server.clients.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
+from server.clients.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
                                   print_report, ratio_of, write_json)
 
 DEFAULT_JSON = "charstream-bench.json"

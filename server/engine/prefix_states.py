@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from server.model_runner import ModelRunner
-from server.prefix_cache import PrefixCache
-from server.slot_state import SlotState
+from server.engine.model_runner import ModelRunner
+from server.sessions.prefix_cache import PrefixCache
+from server.engine.slot_state import SlotState
 
 if TYPE_CHECKING:
-    from server.scheduler import StepObserver
+    from server.engine.scheduler import StepObserver
 
 
 class PrefixStates:

@@ -22,18 +22,18 @@ from typing import AsyncIterator, Callable, Iterator
 import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
-from server.engine import Engine
-from server.errors import ServiceError
-from server.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
+from server.engine.loop import Engine
+from server.api.errors import ServiceError
+from server.engine.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
 from server.metrics import ServerMetrics
-from server.sampling import DEFAULT_SETTINGS
-from server.auth import caller
-from server.session_backend import SessionBackend
-from server.session_record import ModelFingerprint
-from server.session_service import SessionRPCs, store_errors
-from server.session_store import Session
+from server.engine.sampling import DEFAULT_SETTINGS
+from server.api.auth import caller
+from server.sessions.backend import SessionBackend
+from server.sessions.record import ModelFingerprint
+from server.api.session_rpcs import SessionRPCs, store_errors
+from server.sessions.memory import Session
 from server.structured_log import log_event
-from server.validation import Limits, check_max_chars, check_session_id, check_stops, check_text, resolve_settings, seed_of
+from server.api.validation import Limits, check_max_chars, check_session_id, check_stops, check_text, resolve_settings, seed_of
 
 logger = logging.getLogger("charstream.server")
 Context = grpc.aio.ServicerContext

@@ -31,14 +31,14 @@ from typing import Awaitable, Callable, Iterator
 
 import numpy as np
 
-from server.engine import Engine
-from server.generation import RECENT_CHARS
-from server.redis_records import LeaseLost, RecordBusy, RecordNotFound, RecordStoreError, RedisRecords
-from server.redis_records import StoreUnavailable as RecordsUnavailable
-from server.sampling import SamplingSettings, stream_key
-from server.session_record import ModelFingerprint, SessionRecord, decode_record, encode_record
-from server.session_store import Session, SessionBusy, SessionNotFound, SessionStore, SessionTakenOver, StoreUnavailable
-from server.slot_state import SlotSnapshot
+from server.engine.loop import Engine
+from server.engine.generation import RECENT_CHARS
+from server.sessions.redis_records import LeaseLost, RecordBusy, RecordNotFound, RecordStoreError, RedisRecords
+from server.sessions.redis_records import RedisUnavailable
+from server.engine.sampling import SamplingSettings, stream_key
+from server.sessions.record import ModelFingerprint, SessionRecord, decode_record, encode_record
+from server.sessions.memory import Session, SessionBusy, SessionNotFound, SessionStore, SessionTakenOver, StoreUnavailable
+from server.engine.slot_state import SlotSnapshot
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")
@@ -93,7 +93,7 @@ class RedisSessions:
                 f"this server lost its hold on session {session_id} ({exc}); its last written state stands: "
                 "read it with GetSession"
             ) from exc
-        except RecordsUnavailable as exc:
+        except RedisUnavailable as exc:
             raise StoreUnavailable(str(exc)) from exc
         except RecordStoreError as exc:  # Redis answered with an error (read-only replica, out of memory, ...)
             raise StoreUnavailable(str(exc)) from exc

@@ -22,7 +22,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from server.model_dir import ModelDirError
+from server.engine.model_dir import ModelDirError
 
 INPUT_SLOTS = "slots"
 INPUT_KEEP = "keep"

@@ -1,6 +1,6 @@
 """A small synchronous Python client for charstream.v1.Generator.
 
-    from server.client import CharstreamClient
+    from server.clients.client import CharstreamClient
 
     with CharstreamClient("localhost:50051") as client:
         for chunk in client.generate("ROMEO:", max_chars=200, temperature=0.8, seed=1):
@@ -20,7 +20,7 @@ them with gRPC's round_robin policy. Give every address in one gRPC target:
     ipv6:[::1]:50051,[::1]:50052              IPv6 addresses, bracketed
     dns:///charstream.example:50051           a DNS name with one A record per replica
 
-    from server.client import CharstreamClient, targets_to_uri
+    from server.clients.client import CharstreamClient, targets_to_uri
 
     target = targets_to_uri(["127.0.0.1:50051", "127.0.0.1:50052"])  # "ipv4:127.0.0.1:50051,127.0.0.1:50052"
     with CharstreamClient(target, lb_policy="round_robin") as client:
@@ -31,7 +31,7 @@ that answers, the others only take over when it fails.
 
 TLS and API keys (server started with --tls-cert / --tls-client-ca / --api-keys):
 
-    from server.client import CharstreamClient, tls_credentials
+    from server.clients.client import CharstreamClient, tls_credentials
 
     credentials = tls_credentials("ca.pem")          # trust this CA; tls_credentials(): the system's roots
     credentials = tls_credentials("ca.pem", "client.crt", "client.key")  # mutual TLS: present a certificate
@@ -53,10 +53,10 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.client_credentials import ApiKeyInterceptor, tls_credentials
+from server.clients.credentials import ApiKeyInterceptor, tls_credentials
 
 # tls_credentials is defined beside the interceptor but belongs to this module's API.
-__all__ = ["CharstreamClient", "Conversation", "GenerationStream", "Session", "has_uri_scheme", "targets_to_uri",
+__all__ = ["CharstreamClient", "Conversation", "TextStream", "SessionHandle", "has_uri_scheme", "targets_to_uri",
            "tls_credentials"]
 
 FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
@@ -121,7 +121,7 @@ def _optional(message: object, **values: object) -> None:
             setattr(message, name, value)
 
 
-class GenerationStream:
+class TextStream:
     """Text chunks of one Generate call; after iteration, how it finished. cancel() stops it."""
 
     def __init__(self, call: grpc.Call):
@@ -148,14 +148,14 @@ class GenerationStream:
         self._call.cancel()
 
 
-class Session:
+class SessionHandle:
     """A server-side session: its state continues from call to call."""
 
     def __init__(self, client: "CharstreamClient", session_id: str):
         self.client = client
         self.id = session_id
 
-    def generate(self, prompt: str = "", max_chars: int = 200, **options: object) -> GenerationStream:
+    def generate(self, prompt: str = "", max_chars: int = 200, **options: object) -> TextStream:
         return self.client.generate(prompt, max_chars, session_id=self.id, **options)  # type: ignore[arg-type]
 
     def info(self) -> pb.SessionInfo:
@@ -169,10 +169,10 @@ class Session:
     def delete(self) -> None:
         self.client.stub.DeleteSession(pb.DeleteSessionRequest(session_id=self.id), timeout=self.client.timeout)
 
-    def fork(self) -> "Session":
+    def fork(self) -> "SessionHandle":
         """A new session with this one's state and random stream; both continue independently."""
         reply = self.client.stub.ForkSession(pb.ForkSessionRequest(session_id=self.id), timeout=self.client.timeout)
-        return Session(self.client, reply.session_id)
+        return SessionHandle(self.client, reply.session_id)
 
     def export(self) -> bytes:
         """The session's record: import it on any server serving the same model (import_session)."""
@@ -245,31 +245,31 @@ class CharstreamClient:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
 
     def create_session(self, prompt: str = "", *, temperature: float | None = None, top_k: int | None = None,
-                       top_p: float | None = None, seed: int | None = None) -> Session:
+                       top_p: float | None = None, seed: int | None = None) -> SessionHandle:
         request = pb.CreateSessionRequest(prompt=prompt)
         _optional(request, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         response = self.stub.CreateSession(request, timeout=self.timeout)
-        return Session(self, response.session_id)
+        return SessionHandle(self, response.session_id)
 
-    def import_session(self, state: bytes) -> Session:
-        """A new session from a record made by Session.export (here or on another server)."""
+    def import_session(self, state: bytes) -> SessionHandle:
+        """A new session from a record made by SessionHandle.export (here or on another server)."""
         reply = self.stub.ImportSession(pb.ImportSessionRequest(state=state), timeout=self.timeout)
-        return Session(self, reply.session_id)
+        return SessionHandle(self, reply.session_id)
 
-    def session(self, session_id: str) -> Session:
+    def session(self, session_id: str) -> SessionHandle:
         """A handle on an existing session (not checked until used)."""
-        return Session(self, session_id)
+        return SessionHandle(self, session_id)
 
     def list_sessions(self) -> list[pb.SessionInfo]:
         return list(self.stub.ListSessions(pb.ListSessionsRequest(), timeout=self.timeout).sessions)
 
     def generate(self, prompt: str = "", max_chars: int = 200, *, session_id: str = "", temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: Iterable[str] = ()) -> GenerationStream:
+                 stop: Iterable[str] = ()) -> TextStream:
         """Stream a generation: iterate the result for text chunks. No session_id = one-shot."""
         request = pb.GenerateRequest(session_id=session_id, prompt=prompt, max_chars=max_chars, stop=list(stop))
         _optional(request, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        return GenerationStream(self.stub.Generate(request))
+        return TextStream(self.stub.Generate(request))
 
     def conversation(self) -> Conversation:
         return Conversation(self.stub)

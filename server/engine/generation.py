@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from server.sampling import SamplingSettings
+from server.engine.sampling import SamplingSettings
 
 LENGTH = "length"
 STOP = "stop"

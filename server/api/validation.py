@@ -8,10 +8,10 @@ from typing import Any
 
 import grpc
 
-from server.errors import ServiceError
-from server.sampling import SamplingSettings
-from server.session_store import SESSION_ID_PATTERN
-from server.vocabulary import Vocabulary
+from server.api.errors import ServiceError
+from server.engine.sampling import SamplingSettings
+from server.sessions.memory import SESSION_ID_PATTERN
+from server.engine.vocabulary import Vocabulary
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

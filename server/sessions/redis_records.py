@@ -46,7 +46,7 @@ class LeaseLost(RecordStoreError):
     """A write was refused: our lease expired or was taken, or the version moved on."""
 
 
-class StoreUnavailable(RecordStoreError):
+class RedisUnavailable(RecordStoreError):
     """Redis could not be reached or did not answer in time."""
 
 
@@ -223,7 +223,7 @@ class RedisRecords:
             yield
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             reason = str(exc) or type(exc).__name__
-            raise StoreUnavailable(f"session store {self._display_url} is unreachable: {reason}") from exc
+            raise RedisUnavailable(f"session store {self._display_url} is unreachable: {reason}") from exc
         except RedisError as exc:
             raise RecordStoreError(f"session store {self._display_url} failed: {exc}") from exc
 

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.generation import (
+from server.engine.generation import (
     CANCELLED,
     FINISHED_BY_REASON,
     LENGTH,
@@ -41,11 +41,11 @@ from server.generation import (
     StreamEvent,
     recent_tail,
 )
-from server.model_runner import ModelRunner
-from server.prefix_cache import PrefixCache
-from server.prefix_states import PrefixStates
-from server.sampling import sample_tokens, stream_key, uniforms_at
-from server.slot_state import Request, SlotSnapshot, SlotState, refusal_of, restored, rewind, snapshot_of
+from server.engine.model_runner import ModelRunner
+from server.sessions.prefix_cache import PrefixCache
+from server.engine.prefix_states import PrefixStates
+from server.engine.sampling import sample_tokens, stream_key, uniforms_at
+from server.engine.slot_state import Request, SlotSnapshot, SlotState, refusal_of, restored, rewind, snapshot_of
 
 logger = logging.getLogger("charstream.server")
 

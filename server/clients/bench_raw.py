@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from server.bench_results import RawResult, TorchResult
+from server.clients.bench_results import RawResult, TorchResult
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

@@ -1,6 +1,6 @@
-"""charstream-loadtest / python -m server.loadtest: a bounded load test that checks every character.
+"""charstream-loadtest / python -m server.clients.loadtest: a bounded load test that checks every character.
 
-`--streams` workers (server/loadtest_workers.py) run concurrently over grpc.aio
+`--streams` workers (server/clients/loadtest_workers.py) run concurrently over grpc.aio
 in this process for `--seconds`, then get at most `--drain-seconds` to finish
 the check of the session they are on. Each worker's sessions are cancelled at
 random, continued, and compared with a reference session generated in one call.
@@ -28,8 +28,8 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.bench_process import ServerStartError, metrics_text, running_server, vm_rss_bytes
-from server.loadtest_workers import UNARY_TIMEOUT, LoadStats, WorkerContext, bearer, stream, worker
+from server.clients.bench_process import ServerStartError, metrics_text, running_server, vm_rss_bytes
+from server.clients.loadtest_workers import UNARY_TIMEOUT, LoadStats, WorkerContext, bearer, stream, worker
 
 STREAMS_PER_CHANNEL = 32
 # Separate channels share one connection unless each has its own subchannel pool.

@@ -20,7 +20,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Callable
 
-from server.generation import StreamEvent, recent_tail
+from server.engine.generation import StreamEvent, recent_tail
 
 Settle = Callable[[int, int], None]  # (request id, characters delivered) -> None
 

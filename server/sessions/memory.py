@@ -17,10 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from server.generation import RECENT_CHARS
-from server.sampling import SamplingSettings
-from server.slot_state import SlotSnapshot
-from server.state_pool import SlotAllocator
+from server.engine.generation import RECENT_CHARS
+from server.engine.sampling import SamplingSettings
+from server.engine.slot_state import SlotSnapshot
+from server.engine.state_pool import SlotAllocator
 
 SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 

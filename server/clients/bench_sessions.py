@@ -26,12 +26,12 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server import bench_clients as clients
-from server.bench_process import REDIS_SERVER, ServerProcess, metrics_text, private_redis, vm_rss_bytes
-from server.bench_results import IdleSessionsResult, PrefixCacheResult, SessionStoreResult
+from server.clients import bench_clients as clients
+from server.clients.bench_process import REDIS_SERVER, ServerProcess, metrics_text, private_redis, vm_rss_bytes
+from server.clients.bench_results import IdleSessionsResult, PrefixCacheResult, SessionStoreResult
 
 if TYPE_CHECKING:
-    from server.bench import Bench
+    from server.clients.bench import Bench
 
 LONG_PROMPT_REPEATS = 3  # row 7 sends prompts 0-2 of distinct_prompts
 PREFIX_REPEATS = 3  # row 9 sends prompts 3-5, so nothing row 7 left in the cache serves them

@@ -25,9 +25,9 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from server.model_dir import AUTO, ModelDirError, ModelFile, ModelSpec, choose_model_file, read_spec
-from server.providers import CPU, CUDA, MODEL_LOAD_ERRORS, ThreadSettings, create_session, expected_provider
-from server.state_pool import DeviceStatePool, HostStatePool
+from server.engine.model_dir import AUTO, ModelDirError, ModelFile, ModelSpec, choose_model_file, read_spec
+from server.engine.providers import CPU, CUDA, MODEL_LOAD_ERRORS, ThreadSettings, create_session, expected_provider
+from server.engine.state_pool import DeviceStatePool, HostStatePool
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")
@@ -140,7 +140,7 @@ def build_device_runner(
     """The IOBinding runner: `device` "cuda" in service, "cpu" to test the same path without a GPU."""
     import onnx  # only the device path edits graphs
 
-    from server.pooled_graph import build_pooled_step
+    from server.engine.pooled_graph import build_pooled_step
 
     pooled = build_pooled_step(onnx.load(str(model_file.path)), num_slots, spec.num_layers, spec.hidden_size)
     session = create_session(pooled.SerializeToString(), device, threads)

@@ -1,6 +1,6 @@
 """What a charstream client presents to the server: TLS channel credentials and an API key.
 
-    from server.client import CharstreamClient, tls_credentials
+    from server.clients.client import CharstreamClient, tls_credentials
 
     credentials = tls_credentials("ca.pem")                            # TLS, trusting ca.pem
     credentials = tls_credentials("ca.pem", "client.crt", "client.key")  # mutual TLS

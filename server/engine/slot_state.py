@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from server.generation import SHUTDOWN, GenerationRequest, RequestStatus, StopMatcher, StreamEvent, recent_tail
+from server.engine.generation import SHUTDOWN, GenerationRequest, RequestStatus, StopMatcher, StreamEvent, recent_tail
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ import threading
 import weakref
 from typing import Callable
 
-from server.generation import GenerationRequest
-from server.model_runner import ModelRunner
-from server.prefix_cache import PrefixCache
-from server.scheduler import Scheduler, StepObserver
-from server.slot_state import SlotSnapshot
-from server.stream import GenerationStream, StreamHub
+from server.engine.generation import GenerationRequest
+from server.engine.model_runner import ModelRunner
+from server.sessions.prefix_cache import PrefixCache
+from server.engine.scheduler import Scheduler, StepObserver
+from server.engine.slot_state import SlotSnapshot
+from server.engine.stream import GenerationStream, StreamHub
 from server.structured_log import log_event
-from server.vocabulary import Vocabulary
+from server.engine.vocabulary import Vocabulary
 
 logger = logging.getLogger("charstream.server")
 

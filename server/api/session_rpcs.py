@@ -19,12 +19,12 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.engine import Engine
-from server.errors import ServiceError
+from server.engine.loop import Engine
+from server.api.errors import ServiceError
 from server.metrics import ServerMetrics
-from server.sampling import DEFAULT_SETTINGS
-from server.session_backend import SessionBackend
-from server.session_record import (
+from server.engine.sampling import DEFAULT_SETTINGS
+from server.sessions.backend import SessionBackend
+from server.sessions.record import (
     MAX_RECORD_BYTES,
     ModelFingerprint,
     RecordInvalid,
@@ -33,7 +33,7 @@ from server.session_record import (
     decode_record,
     encode_record,
 )
-from server.session_store import (
+from server.sessions.memory import (
     Session,
     SessionBusy,
     SessionNotFound,
@@ -41,10 +41,10 @@ from server.session_store import (
     StoreFull,
     StoreUnavailable,
 )
-from server.slot_state import SlotSnapshot
+from server.engine.slot_state import SlotSnapshot
 from server.structured_log import log_event
-from server.auth import caller
-from server.validation import Limits, check_session_id, check_text, resolve_settings, seed_of
+from server.api.auth import caller
+from server.api.validation import Limits, check_session_id, check_text, resolve_settings, seed_of
 
 logger = logging.getLogger("charstream.server")
 Context = grpc.aio.ServicerContext

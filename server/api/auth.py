@@ -24,7 +24,7 @@ from typing import Iterable
 
 import grpc
 
-from server.errors import ServiceError
+from server.api.errors import ServiceError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 MIN_SECRET_CHARS = 16
