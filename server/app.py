@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.api.auth import load_api_keys
+from server.api.auth import ApiKeys, load_api_keys
 from server.config import ServerConfig
 from server.engine.loop import Engine
 from server.api.errors import ErrorInterceptor
@@ -150,11 +150,8 @@ def listen(server: grpc.aio.Server, config: ServerConfig) -> int:
     return server.add_secure_port(address, credentials)
 
 
-async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
-    """Load the model (unless `runner` is given), bind, and start serving."""
-    if runner is None:
-        runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.thread_settings())
-    metrics = ServerMetrics()
+def build_service(config: ServerConfig, runner: ModelRunner, metrics: ServerMetrics) -> tuple[GeneratorService, ApiKeys | None]:
+    """The engine, session backend and servicer for `runner` (nothing started yet)."""
     prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
     if prefix_cache is not None:
         metrics.track_prefix_cache(prefix_cache)
@@ -176,7 +173,12 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     limits = Limits(max_chars=config.max_chars, max_prompt_chars=config.max_prompt_chars)
     service = GeneratorService(engine, sessions, limits, metrics, model_info_message(runner, config), fingerprint,
                                streams_per_key=config.streams_per_key if api_keys else None)
+    return service, api_keys
 
+
+def build_grpc_server(config: ServerConfig, service: GeneratorService, metrics: ServerMetrics,
+                      api_keys: ApiKeys | None) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    """The gRPC server with the Generator, health and reflection services, bound: (server, health, port)."""
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics, api_keys.authenticate if api_keys else None)],
         options=server_options(config),
@@ -191,10 +193,19 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
         raise OSError(f"cannot listen on {host_port(config.host, config.port)}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot listen on {host_port(config.host, config.port)} (address in use?)")
-    engine.start()
+    return server, health, port
+
+
+async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
+    """Load the model (unless `runner` is given), bind, and start serving."""
+    if runner is None:
+        runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.thread_settings())
+    metrics = ServerMetrics()
+    service, api_keys = build_service(config, runner, metrics)
+    server, health, port = build_grpc_server(config, service, metrics, api_keys)
+    service.engine.start()
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-
     endpoint = None
     if config.metrics_port is not None:
         endpoint = metrics.serve(config.metrics_host or config.host, config.metrics_port)
@@ -205,8 +216,8 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
             await health.set(SERVICE_NAME, status)
 
     # Expiry sweeps, and for a shared store its leases and health.
-    sweeper = asyncio.create_task(sessions.run_background(set_serving))
-    running = RunningServer(server, port, config, engine, service, health, metrics, endpoint, sweeper)
+    sweeper = asyncio.create_task(service.store.run_background(set_serving))
+    running = RunningServer(server, port, config, service.engine, service, health, metrics, endpoint, sweeper)
     log_event(
         logger,
         "listening",

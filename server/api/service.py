@@ -241,11 +241,7 @@ class GeneratorService(SessionRPCs):
                     # would put it `write_back` behind: a crash of this server loses fewer than
                     # that many of the characters the client received.
                     written_back = stream.delivered
-                    try:
-                        with store_errors():
-                            await self.store.checkpoint(session)
-                    except ServiceError as error:
-                        failed_write_back = error
+                    failed_write_back = await self._checkpoint(session)
                 # Counted as delivered already: they go out even when the write-back failed.
                 await context.write(response(chunk.text, chunk.end, stream.delivered))
                 if failed_write_back is not None:
@@ -255,18 +251,25 @@ class GeneratorService(SessionRPCs):
                     return finish
         finally:
             stream.abort()  # no-op after the end; else the session keeps what was delivered
-            self.metrics.active_streams.dec()
-            self.active_streams -= 1
-            self.metrics.finished.labels(reason=finish).inc()
-            log_event(
-                logger,
-                "generation_finished",
-                session=session.id[:8],
-                reason=finish,
-                prompt_chars=len(job.prompt_tokens),
-                generated_chars=stream.delivered,
-                seconds=round(time.monotonic() - started, 4),
-            )
+            self._stream_ended(session, job, stream.delivered, finish, started)
+
+    async def _checkpoint(self, session: Session) -> ServiceError | None:
+        """Write the session back to a shared store; a failure is returned, to raise after the write."""
+        try:
+            with store_errors():
+                await self.store.checkpoint(session)
+        except ServiceError as error:
+            return error
+        return None
+
+    def _stream_ended(self, session: Session, job: GenerationRequest, delivered: int, finish: str,
+                      started: float) -> None:
+        self.metrics.active_streams.dec()
+        self.active_streams -= 1
+        self.metrics.finished.labels(reason=finish).inc()
+        log_event(logger, "generation_finished", session=session.id[:8], reason=finish,
+                  prompt_chars=len(job.prompt_tokens), generated_chars=delivered,
+                  seconds=round(time.monotonic() - started, 4))
 
     def _failure(self, session: Session, event: StreamEvent) -> ServiceError:
         if event.error_is_precondition:

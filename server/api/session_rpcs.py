@@ -3,7 +3,7 @@ sessions as data (fork, export, import). Streaming lives in service.py.
 
 A session's state leaves the engine only as a SlotSnapshot taken between
 steps (engine.snapshot), so a fork or an export is exactly the state after
-the session's prompts and delivered characters; records (session_record.py)
+the session's prompts and delivered characters; records (sessions/record.py)
 tie it to the served model.
 """
 

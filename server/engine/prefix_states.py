@@ -15,7 +15,7 @@ import numpy as np
 
 from server.engine.model_runner import ModelRunner
 from server.sessions.prefix_cache import PrefixCache
-from server.engine.slot_state import SlotState
+from server.engine.slot_state import SlotSnapshot, SlotState
 
 if TYPE_CHECKING:
     from server.engine.scheduler import StepObserver
@@ -42,6 +42,13 @@ class PrefixStates:
             state.capture = text
         if self._observer is not None:
             self._observer.observe_prefix_cache(hit is not None, skipped, self.cache)
+
+    def start_restored(self, state: SlotState, snapshot: SlotSnapshot, text: str) -> None:
+        """`state` was just restored from `snapshot`: one stored with its prompt unconsumed (a
+        shared store's CreateSession) starts after its cached prefix like a fresh session."""
+        fresh = snapshot.logits is None and snapshot.consumed_chars == len(snapshot.pending)
+        if fresh and snapshot.pending and not np.any(snapshot.hidden):
+            self.start(state, list(snapshot.pending), text)
 
     def capture(self, stepped: list[tuple[int, SlotState]]) -> None:
         """After a step over `stepped` (slot, state): cache the states of prompts consumed in full."""

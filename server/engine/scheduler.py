@@ -1,7 +1,7 @@
 """The scheduler: which sessions step, sampling, and every request's bookkeeping.
 
 It runs on the engine thread only (no locks) and knows nothing of threads or
-event loops: the engine (engine.py) feeds it commands and hands the events it
+event loops: the engine (loop.py) feeds it commands and hands the events it
 collects to the callers. One iteration (the engine calls `sample()`, then `step()`):
 
   1. samples the next character of every generating request whose logits are
@@ -29,23 +29,14 @@ from typing import Protocol
 
 import numpy as np
 
-from server.engine.generation import (
-    CANCELLED,
-    FINISHED_BY_REASON,
-    LENGTH,
-    SHUTDOWN,
-    STOP,
-    GenerationRequest,
-    RequestStatus,
-    StopMatcher,
-    StreamEvent,
-    recent_tail,
-)
+from server.engine.generation import (CANCELLED, FINISHED_BY_REASON, LENGTH, SHUTDOWN, STOP, GenerationRequest,
+                                      RequestStatus, StopMatcher, StreamEvent, recent_tail)
 from server.engine.model_runner import ModelRunner
 from server.sessions.prefix_cache import PrefixCache
 from server.engine.prefix_states import PrefixStates
 from server.engine.sampling import sample_tokens, stream_key, uniforms_at
-from server.engine.slot_state import Request, SlotSnapshot, SlotState, refusal_of, restored, rewind, snapshot_of
+from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, refusal_of, restored, rewind,
+                                      snapshot_of)
 
 logger = logging.getLogger("charstream.server")
 
@@ -106,10 +97,7 @@ class Scheduler:
         """Open `slot` continuing exactly from `snapshot` (a fork, an import, a session loaded from a store)."""
         self.close(slot)
         state = self.slots[slot] = restored(snapshot)
-        fresh = snapshot.logits is None and snapshot.consumed_chars == len(snapshot.pending)
-        if fresh and snapshot.pending and not np.any(snapshot.hidden):
-            # A session stored with its prompt unconsumed (a shared store's CreateSession).
-            self.prefixes.start(state, list(snapshot.pending), self._decode(list(snapshot.pending)))
+        self.prefixes.start_restored(state, snapshot, self._decode(snapshot.pending))
         self._active[slot] = None
 
     def close(self, slot: int) -> None:
@@ -307,18 +295,13 @@ class Scheduler:
         self._fail([self.slots[r.slot] for r in list(self.requests.values()) if r.slot in self.slots], exc)
 
     def _fail(self, states: list[SlotState], exc: Exception) -> None:
-        for state in states:
-            # The state can no longer be trusted; dropping its tokens also keeps a
-            # persistent failure from being retried in a tight loop.
-            state.pending.clear()
-            state.logits, state.lost = None, True
-            request = state.request
-            if request is not None and not request.status.is_finished:
+        for request in [lose(state) for state in states]:
+            if request is None:
+                continue
+            del self.requests[request.id]
+            if not request.status.is_finished:
                 request.status = RequestStatus.FINISHED_ERROR
                 self.events.append((request.id, StreamEvent(error=f"model step failed: {exc}")))
-            if request is not None:
-                state.request = None
-                del self.requests[request.id]
 
     def _decode(self, tokens: list[int] | tuple[int, ...]) -> str:
         return "".join(self.chars[t] for t in tokens)

@@ -22,7 +22,7 @@ from server.engine.generation import SHUTDOWN, GenerationRequest, RequestStatus,
 
 @dataclass(frozen=True)
 class SlotSnapshot:
-    """A session's model state, portable between slots, servers and time (see session_record.py).
+    """A session's model state, portable between slots, servers and time (see sessions/record.py).
 
     Continuing from it is exact: feed `pending` to the model starting from `hidden`,
     or, when nothing is pending, sample from `logits`.
@@ -133,6 +133,15 @@ def _current(state: SlotState, pooled: Callable[[], np.ndarray]) -> np.ndarray:
 
 def _copy(array: np.ndarray | None) -> np.ndarray | None:
     return None if array is None else np.array(array, np.float32)
+
+
+def lose(state: SlotState) -> Request | None:
+    """Mark a state that a failed step left untrustworthy; detach and return its request.
+    Dropping its tokens also keeps a persistent failure from being retried in a tight loop."""
+    state.pending.clear()
+    state.logits, state.lost = None, True
+    request, state.request = state.request, None
+    return request
 
 
 def refusal_of(state: SlotState | None, spec: GenerationRequest, draining: bool) -> StreamEvent | None:

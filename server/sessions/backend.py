@@ -1,8 +1,8 @@
 """Where sessions live between calls, as the servicer sees it: one async interface, two backends.
 
-- LocalSessions (the default): sessions in this process (session_store.py);
+- LocalSessions (the default): sessions in this process (memory.py);
   a session keeps its engine slot between calls.
-- RedisSessions (redis_sessions.py): session records in Redis, shared by
+- RedisSessions (redis_store.py): session records in Redis, shared by
   replicas; a session is loaded into a slot when a call starts and written
   back (checkpointed) during and after it.
 

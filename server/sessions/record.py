@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import struct
 from dataclasses import dataclass
@@ -54,9 +53,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from server.engine.generation import RECENT_CHARS
 from server.engine.sampling import SamplingSettings
 from server.engine.slot_state import SlotSnapshot
+from server.sessions.record_checks import (  # noqa: F401 - the errors are part of this module's API
+    RecordError,
+    RecordInvalid,
+    RecordModelMismatch,
+    check_model,
+    check_values,
+    is_int,
+    is_number,
+    require,
+)
 
 FORMAT_VERSION = 1
 MAGIC = b"CSREC"
@@ -64,19 +72,6 @@ MAX_RECORD_BYTES = 1 << 20  # real states are a few KiB; the cap bounds work don
 _PREFIX = struct.Struct("<5sHI")  # magic, version, header length
 _CHECKSUM_BYTES = 32
 _FLOAT32_LE = np.dtype("<f4")
-_HEX = frozenset("0123456789abcdef")
-
-
-class RecordError(ValueError):
-    """A session record that cannot be used; the message says what is wrong."""
-
-
-class RecordInvalid(RecordError):
-    """Truncated, altered, malformed or out-of-range record."""
-
-
-class RecordModelMismatch(RecordError):
-    """A sound record, but made for a different model than the one expected."""
 
 
 @dataclass(frozen=True)
@@ -158,7 +153,7 @@ def encode_record(record: SessionRecord) -> bytes:
         raise RecordInvalid("record text fields must be valid Unicode (no lone surrogates)") from exc
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + b"".join(chunks)
     data = body + hashlib.sha256(body).digest()
-    _require(len(data) <= MAX_RECORD_BYTES, f"record would be {len(data)} bytes; the limit is {MAX_RECORD_BYTES}")
+    require(len(data) <= MAX_RECORD_BYTES, f"record would be {len(data)} bytes; the limit is {MAX_RECORD_BYTES}")
     return data
 
 
@@ -190,28 +185,23 @@ def decode_record(data: bytes, expected: ModelFingerprint | None = None) -> Sess
     return record
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise RecordInvalid(message)
-
-
 def _unframe(data: Any) -> tuple[bytes, bytes]:
     """(header bytes, payload bytes) after checking magic, version, lengths and checksum."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise RecordInvalid(f"a session record must be bytes, not {type(data).__name__}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
-    _require(size <= MAX_RECORD_BYTES, f"session record is {size} bytes; the limit is {MAX_RECORD_BYTES}")
+    require(size <= MAX_RECORD_BYTES, f"session record is {size} bytes; the limit is {MAX_RECORD_BYTES}")
     data = bytes(data)
-    _require(len(data) > 0, "session record is empty")
-    _require(data.startswith(MAGIC), "not a charstream session record")
-    _require(len(data) >= _PREFIX.size, "record is truncated (too short for its header)")
+    require(len(data) > 0, "session record is empty")
+    require(data.startswith(MAGIC), "not a charstream session record")
+    require(len(data) >= _PREFIX.size, "record is truncated (too short for its header)")
     _, version, header_length = _PREFIX.unpack_from(data)
-    _require(version == FORMAT_VERSION, f"record format version {version}; this server reads {FORMAT_VERSION}")
-    _require(len(data) >= _PREFIX.size + _CHECKSUM_BYTES, "record is truncated (too short for its checksum)")
+    require(version == FORMAT_VERSION, f"record format version {version}; this server reads {FORMAT_VERSION}")
+    require(len(data) >= _PREFIX.size + _CHECKSUM_BYTES, "record is truncated (too short for its checksum)")
     body, checksum = data[:-_CHECKSUM_BYTES], data[-_CHECKSUM_BYTES:]
-    _require(hashlib.sha256(body).digest() == checksum, "record is truncated or altered (checksum mismatch)")
+    require(hashlib.sha256(body).digest() == checksum, "record is truncated or altered (checksum mismatch)")
     end = _PREFIX.size + header_length
-    _require(end <= len(body), f"record header length {header_length} runs past the end of the record")
+    require(end <= len(body), f"record header length {header_length} runs past the end of the record")
     return body[_PREFIX.size:end], body[end:]
 
 
@@ -221,7 +211,7 @@ def _parse_header(header_bytes: bytes) -> dict[str, Any]:
 
     def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         # Parsers disagree on which of a repeated key wins, so a repeat is ambiguous.
-        _require(len(dict(pairs)) == len(pairs), "record header repeats a key")
+        require(len(dict(pairs)) == len(pairs), "record header repeats a key")
         return dict(pairs)
 
     try:
@@ -232,19 +222,19 @@ def _parse_header(header_bytes: bytes) -> dict[str, Any]:
         header = json.loads(text, parse_constant=no_constants, object_pairs_hook=no_repeats)
     except json.JSONDecodeError as exc:
         raise RecordInvalid(f"record header is not valid JSON ({exc.msg} at character {exc.pos})") from exc
-    _require(isinstance(header, dict), "record header must be a JSON object")
+    require(isinstance(header, dict), "record header must be a JSON object")
     return header
 
 
 def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
     """obj[key], which must be a JSON value of `kind`."""
     path = f"{where}.{key}" if where else key
-    _require(key in obj, f"record field {path} is missing")
+    require(key in obj, f"record field {path} is missing")
     value = obj[key]
     if kind is float:
-        _require(_is_number(value), f"record field {path} must be a finite number")
+        require(is_number(value), f"record field {path} must be a finite number")
         return float(value)
-    _require(isinstance(value, kind) and not (kind is int and isinstance(value, bool)),
+    require(isinstance(value, kind) and not (kind is int and isinstance(value, bool)),
              f"record field {path} must be {_KIND_NAMES[kind]}")
     return value
 
@@ -258,14 +248,14 @@ def _read_record(header_bytes: bytes, payload: bytes) -> SessionRecord:
     header = _parse_header(header_bytes)
     model = _section(header, "model", _MODEL_FIELDS)
     model = ModelFingerprint(**{**model, "vocab": tuple(model["vocab"])})
-    _check_model(model)  # the arrays are read against its sizes
+    check_model(model)  # the arrays are read against its sizes
     arrays = _field(header, "arrays", dict, "")
     hidden, hidden_span = _read_array(arrays, "hidden", (model.num_layers, model.hidden_size), payload)
-    _require(hidden is not None, "record field arrays.hidden must not be null")
+    require(hidden is not None, "record field arrays.hidden must not be null")
     logits, logits_span = _read_array(arrays, "logits", (len(model.vocab),), payload)
     spans = sorted(span for span in (hidden_span, logits_span) if span is not None)
     apart = all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))
-    _require(apart and sum(stop - start for start, stop in spans) == len(payload),
+    require(apart and sum(stop - start for start, stop in spans) == len(payload),
              f"record arrays must cover the {len(payload)}-byte payload exactly, without overlap")
     state = _section(header, "state", _STATE_FIELDS)
     snapshot = SlotSnapshot(hidden=hidden, logits=logits, **{**state, "pending": tuple(state["pending"])})
@@ -277,102 +267,26 @@ def _read_array(arrays: dict[str, Any], name: str, shape: tuple[int, ...],
                 payload: bytes) -> tuple[np.ndarray | None, tuple[int, int] | None]:
     """(a fresh float32 array, its byte span in the payload), or (None, None) for null."""
     path = f"arrays.{name}"
-    _require(name in arrays, f"record field {path} is missing")
+    require(name in arrays, f"record field {path} is missing")
     if arrays[name] is None:
         return None, None
     entry = _field(arrays, name, dict, "")
-    _require(_field(entry, "dtype", str, path) == "float32", f"record field {path}.dtype must be \"float32\"")
+    require(_field(entry, "dtype", str, path) == "float32", f"record field {path}.dtype must be \"float32\"")
     got = _field(entry, "shape", list, path)
-    _require(len(got) <= 8 and all(_is_int(n) and 0 <= n < 2**31 for n in got),
+    require(len(got) <= 8 and all(is_int(n) and 0 <= n < 2**31 for n in got),
              f"record field {path}.shape must be a short list of integers")
-    _require(tuple(got) == shape, f"record field {path}.shape is {got}; the record's model needs {list(shape)}")
+    require(tuple(got) == shape, f"record field {path}.shape is {got}; the record's model needs {list(shape)}")
     offset, length = _field(entry, "offset", int, path), _field(entry, "length", int, path)
-    _require(length == 4 * math.prod(shape), f"record field {path}.length must be {4 * math.prod(shape)} bytes")
-    _require(0 <= offset <= len(payload) - length,
+    require(length == 4 * math.prod(shape), f"record field {path}.length must be {4 * math.prod(shape)} bytes")
+    require(0 <= offset <= len(payload) - length,
              f"record field {path} (offset {offset}, length {length}) lies outside the {len(payload)}-byte payload")
     values = np.frombuffer(payload, dtype=_FLOAT32_LE, count=math.prod(shape), offset=offset)
     # astype copies: the result owns writeable, C-contiguous, native float32 memory.
     return values.reshape(shape).astype(np.float32), (offset, offset + length)
 
 
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-def _is_utf8(text: str) -> bool:
-    """No lone surrogates: the text can go out in a protobuf string field."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)):
-        return False
-    # math.isfinite would overflow on a huge integer, which no float64 can hold anyway.
-    return abs(value) < 2**1000 if _is_int(value) else math.isfinite(value)
-
-
-def _check_array(array: Any, shape: tuple[int, ...], name: str, why: str) -> None:
-    _require(isinstance(array, np.ndarray) and array.dtype.kind == "f" and array.dtype.itemsize == 4,
-             f"{name} must be a float32 array")
-    _require(array.shape == shape, f"{name} has shape {list(array.shape)}; the model needs {why} = {list(shape)}")
-    _require(bool(np.isfinite(array).all()), f"{name} has non-finite values (NaN or infinity)")
-
-
-def _check_model(model: Any) -> None:
-    _require(isinstance(model, ModelFingerprint), "record model must be a ModelFingerprint")
-    sha, vocab = model.sha256, model.vocab
-    rules = [
-        ("model.sha256", isinstance(sha, str) and len(sha) == 64 and set(sha) <= _HEX, "64 lowercase hex digits"),
-        ("model.vocab", isinstance(vocab, tuple) and len(vocab) > 0 and all(isinstance(c, str) and len(c) == 1
-         for c in vocab) and len(set(vocab)) == len(vocab), "non-empty, distinct single characters"),
-        ("model.embedding_dim", _is_int(model.embedding_dim) and 0 <= model.embedding_dim < 2**31, "an integer >= 0"),
-        ("model.hidden_size", _is_int(model.hidden_size) and 0 < model.hidden_size < 2**31, "an integer >= 1"),
-        ("model.num_layers", _is_int(model.num_layers) and 0 < model.num_layers < 2**31, "an integer >= 1"),
-    ]
-    for path, ok, rule in rules:
-        _require(ok, f"record field {path} must be {rule}")
-
-
 def _check_record(record: Any) -> None:
-    """Every value rule of the format (shared by encode and decode, so neither accepts what the other refuses)."""
-    _require(isinstance(record, SessionRecord), "not a SessionRecord")
-    _require(isinstance(record.settings, SamplingSettings) and isinstance(record.snapshot, SlotSnapshot),
-             "record settings and snapshot must be SamplingSettings and SlotSnapshot")
-    model, settings, snap = record.model, record.settings, record.snapshot
-    _check_model(model)
-    _check_array(snap.hidden, (model.num_layers, model.hidden_size), "hidden", "[num_layers, hidden_size]")
-    if snap.logits is not None:
-        _check_array(snap.logits, (len(model.vocab),), "logits", "[vocab size]")
-    t, k, p, vocab_size = settings.temperature, settings.top_k, settings.top_p, len(model.vocab)
-    pending_ok = isinstance(snap.pending, (tuple, list)) and all(_is_int(i) and 0 <= i < vocab_size
-                                                                 for i in snap.pending)
-    rules = [
-        # The API's types bound these (temperature a float32, top_k an int32): a record holds
-        # only what a session created through the API can hold, so describing it never fails.
-        ("settings.temperature", _is_number(t) and (t == 0 or FLOAT32_TINY <= t <= FLOAT32_MAX),
-         "0 (greedy) or a positive normal float32"),
-        ("settings.top_k", _is_int(k) and 0 <= k < 2**31, "an integer in [0, 2**31) (0 = no limit)"),
-        ("settings.top_p", _is_number(p) and 0 < p <= 1, "in (0, 1]"),
-        ("state.pending", pending_ok, f"a list of token ids in [0, {vocab_size})"),
-        ("state.pending", snap.logits is None or not snap.pending, "empty when the state has logits"),
-        ("state.stream_key", _is_int(snap.stream_key) and 0 <= snap.stream_key < 2**64, "an integer in [0, 2**64)"),
-        # Headroom below the uint64 / int64 counters they feed: a session keeps counting.
-        ("state.position", _is_int(snap.position) and 0 <= snap.position < 2**63, "an integer in [0, 2**63)"),
-        ("state.consumed_chars", _is_int(snap.consumed_chars) and 0 <= snap.consumed_chars < 2**62,
-         "an integer in [0, 2**62)"),
-        ("state.recent_text", isinstance(snap.recent_text, str) and len(snap.recent_text) <= RECENT_CHARS
-         and _is_utf8(snap.recent_text), f"valid text of at most {RECENT_CHARS} characters"),
-        ("owner", isinstance(record.owner, str), "a string"),
-        ("created", _is_number(record.created) and record.created >= 0, "finite unix seconds >= 0"),
-        ("updated", _is_number(record.updated) and record.updated >= 0, "finite unix seconds >= 0"),
-    ]
-    for path, ok, rule in rules:
-        _require(ok, f"record field {path} must be {rule}")
+    require(isinstance(record, SessionRecord) and isinstance(record.model, ModelFingerprint), "not a SessionRecord")
+    require(isinstance(record.settings, SamplingSettings) and isinstance(record.snapshot, SlotSnapshot),
+            "record settings and snapshot must be SamplingSettings and SlotSnapshot")
+    check_values(record)

@@ -1,6 +1,6 @@
 """Sessions shared by replicas through Redis (--session-store redis://HOST:PORT/DB).
 
-A session lives in Redis as a record (session_record.py) with a TTL; between
+A session lives in Redis as a record (record.py) with a TTL; between
 calls it holds no engine slot, so the number of sessions is bounded by Redis
 memory, not by --max-sessions (which bounds concurrent calls here). A call:
 
