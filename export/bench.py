@@ -5,10 +5,8 @@ hidden 1024, 1 layer, 65 characters); numbers depend on the machine, not the
 weights. All graphs are timed side by side in interleaved rounds so that a
 noisy machine disturbs them alike; the median round is reported.
 
-Measured:
-- per-step time of the hand-written cell (fp32, fp16, int8) and of the ONNX
-  GRU-op cell (fp32) at the requested batch sizes;
-- prompt ingestion: one prefill call vs one step call per character.
+Measured: per-step time of the hand-written cell (fp32, fp16, int8) and of
+the ONNX GRU-op cell (fp32) at the requested batch sizes.
 """
 
 from __future__ import annotations
@@ -22,11 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 
 from export.gru_op import build_gru_op_graph
-from export.runtime import CPU, CUDA, CellRunner, cuda_available, make_session
+from export.runtime import CellRunner, make_session
 from export.variants import VARIANTS
+from server.engine.model_contract import INT8
+from server.engine.providers import CPU, CUDA, cuda_available
 
 
 def random_weights(vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int, seed: int) -> dict:
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-layers", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=65)
     parser.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default: %(default)s)")
-    parser.add_argument("--prompt-chars", type=int, default=200, help="prompt length for ingestion (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=50, help="calls per round per graph (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ONNX Runtime's)")
@@ -99,14 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, CellRunner] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, variant in VARIANTS.items():
-            if provider == CUDA and name == "int8":
+            if provider == CUDA and name == INT8:
                 continue  # dynamic int8 is the CPU variant
             variant.build(weights, config, vocab, Path(scratch) / variant.file)
             runners[f"cell {name}"] = CellRunner(make_session(Path(scratch) / variant.file, provider, args.threads))
         gru_op = build_gru_op_graph(weights, config, vocab)
         runners["GRU op fp32"] = CellRunner(make_session(gru_op, provider, args.threads))
-        prefill: onnx.ModelProto = build_gru_op_graph(weights, config, vocab, prefill=True)
-        prefill_runner = CellRunner(runners["cell fp32"].step_session, make_session(prefill, provider, args.threads))
 
     rng = np.random.default_rng(1)
     print(f"size: embedding {E}, hidden {H}, layers {L}, vocab {V}; provider {provider}; "
@@ -122,30 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         results[batch] = _median_round(steps, args.rounds, args.repeats)
     for name in runners:
         print(f"| {name} | " + " | ".join(f"{results[b][name] * 1e3:.3f}" for b in batches) + " |")
-
-    print()
-    print(f"| prompt ingestion, {args.prompt_chars} chars | " + " | ".join(f"batch {b} ms" for b in batches) + " |")
-    print("|---|" + "---|" * len(batches))
-    ingestion: dict[int, dict[str, float]] = {}
-    for batch in batches:
-        prompt = rng.integers(0, V, size=(batch, args.prompt_chars))  # [B, T]
-        lengths = np.full(batch, args.prompt_chars, dtype=np.int64)  # [B]
-        zero = np.zeros((L, batch, H), dtype=np.float32)  # [L, B, H]
-
-        def stepwise() -> None:
-            hidden = zero
-            for t in range(args.prompt_chars):
-                _, hidden = prefill_runner.step(prompt[:, t], hidden)
-
-        def one_call() -> None:
-            prefill_runner.prefill(prompt, lengths, zero)
-
-        ingestion[batch] = _median_round(
-            {"stepwise (cell fp32)": stepwise, "prefill (GRU op fp32)": one_call},
-            args.rounds, max(1, args.repeats // 10),
-        )
-    for name in ("stepwise (cell fp32)", "prefill (GRU op fp32)"):
-        print(f"| {name} | " + " | ".join(f"{ingestion[b][name] * 1e3:.2f}" for b in batches) + " |")
     return 0
 
 

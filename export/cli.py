@@ -7,33 +7,31 @@ import sys
 
 from export.evaluate import DEFAULT_STREAMS
 from export.verify import GREEDY_LENGTH
+from server.engine.model_contract import DEFAULT_VARIANT, MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="charstream-export",
         description=(
-            "Export a charstream checkpoint to a model directory (model.onnx, variants, "
-            "manifest.json), verified against PyTorch. Nothing is written unless every "
+            f"Export a charstream checkpoint to a model directory ({MODEL_FILE}, variants, "
+            f"{MANIFEST_FILE}), verified against PyTorch. Nothing is written unless every "
             "check passes."
         ),
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="directory with config.json, vocab.json, model.safetensors")
     parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to create")
     parser.add_argument(
-        "--variants", default="fp32,fp16,int8", metavar="LIST",
-        help="comma-separated variants from fp32, fp16, int8 (fp32 is always written; default: %(default)s)",
+        "--variants", default=",".join(VARIANT_FILES), metavar="LIST",
+        help=f"comma-separated variants from {', '.join(VARIANT_FILES)} "
+        f"({DEFAULT_VARIANT} is always written; default: %(default)s)",
     )
-    parser.add_argument("--default", default="fp32", help="variant the manifest names as default (default: %(default)s)")
+    parser.add_argument("--default", default=DEFAULT_VARIANT, help="variant the manifest names as default (default: %(default)s)")
     parser.add_argument(
         "--eval-text", metavar="PATH",
         help="text file whose last 10%% scores each variant's teacher-forced validation loss",
     )
     parser.add_argument("--eval-streams", type=int, default=DEFAULT_STREAMS, metavar="N", help="parallel streams for the loss (default: %(default)s)")
-    parser.add_argument(
-        "--prefill", action="store_true",
-        help="also write prefill.onnx, a graph that consumes a whole prompt in one call",
-    )
     parser.add_argument("--force", action="store_true", help="replace MODEL_DIR if it holds an earlier export")
     parser.add_argument("--prompt", help="prompt for the greedy check (default: random characters, fixed seed)")
     parser.add_argument("--greedy-chars", type=int, default=GREEDY_LENGTH, metavar="N", help="greedy characters compared (default: %(default)s)")
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         export_checkpoint(
             args.checkpoint, args.out, args.variants,
-            eval_text=args.eval_text, prefill=args.prefill, force=args.force,
+            eval_text=args.eval_text, force=args.force,
             default=args.default, prompt=args.prompt, greedy_length=args.greedy_chars,
             eval_streams=args.eval_streams, seed=args.seed, threads=args.threads, log=log,
         )

@@ -1,21 +1,28 @@
 """Teacher-forced validation loss of an exported cell, next to PyTorch's on the same streams.
 
-The validation text is the last 10% of the given text, the split training uses.
-It is cut into parallel streams (contiguous chunks) that all start from the
-zero state; the cell steps all of them at once, one batch per character.
-Training's own validation figure uses shorter windows, so it differs; PyTorch
-is scored here on the same streams as the graphs, so the deltas are exact.
+The validation text is the last `val_fraction` of the given text, the split
+training used: the fraction comes from the checkpoint's config.json (the
+training default when the checkpoint does not record it), and the boundary is
+counted by training's own split function. It is cut into parallel streams
+(contiguous chunks) that all start from the zero state; the cell steps all of
+them at once, one batch per character. Training's own validation figure uses
+shorter windows, so it differs; PyTorch is scored here on the same streams as
+the graphs, so the deltas are exact.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from export.runtime import CellRunner
+from training.data import validation_length
+from training.settings import Settings
 
-VALIDATION_FRACTION = 0.1
+# A checkpoint that does not record its split was trained with the default.
+DEFAULT_VAL_FRACTION: float = Settings.val_fraction
 DEFAULT_STREAMS = 64
 MIN_STREAM_LENGTH = 16
 
@@ -24,19 +31,38 @@ class EvalTextError(ValueError):
     """An evaluation text that cannot be scored with this model."""
 
 
-def validation_part(text: str) -> str:
-    """The last 10% of the text, counted exactly as training's split counts it."""
-    validation_chars = int(len(text) * VALIDATION_FRACTION)
-    return text[len(text) - validation_chars :]
+def validation_fraction(checkpoint_config: dict[str, Any]) -> float:
+    """The `val_fraction` a checkpoint was trained with (its config.json), or training's default."""
+    training = checkpoint_config.get("training") or {}
+    settings = training.get("settings") or {}
+    value = settings.get("val_fraction")
+    if value is None:
+        return DEFAULT_VAL_FRACTION
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise EvalTextError(f"the checkpoint's config.json records val_fraction {value!r}, not a number in (0, 1)")
+    return float(value)
 
 
-def load_streams(path: Path, vocab: list[str], streams: int = DEFAULT_STREAMS) -> np.ndarray:
-    """Read a text file, keep its validation part, and cut it into token streams [S, T]."""
+def validation_part(text: str, val_fraction: float) -> str:
+    """The last `val_fraction` of the text, counted exactly as training's split counts it."""
+    return text[len(text) - validation_length(len(text), val_fraction) :]
+
+
+def load_streams(
+    path: Path, vocab: list[str], streams: int = DEFAULT_STREAMS, *, val_fraction: float
+) -> np.ndarray:
+    """Read a text file, keep its last `val_fraction`, and cut that into token streams [S, T].
+
+    `val_fraction` has no default on purpose: it must be the checkpoint's own
+    (see `validation_fraction`), or the part scored is not training's validation split.
+    """
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: training drops a leading byte-order mark too, and the
+        # split boundary must be counted on the same characters.
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise EvalTextError(f"cannot read evaluation text {path}: {exc}") from exc
-    part = validation_part(text)
+    part = validation_part(text, val_fraction)
     index = {ch: i for i, ch in enumerate(vocab)}
     unknown = sorted({ch for ch in part if ch not in index})
     if unknown:
@@ -44,7 +70,10 @@ def load_streams(path: Path, vocab: list[str], streams: int = DEFAULT_STREAMS) -
             f"evaluation text {path} has characters the model's vocabulary lacks: {unknown[:10]!r}"
         )
     if len(part) < 2:
-        raise EvalTextError(f"evaluation text {path} is too short: its last 10% has {len(part)} characters")
+        raise EvalTextError(
+            f"evaluation text {path} is too short: its validation part "
+            f"(the last {val_fraction:g}) has {len(part)} characters"
+        )
     ids = np.fromiter((index[ch] for ch in part), dtype=np.int64, count=len(part))
     # Fewer, longer streams for short texts: each stream needs some context to be meaningful.
     count = max(1, min(streams, len(ids) // MIN_STREAM_LENGTH))

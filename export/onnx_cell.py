@@ -22,19 +22,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+# Names the server reads: written from the one definition both sides share.
+from server.engine.model_contract import (
+    INPUT_HIDDEN,
+    INPUT_TOKENS,
+    META_CONFIG,
+    META_VOCAB,
+    MODEL_CONFIG_KEYS,
+    OUTPUT_HIDDEN,
+    OUTPUT_LOGITS,
+)
+
 OPSET = 17
 # Pinned so that onnx releases newer than the runtime cannot raise the IR
 # version past what ONNX Runtime reads (IR 9 covers opset 17).
 IR_VERSION = 9
-INPUT_TOKENS = "token_ids"
-INPUT_HIDDEN = "hidden"
-OUTPUT_LOGITS = "logits"
-OUTPUT_HIDDEN = "hidden_out"
-META_VOCAB = "charstream.vocab"
-META_CONFIG = "charstream.config"
-
-
-MODEL_CONFIG_KEYS = ("vocab_size", "embedding_dim", "hidden_size", "num_layers", "dropout")
 
 
 def model_metadata(config: Mapping, vocab: list[str]) -> dict[str, str]:
@@ -60,99 +62,151 @@ def build_cell(
     """
     L, H = int(config["num_layers"]), int(config["hidden_size"])
     onnx_float = helper.np_dtype_to_tensor_dtype(np.dtype(float_type))
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
+    g = GraphBuilder(weights)
+    _add_shared_constants(g, H, float_type)
+    hidden = _hidden_input(g, onnx_float)  # [L, B, H] in float_type
 
-    def const(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.array(array, order="C"), name))
-        return name
-
-    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-    def w(name: str) -> np.ndarray:
-        return np.asarray(weights[name], dtype=np.float32)
-
-    # Folded layer-0 input table: [V, E] @ [E, 3H] + [3H] -> [V, 3H].
-    table = w("embedding.weight") @ w("gru.weight_ih_l0").T + w("gru.bias_ih_l0")
-    const("l0.input_table", table.astype(float_type))
-    const("split_rz_n", np.array([2 * H, H], dtype=np.int64))
-    const("split_r_z", np.array([H, H], dtype=np.int64))
-
-    hidden = INPUT_HIDDEN
-    if onnx_float != TensorProto.FLOAT:
-        hidden = node("Cast", [INPUT_HIDDEN], "hidden_cast", to=onnx_float)
-
-    x = None
+    x = None  # layer input: none for layer 0, which reads its folded table
     new_states = []
     for layer in range(L):
-        p = f"l{layer}"
-        if layer == 0:
-            gi = node("Gather", ["l0.input_table", INPUT_TOKENS], f"{p}.gi", axis=0)  # [B, 3H]
-        else:
-            w_ih = const(f"{p}.w_ih_t", w(f"gru.weight_ih_l{layer}").T.astype(float_type))
-            b_ih = const(f"{p}.b_ih", w(f"gru.bias_ih_l{layer}").astype(float_type))
-            gi = node("Add", [node("MatMul", [x, w_ih], f"{p}.gi_mm"), b_ih], f"{p}.gi")
-        const(f"{p}.index", np.array(layer, dtype=np.int64))
-        h = node("Gather", [hidden, f"{p}.index"], f"{p}.h", axis=0)  # [B, H]
-        w_hh = const(f"{p}.w_hh_t", w(f"gru.weight_hh_l{layer}").T.astype(float_type))
-        b_hh = const(f"{p}.b_hh", w(f"gru.bias_hh_l{layer}").astype(float_type))
-        gh = node("Add", [node("MatMul", [h, w_hh], f"{p}.gh_mm"), b_hh], f"{p}.gh")  # [B, 3H]
-        nodes.append(
-            helper.make_node("Split", [gi, "split_rz_n"], [f"{p}.gi_rz", f"{p}.gi_n"], axis=1)
-        )
-        nodes.append(
-            helper.make_node("Split", [gh, "split_rz_n"], [f"{p}.gh_rz", f"{p}.gh_n"], axis=1)
-        )
-        rz = node("Sigmoid", [node("Add", [f"{p}.gi_rz", f"{p}.gh_rz"], f"{p}.rz_pre")], f"{p}.rz")
-        nodes.append(helper.make_node("Split", [rz, "split_r_z"], [f"{p}.r", f"{p}.z"], axis=1))
-        # linear_before_reset=1 semantics: r multiplies (W_hn h + b_hn), bias included.
-        n_pre = node("Add", [f"{p}.gi_n", node("Mul", [f"{p}.r", f"{p}.gh_n"], f"{p}.r_ghn")], f"{p}.n_pre")
-        n = node("Tanh", [n_pre], f"{p}.n")
-        h_minus_n = node("Sub", [h, n], f"{p}.h_minus_n")
-        x = node("Add", [n, node("Mul", [f"{p}.z", h_minus_n], f"{p}.z_hn")], f"{p}.h_new")  # [B, H]
-        const(f"{p}.axes", np.array([0], dtype=np.int64))
-        new_states.append(node("Unsqueeze", [x, f"{p}.axes"], f"{p}.h_new_3d"))  # [1, B, H]
+        gi = _input_gates(g, layer, x, float_type)  # [B, 3H]
+        x = _gru_layer(g, layer, gi, hidden, float_type)  # [B, H]
+        new_states.append(_as_layer_state(g, layer, x))  # [1, B, H]
 
-    head_w = const("head.w_t", w("head.weight").T.astype(float_type))  # [H, V]
-    head_b = const("head.b", w("head.bias").astype(float_type))  # [V]
-    logits = node("Add", [node("MatMul", [x, head_w], "head.mm"), head_b], "head.logits")  # [B, V]
-    state = new_states[0] if L == 1 else node("Concat", new_states, "hidden_concat", axis=0)
+    _add_head_and_outputs(g, x, new_states, float_type, onnx_float)
+    return g.package("charstream_gru_cell", config, vocab)
+
+
+def _add_shared_constants(g: GraphBuilder, hidden_size: int, float_type: type) -> None:
+    """Layer 0's folded input table and the gate split sizes every layer uses."""
+    # Folded layer-0 input table: [V, E] @ [E, 3H] + [3H] -> [V, 3H].
+    table = g.weight("embedding.weight") @ g.weight("gru.weight_ih_l0").T + g.weight("gru.bias_ih_l0")
+    g.const("l0.input_table", table.astype(float_type))
+    g.const("split_rz_n", np.array([2 * hidden_size, hidden_size], dtype=np.int64))  # 3H -> 2H, H
+    g.const("split_r_z", np.array([hidden_size, hidden_size], dtype=np.int64))  # 2H -> H, H
+
+
+def _hidden_input(g: GraphBuilder, onnx_float: int) -> str:
+    """The incoming state [L, B, H], cast to the graph's float type when that is not float32."""
     if onnx_float == TensorProto.FLOAT:
-        node("Identity", [logits], OUTPUT_LOGITS)
-        node("Identity", [state], OUTPUT_HIDDEN)
-    else:
-        node("Cast", [logits], OUTPUT_LOGITS, to=TensorProto.FLOAT)
-        node("Cast", [state], OUTPUT_HIDDEN, to=TensorProto.FLOAT)
+        return INPUT_HIDDEN
+    return g.node("Cast", [INPUT_HIDDEN], "hidden_cast", to=onnx_float)
 
-    inputs = [
-        helper.make_tensor_value_info(INPUT_TOKENS, TensorProto.INT64, ["batch"]),
-        helper.make_tensor_value_info(INPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]),
-    ]
-    return package_model(nodes, inits, "charstream_gru_cell", inputs, config, vocab)
+
+def _input_gates(g: GraphBuilder, layer: int, x: str | None, float_type: type) -> str:
+    """W_i x + b_i for all three gates, [B, 3H]: a table lookup for layer 0, a MatMul above."""
+    p = f"l{layer}"
+    if layer == 0:
+        return g.node("Gather", ["l0.input_table", INPUT_TOKENS], f"{p}.gi", axis=0)  # [B, 3H]
+    w_ih = g.const(f"{p}.w_ih_t", g.weight(f"gru.weight_ih_l{layer}").T.astype(float_type))  # [H, 3H]
+    b_ih = g.const(f"{p}.b_ih", g.weight(f"gru.bias_ih_l{layer}").astype(float_type))  # [3H]
+    return g.node("Add", [g.node("MatMul", [x, w_ih], f"{p}.gi_mm"), b_ih], f"{p}.gi")  # [B, 3H]
+
+
+def _gru_layer(g: GraphBuilder, layer: int, gi: str, hidden: str, float_type: type) -> str:
+    """One layer's step from its input gates `gi` [B, 3H]; returns the new state h' [B, H]."""
+    p = f"l{layer}"
+    g.const(f"{p}.index", np.array(layer, dtype=np.int64))
+    h = g.node("Gather", [hidden, f"{p}.index"], f"{p}.h", axis=0)  # [B, H]
+    w_hh = g.const(f"{p}.w_hh_t", g.weight(f"gru.weight_hh_l{layer}").T.astype(float_type))  # [H, 3H]
+    b_hh = g.const(f"{p}.b_hh", g.weight(f"gru.bias_hh_l{layer}").astype(float_type))  # [3H]
+    gh = g.node("Add", [g.node("MatMul", [h, w_hh], f"{p}.gh_mm"), b_hh], f"{p}.gh")  # [B, 3H]
+    _split(g, gi, "split_rz_n", [f"{p}.gi_rz", f"{p}.gi_n"])  # [B, 2H], [B, H]
+    _split(g, gh, "split_rz_n", [f"{p}.gh_rz", f"{p}.gh_n"])  # [B, 2H], [B, H]
+    rz = g.node("Sigmoid", [g.node("Add", [f"{p}.gi_rz", f"{p}.gh_rz"], f"{p}.rz_pre")], f"{p}.rz")  # [B, 2H]
+    _split(g, rz, "split_r_z", [f"{p}.r", f"{p}.z"])  # [B, H], [B, H]
+    # linear_before_reset=1 semantics: r multiplies (W_hn h + b_hn), bias included.
+    r_ghn = g.node("Mul", [f"{p}.r", f"{p}.gh_n"], f"{p}.r_ghn")  # [B, H]
+    n = g.node("Tanh", [g.node("Add", [f"{p}.gi_n", r_ghn], f"{p}.n_pre")], f"{p}.n")  # [B, H]
+    h_minus_n = g.node("Sub", [h, n], f"{p}.h_minus_n")  # [B, H]
+    return g.node("Add", [n, g.node("Mul", [f"{p}.z", h_minus_n], f"{p}.z_hn")], f"{p}.h_new")  # [B, H]
+
+
+def _split(g: GraphBuilder, source: str, sizes: str, outputs: list[str]) -> None:
+    """Split `source` along axis 1 into pieces of `sizes` (an initializer's name)."""
+    g.nodes.append(helper.make_node("Split", [source, sizes], outputs, axis=1))
+
+
+def _as_layer_state(g: GraphBuilder, layer: int, h_new: str) -> str:
+    """[B, H] -> [1, B, H], one layer's slice of hidden_out."""
+    p = f"l{layer}"
+    g.const(f"{p}.axes", np.array([0], dtype=np.int64))
+    return g.node("Unsqueeze", [h_new, f"{p}.axes"], f"{p}.h_new_3d")  # [1, B, H]
+
+
+def _add_head_and_outputs(
+    g: GraphBuilder, x: str, new_states: list[str], float_type: type, onnx_float: int
+) -> None:
+    """logits [B, V] from the top layer's state; hidden_out [L, B, H]; both float32 at the edge."""
+    head_w = g.const("head.w_t", g.weight("head.weight").T.astype(float_type))  # [H, V]
+    head_b = g.const("head.b", g.weight("head.bias").astype(float_type))  # [V]
+    logits = g.node("Add", [g.node("MatMul", [x, head_w], "head.mm"), head_b], "head.logits")  # [B, V]
+    if len(new_states) == 1:
+        state = new_states[0]  # [1, B, H]
+    else:
+        state = g.node("Concat", new_states, "hidden_concat", axis=0)  # [L, B, H]
+    if onnx_float == TensorProto.FLOAT:
+        g.node("Identity", [logits], OUTPUT_LOGITS)
+        g.node("Identity", [state], OUTPUT_HIDDEN)
+    else:
+        g.node("Cast", [logits], OUTPUT_LOGITS, to=TensorProto.FLOAT)
+        g.node("Cast", [state], OUTPUT_HIDDEN, to=TensorProto.FLOAT)
+
+
+class GraphBuilder:
+    """Collects a step graph's nodes and initializers in the order they are added.
+
+    Both graph forms (build_cell here and gru_op's GRU-op cell) are written with
+    it; `package` hands the result to package_model.
+    """
+
+    def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
+        self.weights = weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def weight(self, name: str) -> np.ndarray:
+        """A PyTorch-named weight as float32."""
+        return np.asarray(self.weights[name], dtype=np.float32)
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        """Add an initializer; returns its name."""
+        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | str, **attrs) -> str:
+        """Add a node named after its (first) output; returns that output's name."""
+        outputs = [outputs] if isinstance(outputs, str) else outputs
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
+        return outputs[0]
+
+    def package(self, name: str, config: Mapping, vocab: list[str]) -> onnx.ModelProto:
+        """The collected graph as a checked, self-describing model (package_model)."""
+        return package_model(self.nodes, self.inits, name, config, vocab)
 
 
 def package_model(
     nodes: list[onnx.NodeProto],
     inits: list[onnx.TensorProto],
     name: str,
-    inputs: list[onnx.ValueInfoProto],
     config: Mapping,
     vocab: list[str],
 ) -> onnx.ModelProto:
-    """Wrap a graph's nodes into a checked, self-describing model.
+    """Wrap a step graph's nodes into a checked, self-describing model.
 
-    The cell and the prompt graph end in the same outputs, logits [batch, V]
-    and hidden_out [L, batch, H]; only the inputs differ (the prompt graph
-    takes [batch, time] tokens and their lengths), so the caller gives those.
+    Both graph forms (this hand-written cell and gru_op's GRU-op cell) share
+    the step signature, token_ids [batch] and hidden [L, batch, H] ->
+    logits [batch, V] and hidden_out [L, batch, H], declared here once.
     """
     L, H = int(config["num_layers"]), int(config["hidden_size"])
     V = int(config["vocab_size"])
     graph = helper.make_graph(
         nodes,
         name,
-        inputs=inputs,
+        inputs=[
+            helper.make_tensor_value_info(INPUT_TOKENS, TensorProto.INT64, ["batch"]),
+            helper.make_tensor_value_info(INPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]),
+        ],
         outputs=[
             helper.make_tensor_value_info(OUTPUT_LOGITS, TensorProto.FLOAT, ["batch", V]),
             helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, [L, "batch", H]),

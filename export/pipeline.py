@@ -2,35 +2,37 @@
 
 Everything is built and verified in a hidden temporary directory next to the
 target (`.NAME.partial-XXXX`), manifest.json is written last, and only then is
-the directory renamed into place. A failure at any point removes the temporary
-directory, so a directory named MODEL_DIR only ever holds a verified export.
+the directory swapped into place (training.atomic_dir, shared with training's
+checkpoints). A failure at any point removes the temporary directory, so a
+directory named MODEL_DIR only ever holds a verified export.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import onnx
 
-from export.evaluate import DEFAULT_STREAMS, EvalTextError, cell_loss, load_streams
-from export.gru_op import build_gru_op_graph
+from export.evaluate import DEFAULT_STREAMS, EvalTextError, cell_loss, load_streams, validation_fraction
 from export.reference import TorchReference
-from export.runtime import CPU, CUDA, CellRunner, cuda_available, make_session
+from export.runtime import CellRunner, make_session
 from export.variants import VARIANTS, Tolerance, parse_variants
-from export.verify import BATCH_SIZES, GREEDY_LENGTH, Subject, verify_cell, verify_prefill
+from export.verify import BATCH_SIZES, GREEDY_LENGTH, Subject, verify_cell
+from server.engine.model_contract import (
+    DEFAULT_VARIANT,
+    FP32,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    MODEL_FILE,
+    ManifestKey,
+)
+from server.engine.providers import CPU, CUDA, cuda_available
+from server.engine.vocabulary import unknown_chars
+from training.atomic_dir import discard, make_staging, swap_in
 from training.corpus import sha256_file
 
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "charstream-model/1"
-PREFILL_FILE = "prefill.onnx"
-# The prompt graph is fp32 and is held to the fp32 cell's tolerance.
-PREFILL_TOLERANCE = VARIANTS["fp32"].tolerance
 DEFAULT_PROMPT_LENGTH = 16
 # Facts from the checkpoint's config.json worth keeping next to the graphs.
 TRAINING_FACTS = ("steps", "tokens_seen", "val_loss", "val_bpc")
@@ -45,7 +47,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _looks_like_model_dir(path: Path) -> bool:
-    return (path / MANIFEST_FILE).is_file() or (path / "model.onnx").is_file()
+    return (path / MANIFEST_FILE).is_file() or (path / MODEL_FILE).is_file()
 
 
 def _check_target(out_dir: Path, checkpoint_dir: Path, force: bool) -> None:
@@ -61,7 +63,7 @@ def _check_target(out_dir: Path, checkpoint_dir: Path, force: bool) -> None:
         if not _looks_like_model_dir(out_dir):
             raise ExportError(
                 f"output directory {out_dir} is not empty and holds no earlier export "
-                "(no manifest.json or model.onnx); --force only replaces model directories"
+                f"(no {MANIFEST_FILE} or {MODEL_FILE}); --force only replaces model directories"
             )
 
 
@@ -70,7 +72,7 @@ def _prompt_ids(prompt: str | None, vocab: list[str], seed: int) -> list[int]:
         rng = np.random.default_rng(seed)
         return [int(i) for i in rng.integers(0, len(vocab), size=DEFAULT_PROMPT_LENGTH)]
     index = {ch: i for i, ch in enumerate(vocab)}
-    unknown = sorted({ch for ch in prompt if ch not in index})
+    unknown = unknown_chars(prompt, index)
     if not prompt or unknown:
         raise ExportError(f"prompt must be non-empty and use only vocabulary characters; unknown: {unknown!r}")
     return [index[ch] for ch in prompt]
@@ -84,12 +86,11 @@ def _providers_for(target: str) -> list[str]:
 def export_checkpoint(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
-    variants: Iterable[str] | str = ("fp32",),
+    variants: Iterable[str] | str = (FP32,),
     *,
     eval_text: str | Path | None = None,
-    prefill: bool = False,
     force: bool = False,
-    default: str = "fp32",
+    default: str = DEFAULT_VARIANT,
     prompt: str | None = None,
     greedy_length: int = GREEDY_LENGTH,
     eval_streams: int = DEFAULT_STREAMS,
@@ -104,9 +105,37 @@ def export_checkpoint(
     Raises ExportError for unusable input and VerificationError (export.verify)
     when a graph does not match PyTorch; in both cases `out_dir` is untouched.
     """
-    from training.checkpoint import CheckpointError, load_model
-
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    names = _check_options(variants, default, greedy_length, eval_streams, threads)
+    _limit_torch_threads(threads)
+    model, vocab, checkpoint_config = _load_checkpoint(checkpoint_dir)
+    _check_target(out_dir, checkpoint_dir, force)
+    config = model.config.to_dict()
+    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    reference = TorchReference(model)
+    prompt_ids = _prompt_ids(prompt, vocab.chars, seed)
+    streams = _eval_streams(eval_text, vocab.chars, eval_streams, checkpoint_config)
+
+    staging = _make_staging(out_dir)
+    try:
+        manifest = _build_all(
+            staging, names, weights, config, vocab.chars, reference, prompt_ids,
+            greedy_length=greedy_length, seed=seed, threads=threads, streams=streams, log=log,
+        )
+        _add_export_facts(manifest, default, checkpoint_config, eval_text)
+        _write_manifest(staging, manifest)
+        swap_in(staging, out_dir)
+    except BaseException:
+        discard(staging)
+        raise
+    log(f"wrote {out_dir}")
+    return manifest
+
+
+def _check_options(
+    variants: Iterable[str] | str, default: str, greedy_length: int, eval_streams: int, threads: int | None
+) -> list[str]:
+    """The variant names to export, once every option is known to be usable."""
     try:
         names = parse_variants(variants)
     except ValueError as exc:
@@ -115,60 +144,77 @@ def export_checkpoint(
         raise ExportError(f"default variant {default!r} is not among the exported variants {names}")
     if greedy_length < 1 or eval_streams < 1:
         raise ExportError("greedy length and evaluation streams must be at least 1")
+    if threads is not None and threads < 1:
+        raise ExportError("threads must be at least 1")
+    return names
+
+
+def _limit_torch_threads(threads: int | None) -> None:
     if threads is not None:
-        if threads < 1:
-            raise ExportError("threads must be at least 1")
         import torch
 
         torch.set_num_threads(threads)
+
+
+def _load_checkpoint(checkpoint_dir: Path) -> tuple:
+    """(model, vocab, checkpoint config) from training.checkpoint.load_model."""
+    from training.checkpoint import CheckpointError, load_model
+
     try:
-        model, vocab, checkpoint_config = load_model(checkpoint_dir)
+        return load_model(checkpoint_dir)
     except CheckpointError as exc:
         raise ExportError(f"bad checkpoint: {_one_line(exc)}") from exc
-    _check_target(out_dir, checkpoint_dir, force)
-    config = model.config.to_dict()
-    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    reference = TorchReference(model)
-    prompt_ids = _prompt_ids(prompt, vocab.chars, seed)
-    try:
-        streams = load_streams(Path(eval_text), vocab.chars, eval_streams) if eval_text is not None else None
+
+
+def _eval_streams(
+    eval_text: str | Path | None, vocab: list[str], eval_streams: int, checkpoint_config: dict
+) -> np.ndarray | None:
+    """The evaluation text's validation split as streams, or None without an evaluation text."""
+    if eval_text is None:
+        return None
+    try:  # scored on the split this checkpoint was trained with
+        fraction = validation_fraction(checkpoint_config)
+        return load_streams(Path(eval_text), vocab, eval_streams, val_fraction=fraction)
     except EvalTextError as exc:
         raise ExportError(str(exc)) from exc
 
+
+def _make_staging(out_dir: Path) -> Path:
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+        return make_staging(out_dir)
     except OSError as exc:
         raise ExportError(f"output directory {out_dir} is not writable: {exc.strerror or exc}") from exc
-    try:
-        manifest = _build_all(
-            staging, names, weights, config, vocab.chars, reference, prompt_ids,
-            greedy_length=greedy_length, seed=seed, threads=threads, prefill=prefill, streams=streams, log=log,
-        )
-        manifest["default"] = default
-        training = checkpoint_config.get("training") or {}
-        manifest["training"] = {k: training[k] for k in TRAINING_FACTS if k in training}
-        if streams is not None:
-            manifest["evaluation"]["text"] = Path(eval_text).name
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    log(f"wrote {out_dir}")
-    return manifest
+
+
+def _add_export_facts(
+    manifest: dict, default: str, checkpoint_config: dict, eval_text: str | Path | None
+) -> None:
+    """The default variant, the checkpoint's training facts and the evaluation text's name."""
+    manifest[ManifestKey.DEFAULT] = default
+    training = checkpoint_config.get("training") or {}
+    manifest[ManifestKey.TRAINING] = {k: training[k] for k in TRAINING_FACTS if k in training}
+    if eval_text is not None:
+        manifest[ManifestKey.EVALUATION]["text"] = Path(eval_text).name
+
+
+def _write_manifest(staging: Path, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    (staging / MANIFEST_FILE).write_text(text, encoding="utf-8")
 
 
 def _build_all(
     staging: Path, names: list[str], weights: dict, config: dict, vocab: list[str],
     reference: TorchReference, prompt_ids: list[int], *,
-    greedy_length: int, seed: int, threads: int | None, prefill: bool, streams: np.ndarray | None,
+    greedy_length: int, seed: int, threads: int | None, streams: np.ndarray | None,
     log: Callable[[str], None],
 ) -> dict:
     check = dict(
         vocab=vocab, config=config, prompt=prompt_ids, greedy_length=greedy_length, seed=seed, threads=threads
     )
-    manifest: dict = {"format": MANIFEST_FORMAT, "default": "fp32", "variants": {}, "config": config}
+    manifest: dict = {
+        ManifestKey.FORMAT: MANIFEST_FORMAT, ManifestKey.DEFAULT: DEFAULT_VARIANT,
+        ManifestKey.VARIANTS: {}, ManifestKey.CONFIG: config,
+    }
     for name in names:
         variant = VARIANTS[name]
         path = staging / variant.file
@@ -177,35 +223,21 @@ def _build_all(
         except Exception as exc:  # a builder failure is an export failure, named by variant
             raise ExportError(f"building the {name} variant failed: {_one_line(exc)}") from exc
         entry = {
-            "file": variant.file, "target": variant.target, "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "tolerance": variant.tolerance.to_dict(), "verified": {},
+            ManifestKey.FILE: variant.file, ManifestKey.TARGET: variant.target,
+            ManifestKey.BYTES: path.stat().st_size, ManifestKey.SHA256: sha256_file(path),
+            ManifestKey.TOLERANCE: variant.tolerance.to_dict(), ManifestKey.VERIFIED: {},
         }
         for provider in _providers_for(variant.target):
             facts = verify_cell(path, reference, variant.tolerance, subject=Subject(name, provider), **check)
-            entry["verified"][provider] = facts
+            entry[ManifestKey.VERIFIED][provider] = facts
             log(_summary(name, provider, facts, variant.tolerance))
-        manifest["variants"][name] = entry
-    if prefill:
-        path = staging / PREFILL_FILE
-        onnx.save(build_gru_op_graph(weights, config, vocab, prefill=True), str(path))
-        entry = {
-            "file": PREFILL_FILE, "bytes": path.stat().st_size, "sha256": sha256_file(path),
-            "tolerance": PREFILL_TOLERANCE.to_dict(), "verified": {},
-        }
-        for provider in _providers_for("any"):
-            facts = verify_prefill(
-                path, staging / VARIANTS["fp32"].file, reference, PREFILL_TOLERANCE,
-                subject=Subject("prefill", provider), **check,
-            )
-            entry["verified"][provider] = facts
-            log(_summary("prefill", provider, facts, PREFILL_TOLERANCE))
-        manifest["prefill"] = entry
-    manifest["verification"] = {
+        manifest[ManifestKey.VARIANTS][name] = entry
+    manifest[ManifestKey.VERIFICATION] = {
         "batch_sizes": list(BATCH_SIZES), "greedy_chars": greedy_length,
         "prompt": "".join(vocab[i] for i in prompt_ids),
     }
     if streams is not None:
-        manifest["evaluation"] = _evaluate(staging, manifest, names, reference, streams, threads, log)
+        manifest[ManifestKey.EVALUATION] = _evaluate(staging, manifest, names, reference, streams, threads, log)
     return manifest
 
 
@@ -223,7 +255,7 @@ def _evaluate(
         runner = CellRunner(make_session(staging / variant.file, CPU, threads))
         loss = cell_loss(runner, streams, reference.num_layers, reference.hidden_size)
         delta = loss - torch_loss
-        manifest["variants"][name]["val_loss"] = loss
+        manifest[ManifestKey.VARIANTS][name][ManifestKey.VAL_LOSS] = loss
         log(f"{name}: val loss {loss:.4f} (Δ vs PyTorch {delta:+.4f}, allowed ±{variant.tolerance.max_loss_delta:g})")
         if not abs(delta) <= variant.tolerance.max_loss_delta:
             raise VerificationError(
@@ -249,30 +281,3 @@ def _summary(name: str, provider: str, facts: dict, tolerance: Tolerance) -> str
             f"{greedy['max_logits_diff_vs_tolerance']:.0%} of tolerance"
         )
     return line
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Swap the finished directory in; an earlier export (checked by _check_target) is removed after."""
-    old = None
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        else:
-            out_dir.rmdir()
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        if old is not None:  # put the earlier export back rather than lose it
-            os.replace(old / out_dir.name, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    os.chmod(out_dir, 0o777 & ~_current_umask())  # mkdtemp made it private (0700)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from training.model import CharGRU
 
@@ -31,29 +30,17 @@ class TorchReference:
         return logits[:, 0].numpy(), new_hidden.numpy()
 
     @torch.no_grad()
-    def prefill(
-        self, tokens: np.ndarray, lengths: np.ndarray, hidden: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """tokens [B, T] right-padded, lengths [B] -> logits after each row's last token, state."""
-        model = self.model
-        embedded = model.embedding(torch.from_numpy(np.asarray(tokens, dtype=np.int64)))  # [B, T, E]
-        packed = pack_padded_sequence(
-            embedded, torch.as_tensor(lengths, dtype=torch.int64), batch_first=True, enforce_sorted=False
-        )
-        _, final = model.gru(packed, torch.from_numpy(np.asarray(hidden, dtype=np.float32)))  # [L, B, H]
-        return model.head(final[-1]).numpy(), final.numpy()
-
-    @torch.no_grad()
     def sequence_logits(self, tokens: list[int]) -> np.ndarray:
         """Logits after each token of one stream from the zero state: [T, V]."""
         logits, _ = self.model(torch.tensor([tokens], dtype=torch.int64))  # [1, T, V]
         return logits[0].numpy()
 
+    @torch.no_grad()
     def greedy(self, prompt: list[int], length: int) -> list[int]:
         """The `length` tokens that always picking the top logit generates after `prompt`."""
-        logits, hidden = self.prefill(
-            np.asarray([prompt]), np.asarray([len(prompt)]), self.zero_state(1)
-        )
+        # PyTorch reads the whole prompt in one call: the reference side need not mimic the graph's stepping.
+        sequence, hidden = self.model(torch.tensor([prompt], dtype=torch.int64))  # [1, T, V], [L, 1, H]
+        logits, hidden = sequence[:, -1].numpy(), hidden.numpy()  # [1, V], [L, 1, H]
         generated: list[int] = []
         for _ in range(length):
             token = int(np.argmax(logits[0]))

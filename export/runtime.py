@@ -1,54 +1,20 @@
-"""ONNX Runtime sessions over exported graphs: provider choice and typed calls.
+"""ONNX Runtime sessions over exported graphs: pinned to one provider, typed calls.
 
 Torch-free: verification, evaluation and the benchmark all step the graphs
-through these helpers, the same way the server does.
+through these helpers, the same way the server does. Whether CUDA can run
+here is the server's probe (server.engine.providers.cuda_available), so that
+export verifies on CUDA exactly where the server would serve on it.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
-from export.gru_op import INPUT_LENGTHS
-from export.onnx_cell import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-
-
-@functools.lru_cache(maxsize=1)
-def cuda_available() -> bool:
-    """True when ONNX Runtime can actually run on a CUDA device here.
-
-    A GPU build lists the CUDA provider even on machines with no GPU or no CUDA
-    libraries, and silently falls back to the CPU; so try a one-node session.
-    """
-    if CUDA not in ort.get_available_providers():
-        return False
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    probe.ir_version = 9
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    # The failed provider load is logged through the default logger: silence it for the probe.
-    ort.set_default_logger_severity(4)
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA])
-        return session.get_providers()[0] == CUDA
-    except Exception:  # any failure to start CUDA means "not available"
-        return False
-    finally:
-        ort.set_default_logger_severity(2)
+from server.engine.model_contract import CPU, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
 
 
 def make_session(
@@ -67,11 +33,10 @@ def make_session(
 
 
 class CellRunner:
-    """Calls a single-step cell (and optionally a prefill graph) with numpy arrays."""
+    """Calls a single-step cell with numpy arrays."""
 
-    def __init__(self, step: ort.InferenceSession, prefill: ort.InferenceSession | None = None):
+    def __init__(self, step: ort.InferenceSession):
         self.step_session = step
-        self.prefill_session = prefill
 
     def step(self, tokens: np.ndarray, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """tokens int64 [B], hidden float32 [L, B, H] -> logits [B, V], hidden [L, B, H]."""
@@ -84,27 +49,8 @@ class CellRunner:
         )
         return logits, new_hidden
 
-    def prefill(
-        self, tokens: np.ndarray, lengths: np.ndarray, hidden: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """tokens int64 [B, T] (right-padded), lengths [B] in 1..T, hidden [L, B, H]."""
-        if self.prefill_session is None:
-            raise RuntimeError("no prefill graph loaded")
-        logits, new_hidden = self.prefill_session.run(
-            [OUTPUT_LOGITS, OUTPUT_HIDDEN],
-            {
-                INPUT_TOKENS: np.ascontiguousarray(tokens, dtype=np.int64),
-                INPUT_LENGTHS: np.ascontiguousarray(lengths, dtype=np.int64),
-                INPUT_HIDDEN: np.ascontiguousarray(hidden, dtype=np.float32),
-            },
-        )
-        return logits, new_hidden
-
     def ingest(self, prompt: list[int], hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Consume a prompt for one stream (batch 1): via prefill when loaded, else step by step."""
-        if self.prefill_session is not None:
-            tokens = np.asarray([prompt], dtype=np.int64)  # [1, T]
-            return self.prefill(tokens, np.asarray([len(prompt)], dtype=np.int64), hidden)
+        """Consume a prompt for one stream (batch 1), one step per character as the server does."""
         logits = None
         for token in prompt:
             logits, hidden = self.step(np.asarray([token], dtype=np.int64), hidden)

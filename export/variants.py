@@ -1,8 +1,9 @@
 """The model variants an export can write, each with the tolerance it is verified against.
 
-fp32  model.onnx       the reference graph; must match PyTorch to float32 rounding.
-fp16  model.fp16.onnx  fp16 weights and maths inside, fp32 inputs/outputs (for GPUs).
-int8  model.int8.onnx  dynamic int8 quantization of the fp32 graph's MatMuls (for CPUs).
+Names and file names are the model-directory contract (VARIANT_FILES):
+fp32  the reference graph; must match PyTorch to float32 rounding.
+fp16  fp16 weights and maths inside, fp32 inputs/outputs (for GPUs).
+int8  dynamic int8 quantization of the fp32 graph's MatMuls (for CPUs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnx
 from onnx import helper
 
 from export.onnx_cell import IR_VERSION, build_cell, model_metadata
+from server.engine.model_contract import FP16, FP32, INT8, VARIANT_FILES
 
 
 @dataclass(frozen=True)
@@ -108,18 +110,18 @@ def _build_int8(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[
 # linear_before_reset=0 is off by 6-20% of max |logit|); int8 comes from
 # quantizing the fp32 graph, which is itself verified first.
 VARIANTS: dict[str, Variant] = {
-    "fp32": Variant(
-        "fp32", "model.onnx",
+    FP32: Variant(
+        FP32, VARIANT_FILES[FP32],
         Tolerance(logits_relative=1e-4, hidden_absolute=1e-4, exact_greedy=True, max_loss_delta=1e-3),
         target="any", build=_build_fp32,
     ),
-    "fp16": Variant(
-        "fp16", "model.fp16.onnx",
+    FP16: Variant(
+        FP16, VARIANT_FILES[FP16],
         Tolerance(logits_relative=0.01, hidden_absolute=0.01, exact_greedy=False, max_loss_delta=0.005),
         target="cuda", build=_build_fp16,
     ),
-    "int8": Variant(
-        "int8", "model.int8.onnx",
+    INT8: Variant(
+        INT8, VARIANT_FILES[INT8],
         Tolerance(logits_relative=0.05, hidden_absolute=0.1, exact_greedy=False, max_loss_delta=0.02),
         target="cpu", build=_build_int8,
     ),
@@ -133,4 +135,4 @@ def parse_variants(text: str | list[str] | tuple[str, ...]) -> list[str]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
-    return ["fp32"] + [n for n in dict.fromkeys(names) if n != "fp32"]
+    return [FP32] + [n for n in dict.fromkeys(names) if n != FP32]

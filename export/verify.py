@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export.onnx_cell import META_CONFIG, META_VOCAB, MODEL_CONFIG_KEYS
 from export.reference import TorchReference
 from export.runtime import CellRunner, make_session
 from export.variants import Tolerance
+from server.engine.model_contract import (INPUT_HIDDEN, INPUT_TOKENS, META_CONFIG, META_VOCAB, MODEL_CONFIG_KEYS,
+                                          OUTPUT_HIDDEN, OUTPUT_LOGITS)
 
 BATCH_SIZES = (1, 3, 64)
 GREEDY_LENGTH = 500
@@ -98,16 +99,18 @@ def check_file(subject: Subject, path: Path, vocab: list[str], config: dict) -> 
         raise subject.fail(f"{META_CONFIG} does not round-trip: read {file_config}, expected {expected}")
 
 
-def _check_signature(subject: Subject, runner: CellRunner, config: dict, prefill: bool) -> None:
+def _check_signature(subject: Subject, runner: CellRunner, config: dict) -> None:
     """The I/O contract as a server would see it through ONNX Runtime."""
     L, H, V = config["num_layers"], config["hidden_size"], config["vocab_size"]
-    session = runner.prefill_session if prefill else runner.step_session
-    tokens_shape = ["batch", "time"] if prefill else ["batch"]
-    expected_inputs = [("token_ids", "tensor(int64)", tokens_shape)]
-    if prefill:
-        expected_inputs.append(("lengths", "tensor(int64)", ["batch"]))
-    expected_inputs.append(("hidden", "tensor(float)", [L, "batch", H]))
-    expected_outputs = [("logits", "tensor(float)", ["batch", V]), ("hidden_out", "tensor(float)", [L, "batch", H])]
+    session = runner.step_session
+    expected_inputs = [
+        (INPUT_TOKENS, "tensor(int64)", ["batch"]),
+        (INPUT_HIDDEN, "tensor(float)", [L, "batch", H]),
+    ]
+    expected_outputs = [
+        (OUTPUT_LOGITS, "tensor(float)", ["batch", V]),
+        (OUTPUT_HIDDEN, "tensor(float)", [L, "batch", H]),
+    ]
     inputs = [(i.name, i.type, list(i.shape)) for i in session.get_inputs()]
     outputs = [(o.name, o.type, list(o.shape)) for o in session.get_outputs()]
     if inputs != expected_inputs or outputs != expected_outputs:
@@ -132,7 +135,7 @@ def verify_cell(
     """Verify a single-step cell file; returns the measured facts (max diffs, greedy agreement)."""
     check_file(subject, path, vocab, config)
     runner = CellRunner(make_session(path, subject.provider, threads))
-    _check_signature(subject, runner, config, prefill=False)
+    _check_signature(subject, runner, config)
     rng = np.random.default_rng(seed)
     V, L, H = reference.vocab_size, reference.num_layers, reference.hidden_size
     batches = {}
@@ -181,45 +184,3 @@ def _check_greedy(
         "max_logits_diff_vs_tolerance": max_ratio,
     }
 
-
-def verify_prefill(
-    path: Path,
-    step_path: Path,
-    reference: TorchReference,
-    tolerance: Tolerance,
-    *,
-    subject: Subject,
-    vocab: list[str],
-    config: dict,
-    prompt: list[int],
-    greedy_length: int = GREEDY_LENGTH,
-    seed: int = 0,
-    threads: int | None = None,
-    prompt_time: int = 48,
-) -> dict:
-    """Verify the prompt graph: ragged batches of prompts from random states, then prefill + steps greedy."""
-    check_file(subject, path, vocab, config)
-    runner = CellRunner(
-        make_session(step_path, subject.provider, threads), make_session(path, subject.provider, threads)
-    )
-    _check_signature(subject, runner, config, prefill=True)
-    rng = np.random.default_rng(seed)
-    V, L, H = reference.vocab_size, reference.num_layers, reference.hidden_size
-    batches = {}
-    for batch in BATCH_SIZES:
-        tokens = rng.integers(0, V, size=(batch, prompt_time))  # [B, T]
-        lengths = rng.integers(1, prompt_time + 1, size=batch)  # [B]: ragged rows
-        lengths[0] = prompt_time  # at least one row uses the full width
-        hidden = rng.uniform(-1.0, 1.0, size=(L, batch, H)).astype(np.float32)  # [L, B, H]
-        batches[str(batch)] = _compare(
-            subject, f"batch {batch} (prompts of 1..{prompt_time} characters)", tolerance,
-            reference.prefill(tokens, lengths, hidden), runner.prefill(tokens, lengths, hidden),
-        )
-    expected = reference.greedy(prompt, greedy_length)
-    generated = runner.greedy(prompt, greedy_length, reference.zero_state(1))
-    identical = next((i for i, (a, b) in enumerate(zip(generated, expected)) if a != b), greedy_length)
-    if tolerance.exact_greedy and identical < greedy_length:
-        raise subject.fail(
-            f"greedy generation after prefill differs from PyTorch at character {identical} of {greedy_length}"
-        )
-    return {"batches": batches, "greedy": {"chars": greedy_length, "identical_chars": identical}}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import subprocess
 import tarfile
@@ -121,7 +123,7 @@ def test_text_file(tmp_path: Path) -> None:
     path = tmp_path / "t.txt"
     path.write_bytes("\ufeffHé\r\nllo".encode("utf-8"))
     c = load_corpus(str(path))
-    assert c.text == "Hé\r\nllo" and c.chars == 7 and len(c.sha256) == 64
+    assert c.text == "Hé\r\nllo" and c.chars == 7 and c.sha256 == hashlib.sha256("Hé\r\nllo".encode()).hexdigest()
 
 
 @pytest.mark.parametrize(

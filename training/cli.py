@@ -99,10 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings_and_limits(args: argparse.Namespace):
+def _settings_and_limits(args: argparse.Namespace) -> tuple[Settings, Limits]:
+    """The run's settings and limits: from the flags, or from the resumed run plus the flags that may change."""
     from training.corpus import SHAKESPEARE
     from training.runstate import load_run_settings
-    from training.train import TrainError
+    from training.run_setup import TrainError
 
     given = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None}
     stops = {k: getattr(args, k) for k in ("epochs", "max_steps", "max_minutes") if getattr(args, k) is not None}
@@ -124,16 +125,13 @@ def _settings_and_limits(args: argparse.Namespace):
         settings = Settings(corpus=args.corpus or SHAKESPEARE, **given)
         limits = Limits(**stops) if stops else Limits(epochs=1)
     limits.eval_every, limits.log_every = args.eval_every, args.log_every
-    # Check the model size before any data is read.
-    from training.model import ModelConfig
-
-    ModelConfig(1, settings.embedding_dim, settings.hidden_size, settings.num_layers, settings.dropout)
+    # The model size was checked when `settings` was made, before any data is read.
     return settings, limits
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
-    from training.rundir import recover
-    from training.train import TrainError
+    from training.atomic_dir import recover
+    from training.run_setup import TrainError
 
     if args.resume is not None and (args.out is None or args.out.resolve() == args.resume.resolve()):
         return args.resume
@@ -163,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import CheckpointError
     from training.corpus import CorpusError
     from training.data import DataError
-    from training.train import TrainError, train
+    from training.run_setup import TrainError
+    from training.train import train
     from training.vocab import VocabError
 
     if args.threads:

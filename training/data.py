@@ -26,6 +26,15 @@ class Split:
     val: torch.Tensor  # int64 [N_val]
 
 
+def validation_length(total: int, val_fraction: float) -> int:
+    """How many of `total` characters the validation part (the last ones) holds.
+
+    The one definition of the split's boundary: training's split and export's
+    evaluation both count it here, so they hold out the same characters.
+    """
+    return int(total * val_fraction)
+
+
 def split_ids(ids: torch.Tensor, seq_len: int, val_fraction: float = 0.1) -> Split:
     """Contiguous split; each part must hold at least one sequence (seq_len + 1 chars)."""
     if seq_len < 1:
@@ -39,7 +48,7 @@ def split_ids(ids: torch.Tensor, seq_len: int, val_fraction: float = 0.1) -> Spl
             f"corpus has {n} characters, shorter than one sequence "
             f"(--seq-len {seq_len} needs {need})"
         )
-    n_val = int(n * val_fraction)
+    n_val = validation_length(n, val_fraction)
     n_train = n - n_val
     if n_train < need or n_val < need:
         raise DataError(

@@ -6,42 +6,18 @@ contract: export and any other reader find the weights by these names.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import torch
 from torch import nn
 
+# ModelConfig lives in a torch-free module; it is imported from here too.
+from training.model_config import ModelConfig
 
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    embedding_dim: int = 256
-    hidden_size: int = 1024
-    num_layers: int = 1
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "embedding_dim", "hidden_size", "num_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        """Build from a dict that may carry extra keys (training facts)."""
-        names = {f.name for f in fields(cls)}
-        missing = {"vocab_size"} - data.keys()
-        if missing:
-            raise ValueError(f"model config is missing {sorted(missing)}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+__all__ = ["CharGRU", "ModelConfig"]
 
 
 class CharGRU(nn.Module):
+    """Embedding -> GRU -> linear head: next-character logits, with the GRU state in and out."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -4,8 +4,21 @@ train.py runs the loop; this module owns what crosses a checkpoint:
 `Progress` (the counters), the RNG states, the facts in config.json, the
 trainer state, and the best weights so far. The best weights stay in memory
 between saves because the directory's model.safetensors holds the weights
-with the best validation loss, not the latest ones (rundir.py has the layout
-and writes the files).
+with the best validation loss, not the latest ones.
+
+The run directory `RunSaver` writes:
+
+    OUT/
+      config.json          model config + "training" facts (training.checkpoint)
+      vocab.json           the characters; index = token id
+      model.safetensors    the weights with the best validation loss so far
+      metrics.jsonl        one JSON object per log point (training.metrics_log)
+      loss.png             train/validation loss over steps (training.loss_plot)
+      trainer/             what a resume needs (training.trainer_dir)
+
+Every save builds a complete new directory and swaps it in
+(training.atomic_dir), so OUT is always either the previous complete
+checkpoint or the new one.
 """
 
 from __future__ import annotations
@@ -17,20 +30,17 @@ from typing import Any
 
 import torch
 
+from training.atomic_dir import recover, write_atomically
 from training.checkpoint import WEIGHTS_FILE, CheckpointError, save_model
 from training.corpus import Corpus
+from training.loss_plot import PLOT_FILE, plot_losses
+from training.metrics_log import read_metrics, write_metrics
 from training.model import CharGRU, ModelConfig
-from training.rundir import (
-    PLOT_FILE, TRAINER_DIR, load_trainer, plot_losses, read_metrics, recover, restore_optimizer,
-    save_trainer, write_atomically, write_metrics,
-)  # fmt: skip
 from training.settings import Limits, Settings
+from training.trainer_dir import TRAINER_DIR, SavedTrainer, load_trainer, restore_optimizer, save_trainer
 from training.vocab import Vocab
 
 LN2 = math.log(2.0)
-
-# What rundir.load_trainer returns: (state.json, last weights, AdamW + RNG tensors).
-SavedTrainer = tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -103,12 +113,12 @@ def load_run_settings(out: Path) -> tuple[Settings, Limits]:
     state, _, _ = load_trainer(out)
     try:
         return Settings(**state["settings"]), Limits(**state["limits"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: Settings checks the model size
         raise CheckpointError(f"{out}/{TRAINER_DIR}/state.json is not a trainer state: {exc}") from exc
 
 
 class RunSaver:
-    """Writes the run directory `out` at each checkpoint, atomically (rundir.write_atomically)."""
+    """Writes the run directory `out` at each checkpoint, atomically (atomic_dir.write_atomically)."""
 
     def __init__(
         self,

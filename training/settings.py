@@ -7,16 +7,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from training.model_config import ModelShape
+
 
 @dataclass(frozen=True)
-class Settings:
-    """What defines a run; fixed at its start and kept for resume."""
-
+class _Corpus:
     corpus: str
-    embedding_dim: int = 256
-    hidden_size: int = 1024
-    num_layers: int = 1
-    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class Settings(ModelShape, _Corpus):
+    """What defines a run; fixed at its start and kept for resume.
+
+    The model's size fields (embedding_dim, hidden_size, num_layers, dropout)
+    and their defaults come from ModelShape, so they are declared once for
+    the run and the model, and are checked when a Settings is made. The
+    bases' order keeps `corpus` the first field (see training.model_config),
+    so asdict() gives the same "settings" as the files runs were saved with.
+    `ModelConfig.for_vocab(settings, vocab_size)` gives the model's config.
+    """
+
     seq_len: int = 100
     batch_size: int = 64
     val_fraction: float = 0.1

@@ -1,6 +1,8 @@
 """Character vocabulary: the sorted set of a corpus's characters; index = token id.
 
-Torch-free on purpose: the server and the export stage use it too.
+Torch-free on purpose: the export stage loads it with checkpoints. The server does not use it:
+it reads the vocabulary from the .onnx metadata (server/engine/vocabulary.py) and shares only
+unknown_chars.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from server.engine.vocabulary import unknown_chars
 
 
 class VocabError(ValueError):
@@ -47,11 +51,7 @@ class Vocab:
 
     def unknown_chars(self, text: str) -> list[str]:
         """Distinct characters of `text` not in the vocabulary, in order of first use."""
-        seen: dict[str, None] = {}
-        for ch in text:
-            if ch not in self._index:
-                seen.setdefault(ch, None)
-        return list(seen)
+        return unknown_chars(text, self._index)
 
     def encode(self, text: str) -> list[int]:
         unknown = self.unknown_chars(text)
