@@ -10,7 +10,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping, Sequence
 
-from server.engine.model_dir import AUTO
+from server.engine.model_contract import MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
+from server.engine.model_dir import AUTO, AUTO_PREFERENCE
 from server.engine.providers import DEVICES, ThreadSettings
 from server.structured_log import LOG_FORMATS
 
@@ -68,12 +69,13 @@ def env_name(field_name: str) -> str:
 
 
 HELP = {
-    "model": "model directory (model.onnx [+ variants] + manifest.json), as written by charstream-export",
+    "model": f"model directory ({MODEL_FILE} [+ variants] + {MANIFEST_FILE}), as written by charstream-export",
     "host": "address to listen on; 0.0.0.0 or :: for every interface",
     "port": "gRPC port; 0 picks a free one (the bound port is printed)",
     "device": "auto: CUDA when available else CPU; cuda: fail if CUDA is unavailable; cpu",
-    "variant": "model variant from manifest.json (fp32, fp16, int8, ...), or auto: fp16 on CUDA / int8 on the CPU "
-    "when manifest.json records it verified on that provider, else the manifest's default",
+    "variant": f"model variant from {MANIFEST_FILE} ({', '.join(VARIANT_FILES)}), or {AUTO}: "
+    + " / ".join(f"{name} on {provider}" for provider, (name, _) in AUTO_PREFERENCE.items())
+    + f" when {MANIFEST_FILE} records it verified on that provider, else the manifest's default",
     "max_sessions": "most sessions held at once; creating one more evicts the least recently used idle one",
     "session_ttl": "seconds an idle session lives",
     "max_batch": "most sessions in one model step",

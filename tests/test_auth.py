@@ -19,6 +19,7 @@ from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.api.auth import ApiKeysError, parse_api_keys
 from server.background import BackgroundServer
 from server.config import ServerConfig
+from tests.conftest import TINY_TEXT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECRET_A = "alpha-secret-0123456789"
@@ -126,7 +127,8 @@ def test_every_generator_rpc_needs_a_valid_key(channel: grpc.Channel) -> None:
             code, details = status_of(call, metadata)
             assert code == grpc.StatusCode.UNAUTHENTICATED, name
             assert "API key" in details and SECRET_A not in details
-    assert stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=as_key(SECRET_A)).vocab_size > 0
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=as_key(SECRET_A))
+    assert "".join(info.vocabulary) == "".join(sorted(set(TINY_TEXT)))  # the tiny model's characters
 
 
 def test_health_answers_without_a_key(channel: grpc.Channel) -> None:
@@ -177,7 +179,8 @@ def test_per_key_session_limit_evicts_the_keys_own_oldest_idle_session(channel: 
     code, details = status_of(calls(stub, made[0])["GetSession"], as_key(SECRET_B))
     assert code == grpc.StatusCode.NOT_FOUND and "--max-sessions-per-key" in details
     # The other key's session was not touched.
-    assert stub.GetSession(pb.GetSessionRequest(session_id=other), metadata=as_key(SECRET_A)).session.session_id
+    kept = stub.GetSession(pb.GetSessionRequest(session_id=other), metadata=as_key(SECRET_A)).session
+    assert kept.session_id == other
     # Two streams (its limit) running: a third is refused, naming the limit.
     streams = [stub.Generate(pb.GenerateRequest(session_id=s, max_chars=10_000), metadata=as_key(SECRET_B))
                for s in made[1:3]]

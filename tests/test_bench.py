@@ -1,11 +1,12 @@
-"""charstream-bench: every row against the tiny model (real server processes), and its parts on their own."""
+"""charstream-bench against the tiny model, with real server processes: one run of every row, a
+server that cannot start, Ctrl-C, and a failure part-way. Its parts without a server are in
+tests/test_bench_parts.py."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -18,8 +19,7 @@ from server.clients import bench
 from server.clients import bench_process
 
 from server.clients import bench_sessions
-from server.clients.bench_raw import CPU, load_cell, raw_ingest_seconds, raw_loop, session_options
-from server.clients.bench_results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
+from server.clients.bench_raw import CPU
 
 STREAMS, CHARS, LONG_PROMPT, BATCH, STORE_CALLS, IDLE_SESSIONS = 4, 30, 200, 4, 10, 50
 ROW_IDS = ["raw_batch_1", "raw_batch_4", "torch_eager", "server_1_stream", "server_streams",
@@ -126,14 +126,19 @@ def test_every_row_against_the_tiny_model(full_run: dict[str, Any], tiny_model_d
         assert row["chars_per_message"] == pytest.approx(row["total_chars"] / row["messages"])
     assert rows["server_streams"]["server_flags"] == ["--device", "cpu"]
     assert rows["server_streams_max_batch_1"]["server_flags"] == ["--device", "cpu", "--max-batch", "1"]
-    assert rows["server_streams_max_batch_1"]["mean_batch"] in (None, 1.0)
+    assert rows["server_streams_max_batch_1"]["mean_batch"] == 1.0  # from the server's own batch-size metric
     long = rows["long_prompt"]
     assert long["prompt_chars"] == LONG_PROMPT and long["server_first_char_ms"] > 0 and long["raw_ingest_ms"] > 0
     assert long["cache_hits"] == 0, "row 7's repeats must be ingested, not served by the prefix cache"
     machine = data["machine"]
     assert machine["os_cpu_count"] == os.cpu_count() and machine["cpu_model"]
     assert machine["execution_provider"] == CPU and machine["variant"] == "fp32"
-    assert machine["model_file"] == "model.onnx" and isinstance(machine["server_settings"], dict)
+    assert machine["model_file"] == "model.onnx"
+    # As the server logged them at start-up: its defaults, and the flags the bench gave it.
+    settings = machine["server_settings"]
+    assert (settings["device"], settings["variant"]) == ("cpu", "fp32")
+    assert settings["lookahead"] == machine["lookahead_chars"]
+    assert (settings["intra_op_threads"], settings["allow_spinning"]) == (1, False)
     assert len(data["ratios"]) == 3 and all(r["value"] > 0 for r in data["ratios"])
     for title in ("raw ONNX Runtime loop, batch 1", "server, 4 streams", "server --max-batch 1", "ratios",
                   "prefix cache", "session store memory", "idle sessions", "cold/warm", "call ms p50"):
@@ -165,79 +170,6 @@ def test_ctrl_c_stops_the_servers(tiny_model_dir: Path, tmp_path: Path, started:
     assert bench.main(_argv(tiny_model_dir, tmp_path / "bench.json")) == 130
     assert not (tmp_path / "bench.json").exists()
     _assert_servers_gone(started, tiny_model_dir)
-
-
-def test_only_the_flags_given_are_passed_to_the_server() -> None:
-    parser = bench.build_parser()
-    assert bench.server_flags(parser.parse_args(["--model", "m"])) == []
-    args = parser.parse_args(["--model", "m", "--variant", "int8", "--intra-op-threads", "2", "--no-allow-spinning",
-                              "--lookahead", "8", "--max-batch", "32"])
-    assert bench.server_flags(args) == ["--variant", "int8", "--intra-op-threads", "2", "--no-allow-spinning",
-                                        "--lookahead", "8", "--max-batch", "32"]
-    assert bench.server_flags(parser.parse_args(["--model", "m", "--allow-spinning"]), max_batch=1) == [
-        "--allow-spinning", "--max-batch", "1"]
-
-
-def test_bad_arguments_are_refused() -> None:
-    for argv in (["--batch", "x"], ["--streams", "0"], ["--long-prompt", "-1"]):
-        with pytest.raises(SystemExit) as exit_info:
-            bench.main(["--model", "m", *argv])
-        assert exit_info.value.code == 2
-
-
-def test_raw_loop_steps_the_served_file_with_the_server_thread_settings(tiny_model_dir: Path) -> None:
-    settings = {"intra_op_threads": 1, "allow_spinning": False}
-    options = session_options(settings)
-    assert options.intra_op_num_threads == 1
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    cell = load_cell(tiny_model_dir / "model.onnx", CPU, settings)
-    result = raw_loop(cell, 3, 20, deadline=math.inf, row=2, row_id="raw_batch_3", title="raw, batch 3")
-    assert (result.batch, result.steps, result.provider) == (3, 20, CPU)
-    assert result.chars_per_s == pytest.approx(60 / result.seconds) and result.step_ms > 0
-    assert raw_ingest_seconds(cell, [0, 1, 2, 3], deadline=math.inf) > 0
-
-
-def test_table_and_json_show_every_row_and_turn_nan_into_null(tmp_path: Path) -> None:
-    raw = RawResult(row=1, id="raw_batch_1", title="raw, batch 1", batch=1, steps=10, seconds=0.01,
-                    chars_per_s=1000.0, step_ms=1.0, provider=CPU)
-    streams = StreamsResult(row=5, id="server_streams", title="server, 2 streams", streams=2, chars_per_stream=5,
-                            total_chars=10, messages=4, seconds=0.02, chars_per_s=500.0, chars_per_message=2.5,
-                            first_char_ms_p50=1.0, first_char_ms_p99=2.0, gap_ms_p50=math.nan, gap_ms_p99=math.nan,
-                            mean_batch=None)
-    long = LongPromptResult(row=7, id="long_prompt", title="long", prompt_chars=9, server_first_char_ms=3.0,
-                            raw_ingest_ms=2.0, repeats=3)
-    failed = NoteRow(row=3, id="torch_eager", title="torch", status="failed", note="RowTimeout: after 3 steps")
-    report = Report(settings={"streams": 2}, machine={"cpu_model": "x"}, rows=[raw, failed, streams, long])
-    args = bench.build_parser().parse_args(["--model", "m", "--streams", "2", "--batch", "2", "--long-prompt", "9"])
-    report.ratios = bench.target_ratios(report.rows, args)
-    assert [r.value for r in report.ratios] == [None, None, 1.5]
-    assert [r.met for r in report.ratios] == [None, None, False]
-    out = io.StringIO()
-    print_report(report, out)
-    text = out.getvalue()
-    assert "FAILED: RowTimeout" in text and "server, 2 streams" in text and "NOT met" in text
-    write_json(report, tmp_path / "deep" / "bench.json")
-    data = json.loads((tmp_path / "deep" / "bench.json").read_text(encoding="utf-8"))
-    assert data["ok"] is False and [row["kind"] for row in data["rows"]] == [
-        "RawResult", "NoteRow", "StreamsResult", "LongPromptResult"]
-    assert data["rows"][2]["gap_ms_p50"] is None and data["ratios"][2] == {
-        "name": "row 7: server first char / raw ingestion", "value": 1.5, "op": "<=", "target": 1.2, "met": False}
-
-
-@pytest.mark.parametrize("threads, spinning", [(1, False), (2, True), (0, False)])
-def test_raw_loop_session_options_match_the_servers(threads: int, spinning: bool) -> None:
-    """The raw loop must run the cell as the server does; this fails if the server's options drift."""
-    from server.engine.providers import ThreadSettings
-    from server.engine.providers import session_options as server_session_options
-
-    ours = session_options({"intra_op_threads": threads, "allow_spinning": spinning})
-    theirs = server_session_options(ThreadSettings(intra_op_threads=threads, allow_spinning=spinning))
-    assert ours.intra_op_num_threads == theirs.intra_op_num_threads
-    assert ours.inter_op_num_threads == theirs.inter_op_num_threads
-    assert ours.graph_optimization_level == theirs.graph_optimization_level
-    assert ours.execution_mode == theirs.execution_mode
-    key = "session.intra_op.allow_spinning"
-    assert ours.get_session_config_entry(key) == theirs.get_session_config_entry(key)
 
 
 def test_rows_measured_before_a_failure_are_kept(tiny_model_dir: Path, tmp_path: Path, started: list,

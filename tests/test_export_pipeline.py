@@ -41,7 +41,7 @@ def eval_text(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def full_export(tiny_checkpoint: Path, eval_text: Path, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("exports") / "model"
-    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "fp16", "int8"), eval_text=eval_text, prefill=True)
+    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "fp16", "int8"), eval_text=eval_text)
     return out, manifest
 
 
@@ -57,13 +57,11 @@ def test_model_directory_holds_every_variant_and_a_manifest(full_export):
     assert {n: v["file"] for n, v in on_disk["variants"].items()} == {
         "fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx",
     }
-    for entry in list(on_disk["variants"].values()) + [on_disk["prefill"]]:
+    for entry in on_disk["variants"].values():
         data = (out / entry["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"] and len(data) == entry["bytes"]
         assert "CPUExecutionProvider" in entry["verified"]
-    assert sorted(os.listdir(out)) == sorted(
-        ["manifest.json", "model.onnx", "model.fp16.onnx", "model.int8.onnx", "prefill.onnx"]
-    )
+    assert sorted(os.listdir(out)) == sorted(["manifest.json", "model.onnx", "model.fp16.onnx", "model.int8.onnx"])
     assert _no_leftovers(out.parent) == []
 
 
@@ -134,13 +132,13 @@ def test_failed_verification_leaves_nothing_behind(tiny_checkpoint, tmp_path, mo
 def test_existing_output_is_refused_without_force_and_replaced_with_it(tiny_checkpoint, tmp_path):
     out = tmp_path / "model"
     export_checkpoint(tiny_checkpoint, out)
-    assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx"]  # prefill is opt-in
+    assert sorted(os.listdir(out)) == ["manifest.json", "model.onnx"]
     first = (out / "manifest.json").read_text()
     with pytest.raises(ExportError, match="not empty; pass --force"):
         export_checkpoint(tiny_checkpoint, out)
     assert (out / "manifest.json").read_text() == first
-    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "int8"), force=True, prefill=True)
-    assert set(manifest["variants"]) == {"fp32", "int8"} and "prefill" in manifest
+    manifest = export_checkpoint(tiny_checkpoint, out, ("fp32", "int8"), force=True)
+    assert set(manifest["variants"]) == {"fp32", "int8"}
     assert (out / "model.int8.onnx").is_file()
     assert _no_leftovers(tmp_path) == []
 
@@ -239,12 +237,11 @@ def test_bad_options_give_clear_errors(tiny_checkpoint, tmp_path, capsys):
 def test_python_dash_m_export_runs_end_to_end(tiny_checkpoint, tmp_path):
     out = tmp_path / "model"
     result = subprocess.run(
-        [sys.executable, "-m", "export", str(tiny_checkpoint), "--out", str(out), "--variants", "fp32", "--prefill", "--threads", "1"],
+        [sys.executable, "-m", "export", str(tiny_checkpoint), "--out", str(out), "--variants", "fp32", "--threads", "1"],
         capture_output=True, text=True, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert "fp32: verified on CPUExecutionProvider" in result.stdout
-    assert "prefill: verified on CPUExecutionProvider" in result.stdout
     assert json.loads((out / "manifest.json").read_text())["variants"]["fp32"]["file"] == "model.onnx"
 
 

@@ -163,13 +163,13 @@ def test_a_failed_step_ends_only_the_stream_in_it_and_the_others_keep_going(tiny
         references = [_reference(stub, seed, 0.9, chars) for seed in seeds]
         reasons = [reason for _, _, reason in results]
         assert sorted(reasons) == ["FINISH_REASON_LENGTH"] * 3 + ["INTERNAL"], reasons
-        for (session_id, received, reason), reference in zip(results, references):
+        for (session_id, received, reason), reference, reference_seed in zip(results, references, seeds):
             if reason == "INTERNAL":  # its state is lost: refused until reset, then usable again
                 assert reference.startswith(received) and len(received) < chars
                 refused = pytest.raises(grpc.RpcError, _text, stub, session_id, 5)
                 assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                stub.ResetSession(pb.ResetSessionRequest(session_id=session_id, prompt=PROMPT))
-                assert len(_text(stub, session_id, 5)) == 5
+                stub.ResetSession(pb.ResetSessionRequest(session_id=session_id, prompt=PROMPT, seed=reference_seed))
+                assert _text(stub, session_id, 5) == reference[:5]  # as a fresh session with that seed
             else:
                 assert received == reference
 

@@ -17,6 +17,8 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
+from server.engine.sampling import SamplingSettings
+from tests.plain_loop import onnx_loop
 
 SERVICE = "/charstream.v1.Generator/"
 MAX_MESSAGE_BYTES = 4096
@@ -89,13 +91,15 @@ def errors_counted(server: BackgroundServer, method: str, code: str) -> float:
     return value or 0.0
 
 
-def assert_still_serving(channel: grpc.Channel) -> None:
-    """Health says SERVING and an ordinary Generate runs to its end."""
+def assert_still_serving(server: BackgroundServer, channel: grpc.Channel) -> None:
+    """Health says SERVING and an ordinary seeded Generate gives exactly its text, to its end."""
     health = health_pb2_grpc.HealthStub(channel)
     status = health.Check(health_pb2.HealthCheckRequest(service="charstream.v1.Generator"), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
-    responses = list(pb_grpc.GeneratorStub(channel).Generate(pb.GenerateRequest(prompt="To", max_chars=10), timeout=30))
-    assert len("".join(r.text for r in responses)) == 10 and responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    request = pb.GenerateRequest(prompt="To", max_chars=10, seed=5)
+    responses = list(pb_grpc.GeneratorStub(channel).Generate(request, timeout=30))
+    assert "".join(r.text for r in responses) == onnx_loop(server.config.model, "To", 10, SamplingSettings(), seed=5)
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
 @pytest.mark.parametrize(("method", "message", "data", "reason"), UNARY_CASES.values(), ids=UNARY_CASES)
@@ -120,7 +124,7 @@ def test_unparseable_generate_requests_are_invalid_argument(
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "charstream.v1.GenerateRequest" in error.details() and reason in error.details()
     assert errors_counted(server, "Generate", "INVALID_ARGUMENT") == before + 1
-    assert_still_serving(channel)
+    assert_still_serving(server, channel)
 
 
 def converse_raw(channel: grpc.Channel, turns: list[bytes]) -> tuple[list[pb.ConverseResponse], grpc.RpcError | None]:
@@ -160,7 +164,7 @@ def test_a_bad_converse_turn_ends_the_stream_after_the_good_ones(
     assert len(server.running.service.store) == sessions_before  # type: ignore[arg-type]
     assert server.running.service.active_streams == 0
     assert errors_counted(server, "Converse", "INVALID_ARGUMENT") == before + 1
-    assert_still_serving(channel)
+    assert_still_serving(server, channel)
 
 
 @pytest.mark.parametrize("data", [BAD_UTF8_FIELD_1, GARBAGE], ids=["bad_utf8", "garbage"])
@@ -170,7 +174,8 @@ def test_a_bad_first_converse_turn_is_invalid_argument(channel: grpc.Channel, da
     assert "charstream.v1.ConverseRequest" in error.details()
 
 
-def test_messages_over_max_message_bytes_are_resource_exhausted(channel: grpc.Channel) -> None:
+def test_messages_over_max_message_bytes_are_resource_exhausted(server: BackgroundServer,
+                                                                channel: grpc.Channel) -> None:
     stub = pb_grpc.GeneratorStub(channel)
     prompt = "To be " * 1700  # 10,200 characters: over 4096 bytes
     calls = [
@@ -182,7 +187,7 @@ def test_messages_over_max_message_bytes_are_resource_exhausted(channel: grpc.Ch
     for call in calls:
         error = failure(call)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
-    assert_still_serving(channel)
+    assert_still_serving(server, channel)
 
 
 def mutated(base: bytes, position: int, value: int, keep: int) -> bytes:
@@ -235,4 +240,4 @@ def test_the_server_still_serves_after_the_hostile_requests(server: BackgroundSe
     assert errors_counted(server, "CreateSession", "INTERNAL") == 0
     assert errors_counted(server, "Generate", "INTERNAL") == 0
     assert server.running.service.active_streams == 0
-    assert_still_serving(channel)
+    assert_still_serving(server, channel)

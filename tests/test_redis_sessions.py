@@ -22,6 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.clients.client import CharstreamClient, targets_to_uri
+from server.engine.sampling import SamplingSettings
+from tests.plain_loop import GREEDY, onnx_loop, wire
 from tests.redis_server import RedisServer, redis_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +141,8 @@ def test_fork_export_and_import_across_replicas(replicas: list[Replica]) -> None
     assert head + generate(a.stub, session_id, 100) == whole
 
 
-def test_concurrent_calls_on_one_session_are_refused_on_any_replica(replicas: list[Replica]) -> None:
+def test_concurrent_calls_on_one_session_are_refused_on_any_replica(replicas: list[Replica],
+                                                                   tiny_model_dir: Path) -> None:
     a, b = replicas
     session_id = create(a.stub, 0.9)
     stream = a.stub.Generate(pb.GenerateRequest(session_id=session_id, max_chars=10_000))
@@ -157,7 +160,9 @@ def test_concurrent_calls_on_one_session_are_refused_on_any_replica(replicas: li
     while b.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.busy:
         assert time.monotonic() < deadline, "the cancelled call never released the session"
         time.sleep(0.05)
-    assert len(generate(b.stub, session_id, 10)) == 10
+    kept = b.stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.consumed_chars - len(PROMPT)
+    whole = onnx_loop(tiny_model_dir, PROMPT, kept + 10, SamplingSettings(temperature=wire(0.9)), seed=11)
+    assert generate(b.stub, session_id, 10) == whole[kept:]  # continues from what the cancelled call handed over
 
 
 def test_a_killed_replica_loses_less_than_the_write_back_interval(replicas: list[Replica]) -> None:
@@ -201,7 +206,7 @@ def test_sessions_expire_after_the_ttl(tiny_model_dir: Path, redis: RedisServer,
     replica = Replica(tiny_model_dir, redis.url, tmp_path / "ttl.log", session_ttl=0.5)
     try:
         session_id = create(replica.stub, 0.0)
-        assert len(generate(replica.stub, session_id, 5)) == 5
+        assert generate(replica.stub, session_id, 5) == onnx_loop(tiny_model_dir, PROMPT, 5, GREEDY)
         time.sleep(1.0)
         with pytest.raises(grpc.RpcError) as gone:
             replica.stub.GetSession(pb.GetSessionRequest(session_id=session_id))
@@ -224,7 +229,7 @@ def wait_for_health(replica: Replica, status: int, seconds: float = 10.0) -> Non
 
 
 def test_redis_down_means_unavailable_and_not_serving_until_it_is_back(replicas: list[Replica],
-                                                                      redis: RedisServer) -> None:
+                                                                      redis: RedisServer, tiny_model_dir: Path) -> None:
     a, _ = replicas
     session_id = create(a.stub, 0.0)
     redis.stop()
@@ -234,14 +239,15 @@ def test_redis_down_means_unavailable_and_not_serving_until_it_is_back(replicas:
     assert redis.url.removeprefix("redis://").split("/")[0] in down.value.details()
     wait_for_health(a, health_pb2.HealthCheckResponse.NOT_SERVING)
     # One-shot calls need no store and still work.
-    assert len("".join(r.text for r in a.stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_chars=5)))) == 5
+    one_shot = "".join(r.text for r in a.stub.Generate(pb.GenerateRequest(prompt=PROMPT, max_chars=5, seed=4)))
+    assert one_shot == onnx_loop(tiny_model_dir, PROMPT, 5, SamplingSettings(), seed=4)
     redis.start()
     wait_for_health(a, health_pb2.HealthCheckResponse.SERVING)
     # This Redis keeps nothing on disk: the old session is gone, new ones work.
     with pytest.raises(grpc.RpcError) as gone:
         a.stub.GetSession(pb.GetSessionRequest(session_id=session_id))
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
-    assert len(generate(a.stub, create(a.stub, 0.0), 5)) == 5
+    assert generate(a.stub, create(a.stub, 0.0), 5) == onnx_loop(tiny_model_dir, PROMPT, 5, GREEDY)
 
 
 def test_shared_sessions_belong_to_their_key_on_every_replica(tiny_model_dir: Path, redis: RedisServer,
@@ -273,8 +279,11 @@ def test_shared_sessions_belong_to_their_key_on_every_replica(tiny_model_dir: Pa
         while b.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=(alice,)).session.busy:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert len("".join(r.text for r in b.stub.Generate(
-            pb.GenerateRequest(session_id=session_id, max_chars=5), metadata=(alice,)))) == 5
+        info = b.stub.GetSession(pb.GetSessionRequest(session_id=session_id), metadata=(alice,)).session
+        kept = info.consumed_chars - len(PROMPT)
+        whole = onnx_loop(tiny_model_dir, PROMPT, kept + 5, SamplingSettings(temperature=wire(0.9)), seed=3)
+        assert "".join(r.text for r in b.stub.Generate(
+            pb.GenerateRequest(session_id=session_id, max_chars=5), metadata=(alice,))) == whole[kept:]
     finally:
         a.stop()
         b.stop()

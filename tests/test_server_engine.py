@@ -14,6 +14,7 @@ from server.engine.loop import Engine
 from server.engine.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
 from server.engine.model_runner import StepOutput, load_runner
 from server.engine.sampling import SamplingSettings
+from tests.plain_loop import onnx_loop
 
 
 @pytest.fixture()
@@ -54,7 +55,7 @@ SETTINGS = [
 ]
 
 
-def test_batched_text_equals_unbatched_text(engine: Engine) -> None:
+def test_batched_text_equals_unbatched_text(engine: Engine, tiny_model_dir: Path) -> None:
     """Six sessions generating together (max_batch 4, so batches also rotate) == each alone."""
     prompts = ["To be", "Or not", "The sea", "W", "a", "fortune,"]
 
@@ -75,8 +76,9 @@ def test_batched_text_equals_unbatched_text(engine: Engine) -> None:
         return texts
 
     batched, single = asyncio.run(together()), asyncio.run(alone())
-    assert all(len(text) == 150 for text in batched)
     assert batched == single
+    assert batched == [onnx_loop(tiny_model_dir, prompt, 150, SamplingSettings(**settings), seed=100 + slot)
+                       for slot, (prompt, settings) in enumerate(zip(prompts, SETTINGS))]
 
 
 def test_an_aborted_stream_keeps_exactly_what_was_delivered(engine: Engine) -> None:
@@ -172,6 +174,6 @@ def test_a_failed_step_fails_its_generations_and_the_engine_goes_on(tiny_model_d
     finally:
         engine.stop()
     assert failed.error is not None and "simulated device error" in failed.error and not failed.error_is_precondition
-    assert len(text) == 5 and finish == LENGTH
+    assert text == onnx_loop(tiny_model_dir, "To", 5, SamplingSettings(), seed=1) and finish == LENGTH
     assert refused.error is not None and "reset" in refused.error and refused.error_is_precondition
     assert recovered == (text, LENGTH)  # after a reset the slot works again (same seed, same prompt)

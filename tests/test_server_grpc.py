@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
-import numpy as np
-import onnxruntime as ort
 import pytest
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
-from server.engine.sampling import RandomStream, SamplingSettings, choose_token
+from server.engine.sampling import SamplingSettings
+from tests.plain_loop import onnx_loop, wire
 
 MAX_CHARS = 20_000
 
@@ -41,27 +40,6 @@ def generate(stub: pb_grpc.GeneratorStub, **fields: object) -> tuple[str, pb.Gen
     """Run a Generate call to the end: (all text, last message)."""
     responses = list(stub.Generate(pb.GenerateRequest(**fields), timeout=60))
     return "".join(r.text for r in responses), responses[-1]
-
-
-def onnx_loop(model_dir: Path, prompt: str, n: int, settings: SamplingSettings, seed: int = 0) -> str:
-    """The reference: a plain ONNX Runtime loop over model.onnx, batch 1, no server."""
-    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    import json
-
-    meta = session.get_modelmeta().custom_metadata_map
-    vocab = json.loads(meta["charstream.vocab"])
-    config = json.loads(meta["charstream.config"])
-    hidden = np.zeros((config["num_layers"], 1, config["hidden_size"]), np.float32)  # [L, 1, H]
-    stream = RandomStream(seed)  # the session's counter-based random stream
-    logits = None
-    for ch in prompt:
-        logits, hidden = session.run(None, {"token_ids": np.array([vocab.index(ch)]), "hidden": hidden})
-    out = []
-    for _ in range(n):
-        token = choose_token(logits[0], settings, 0.0 if settings.greedy else stream.next())
-        out.append(vocab[token])
-        logits, hidden = session.run(None, {"token_ids": np.array([token]), "hidden": hidden})
-    return "".join(out)
 
 
 def torch_greedy(checkpoint: Path, prompt: str, n: int) -> str:
@@ -91,7 +69,7 @@ def test_greedy_matches_plain_onnx_runtime_and_pytorch(
     stub: pb_grpc.GeneratorStub, tiny_model_dir: Path, tiny_checkpoint: Path
 ) -> None:
     text, last = generate(stub, prompt="Whether 'tis", max_chars=200, temperature=0.0)
-    assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.generated_chars == 200
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.generated_chars == len(text)
     assert text == onnx_loop(tiny_model_dir, "Whether 'tis", 200, SamplingSettings(temperature=0.0))
     assert text == torch_greedy(tiny_checkpoint, "Whether 'tis", 200)
 
@@ -111,17 +89,20 @@ def test_seeded_sampling_matches_a_plain_loop(stub: pb_grpc.GeneratorStub, tiny_
     assert text == onnx_loop(tiny_model_dir, "To be", 200, SamplingSettings(0.9, 10, 0.95), seed=3)
 
 
-def test_two_calls_of_100_equal_one_call_of_200(stub: pb_grpc.GeneratorStub) -> None:
+def test_two_calls_of_100_equal_one_call_of_200(stub: pb_grpc.GeneratorStub, tiny_model_dir: Path) -> None:
     one = stub.CreateSession(pb.CreateSessionRequest(prompt="Or to", seed=11, temperature=1.0)).session_id
     two = stub.CreateSession(pb.CreateSessionRequest(prompt="Or to", seed=11, temperature=1.0)).session_id
     first, _ = generate(stub, session_id=one, max_chars=100)
     second, _ = generate(stub, session_id=one, max_chars=100)
     whole, _ = generate(stub, session_id=two, max_chars=200)
-    assert len(whole) == 200 and first + second == whole
+    assert whole == onnx_loop(tiny_model_dir, "Or to", 200, SamplingSettings(temperature=1.0), seed=11)
+    assert first + second == whole
     assert stub.GetSession(pb.GetSessionRequest(session_id=one)).session.consumed_chars == 5 + 200
 
 
-def test_seeded_text_is_reproducible_while_other_sessions_generate(stub: pb_grpc.GeneratorStub) -> None:
+def test_seeded_text_is_reproducible_while_other_sessions_generate(
+    stub: pb_grpc.GeneratorStub, tiny_model_dir: Path
+) -> None:
     fields = dict(prompt="The slings", max_chars=300, temperature=0.8, top_k=12, seed=21)
     alone, _ = generate(stub, **fields)
     start = threading.Barrier(7)
@@ -137,8 +118,11 @@ def test_seeded_text_is_reproducible_while_other_sessions_generate(stub: pb_grpc
     with ThreadPoolExecutor(7) as pool:
         others = [pool.submit(other, i) for i in range(6)]
         together = pool.submit(ours).result(timeout=60)
-        assert all(len(f.result(timeout=60)) == 400 for f in others)
+        texts = [f.result(timeout=60) for f in others]
     assert together == alone
+    # The others ran their own settings and seeds, undisturbed by ours or each other's.
+    assert texts == [onnx_loop(tiny_model_dir, "Or", 400, SamplingSettings(temperature=wire(1.0 + i / 10)), seed=i)
+                     for i in range(6)]
 
 
 def test_cancel_mid_stream_keeps_exactly_the_delivered_text(stub: pb_grpc.GeneratorStub, tiny_model_dir: Path) -> None:

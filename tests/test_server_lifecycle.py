@@ -1,5 +1,6 @@
 """Server-level behaviour: expiry and eviction, capacity, health, reflection, metrics,
-the command-line client, SIGTERM shutdown of `python -m server`, and no torch."""
+the command-line client, SIGTERM shutdown of `python -m server`, and no torch. A failing model
+step: tests/test_server_step_failure.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +28,8 @@ from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.clients.client import CharstreamClient
 from server.config import ServerConfig
-from server.engine.model_runner import load_runner
+from server.engine.sampling import SamplingSettings
+from tests.plain_loop import GREEDY, onnx_loop
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,10 +55,26 @@ def _error(call, request) -> grpc.RpcError:
     return error.value
 
 
-def test_idle_sessions_expire_with_a_message_saying_so(channel: grpc.Channel) -> None:
+class Clock:
+    """A clock that moves only when told to, from the real monotonic time it starts at."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_idle_sessions_expire_with_a_message_saying_so(small_server: BackgroundServer, channel: grpc.Channel,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    assert small_server.running is not None
+    clock = Clock()
+    monkeypatch.setattr(small_server.running.service.store.store, "_clock", clock)  # the server's SessionStore
     stub = pb_grpc.GeneratorStub(channel)
     session_id = stub.CreateSession(pb.CreateSessionRequest(prompt="To")).session_id
-    time.sleep(0.8)
+    clock.now += 0.4  # within the 0.5 s TTL: still there
+    assert stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.session_id == session_id
+    clock.now += 0.2
     error = _error(stub.GetSession, pb.GetSessionRequest(session_id=session_id))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "expired after 0.5 s" in error.details()
 
@@ -108,26 +125,42 @@ def test_reflection_lists_the_service_and_a_generic_client_can_call_it(channel: 
     assert info.vocab_size == 28 and info.execution_provider == "CPUExecutionProvider"
 
 
-def test_metrics_endpoint_exposes_the_counters(small_server: BackgroundServer, channel: grpc.Channel) -> None:
+def test_metrics_endpoint_exposes_the_counters(small_server: BackgroundServer, channel: grpc.Channel,
+                                               tiny_model_dir: Path) -> None:
     stub = pb_grpc.GeneratorStub(channel)
-    assert len("".join(r.text for r in stub.Generate(pb.GenerateRequest(prompt="To", max_chars=25)))) == 25
-    _error(lambda r: list(stub.Generate(r)), pb.GenerateRequest(prompt="To", max_chars=0))
     assert small_server.running is not None and small_server.running.metrics_endpoint is not None
     port = small_server.running.metrics_endpoint.port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
-    def value(pattern: str) -> float:
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+    def value(text: str, pattern: str, missing: float | None = None) -> float:
         match = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
+        if match is None and missing is not None:
+            return missing  # a labelled counter has no sample before its first increment
         assert match, f"{pattern} missing from /metrics"
         return float(match.group(1))
 
-    assert value("charstream_generated_chars_total") >= 25
-    assert value(r'charstream_rpc_errors_total\{code="INVALID_ARGUMENT",method="Generate"\}') >= 1
-    assert value("charstream_step_seconds_count") >= 25
-    assert value("charstream_batch_size_count") >= 25
-    assert value(r'charstream_generations_finished_total\{reason="length"\}') >= 1
-    assert value("charstream_active_streams") == 0
-    assert value("charstream_active_sessions") >= 0
+    deadline = time.monotonic() + 10
+    while value(before := scrape(), "charstream_active_streams") != 0:  # earlier tests' streams have ended
+        assert time.monotonic() < deadline, "streams of earlier tests never ended"
+        time.sleep(0.05)
+    text = "".join(r.text for r in stub.Generate(pb.GenerateRequest(prompt="To", max_chars=25, seed=6)))
+    assert text == onnx_loop(tiny_model_dir, "To", 25, SamplingSettings(), seed=6)
+    _error(lambda r: list(stub.Generate(r)), pb.GenerateRequest(prompt="To", max_chars=0))
+    after = scrape()
+
+    def grown(pattern: str) -> float:
+        return value(after, pattern) - value(before, pattern, missing=0.0)
+
+    assert grown("charstream_generated_chars_total") == 25
+    assert grown(r'charstream_rpc_errors_total\{code="INVALID_ARGUMENT",method="Generate"\}') == 1
+    assert grown("charstream_step_seconds_count") >= 25  # one step per character, and the prompt's
+    assert grown("charstream_batch_size_count") == grown("charstream_step_seconds_count")
+    assert grown(r'charstream_generations_finished_total\{reason="length"\}') == 1
+    assert value(after, "charstream_active_streams") == 0
+    sessions = len(small_server.running.service.store)  # type: ignore[arg-type]
+    assert value(after, "charstream_active_sessions") == sessions
 
 
 def test_generate_cli_prints_the_text_as_it_arrives(small_server: BackgroundServer) -> None:
@@ -148,23 +181,26 @@ def test_generate_cli_prints_the_text_as_it_arrives(small_server: BackgroundServ
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "'Z'" in bad.stderr
 
 
-def test_client_library_sessions_and_conversation(small_server: BackgroundServer) -> None:
+def test_client_library_sessions_and_conversation(small_server: BackgroundServer, tiny_model_dir: Path) -> None:
+    whole = onnx_loop(tiny_model_dir, "Or", 60, SamplingSettings(), seed=1)  # the session's uninterrupted text
+    stop = whole[29]  # the first call's last character
+    end = whole.index(stop, 30) + 1  # seed 1: it comes again within the next 30, where the second call stops
     with CharstreamClient(small_server.address) as client:
-        session = client.create_session("Or", seed=3)
+        session = client.create_session("Or", seed=1)
         first = session.generate(max_chars=30).text()
         second_stream = session.generate(max_chars=30, stop=[first[-1]])
         second = second_stream.text()
-        assert len(first) == 30
-        if second_stream.finish_reason == "stop":
-            assert second.endswith(first[-1]) and second_stream.matched_stop == first[-1]
-        else:
-            assert second_stream.finish_reason == "length" and len(second) == 30
+        assert first == whole[:30]
+        assert second == whole[30:end] and end < 60
+        assert (second_stream.finish_reason, second_stream.matched_stop) == ("stop", stop)
         assert session.info().consumed_chars == 2 + 30 + len(second)
         session.delete()
         conversation = client.conversation()
         reply = "".join(conversation.say("To be", max_chars=12, temperature=0.0))
-        assert len(reply) == 12 and conversation.last_finish_reason == "length"
-        assert len("".join(conversation.say(",", max_chars=5))) == 5
+        assert reply == onnx_loop(tiny_model_dir, "To be", 12, GREEDY) and conversation.last_finish_reason == "length"
+        # The next turn continues the same state (the prompt so far, the reply, the new text), sampling from seed 9.
+        assert "".join(conversation.say(",", max_chars=5, temperature=1.0, seed=9)) == onnx_loop(
+            tiny_model_dir, "To be" + reply + ",", 5, SamplingSettings(temperature=1.0), seed=9)
         conversation.close()
 
 
@@ -232,49 +268,3 @@ def test_shutdown_ends_a_conversation_waiting_for_its_next_turn_cleanly(tiny_mod
         finally:
             turns.put(None)
             stopping.join(timeout=30)
-
-
-@contextmanager
-def _server_whose_first_step_fails(tiny_model_dir: Path, message: str) -> Iterator[tuple[BackgroundServer, pb_grpc.GeneratorStub]]:
-    """A real server whose first model step raises `message` (a device failure stand-in)."""
-    runner = load_runner(tiny_model_dir, device="cpu", num_slots=2)
-    real_step, failures = runner.step, [1]
-
-    def failing_step(*args: object) -> object:
-        if failures:
-            failures.pop()
-            raise RuntimeError(message)
-        return real_step(*args)
-
-    runner.step = failing_step  # type: ignore[method-assign]
-    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2)
-    with BackgroundServer(config, runner=runner) as server, grpc.insecure_channel(server.address) as channel:
-        yield server, pb_grpc.GeneratorStub(channel)
-
-
-def test_a_failed_model_step_is_internal_without_its_details_and_frees_the_one_shot_session(
-    tiny_model_dir: Path,
-) -> None:
-    with _server_whose_first_step_fails(tiny_model_dir, "simulated device failure in /opt/private/libkernel.so") as (
-        server,
-        stub,
-    ):
-        error = _error(lambda r: list(stub.Generate(r, timeout=30)), pb.GenerateRequest(prompt="To", max_chars=5))
-        assert error.code() == grpc.StatusCode.INTERNAL and "server log" in error.details()
-        assert "simulated" not in error.details() and "/opt/private" not in error.details()
-        assert server.running is not None and len(server.running.service.store) == 0
-        assert len("".join(r.text for r in stub.Generate(pb.GenerateRequest(prompt="To", max_chars=5)))) == 5
-
-
-def test_a_refused_call_does_not_count_its_prompt_as_consumed(tiny_model_dir: Path) -> None:
-    with _server_whose_first_step_fails(tiny_model_dir, "simulated device failure") as (_, stub):
-        session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
-        failed = _error(lambda r: list(stub.Generate(r, timeout=30)),
-                        pb.GenerateRequest(session_id=session_id, prompt="To", max_chars=5))  # fmt: skip
-        assert failed.code() == grpc.StatusCode.INTERNAL  # the step failed: the state is lost
-        before = stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.consumed_chars
-        refused = _error(lambda r: list(stub.Generate(r, timeout=30)),
-                         pb.GenerateRequest(session_id=session_id, prompt=" be", max_chars=5))  # fmt: skip
-        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and "reset" in refused.details()
-        after = stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.consumed_chars
-        assert after == before  # the refused call's prompt never reached the state

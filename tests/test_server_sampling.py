@@ -1,5 +1,6 @@
-"""Sampling: greedy, temperature, top-k and top-p cut the distribution as documented;
-the batched sampler matches choose_token exactly; the counter stream is pure and uniform."""
+"""Sampling: the reference choose_token cuts the distribution (greedy, temperature, top-k,
+top-p) as documented; sample_tokens, the batched sampler the server runs, matches it exactly;
+the counter stream is pure and uniform."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from server.engine.generation import LENGTH, GenerationRequest, RequestStatus
 from server.engine.model_runner import load_runner
 from server.engine.sampling import SamplingSettings
 from server.engine.scheduler import Scheduler
+from tests.plain_loop import onnx_loop
 
 PROMPT = "To be, or"
 LENGTH_CHARS = 60
@@ -54,11 +55,13 @@ def generate_all(scheduler: Scheduler, request_id: int, slot: int, n: int, setti
 
 
 @pytest.mark.parametrize("name", SETTINGS)
-def test_abort_at_any_point_continues_exactly_as_the_uninterrupted_text(scheduler: Scheduler, name: str) -> None:
+def test_abort_at_any_point_continues_exactly_as_the_uninterrupted_text(
+    scheduler: Scheduler, name: str, tiny_model_dir: Path
+) -> None:
     settings = SETTINGS[name]
     scheduler.open(0, seed=7, prompt_tokens=encode(scheduler, PROMPT))
     reference = generate_all(scheduler, 1, 0, LENGTH_CHARS, settings)
-    assert len(reference) == LENGTH_CHARS
+    assert reference == onnx_loop(tiny_model_dir, PROMPT, LENGTH_CHARS, settings, seed=7)
     points = [0, 1, 2, 9, 30, LENGTH_CHARS - 1]
     # Every session in one batch, each cut at its own point.
     for slot, _ in enumerate(points, start=1):
@@ -99,13 +102,14 @@ def test_a_finished_request_waits_for_its_final_ack_and_can_still_be_cut_short(s
     scheduler.ack(3, 12)
     run(scheduler, 40)
     request = scheduler.requests[3]
-    assert request.status is RequestStatus.FINISHED_LENGTH and len(request.tokens) == 20
+    assert request.status is RequestStatus.FINISHED_LENGTH
+    assert "".join(scheduler.chars[t] for t in request.tokens) == reference[:20]  # slot 1 from its start
     scheduler.abort(3, 15)  # the client got 15 of the 20
     assert 3 not in scheduler.requests
     assert generate_all(scheduler, 4, 1, 25, settings) == reference[15:40]
 
 
-def test_the_finish_travels_with_the_last_character(scheduler: Scheduler) -> None:
+def test_the_finish_travels_with_the_last_character(scheduler: Scheduler, tiny_model_dir: Path) -> None:
     scheduler.open(0, seed=1, prompt_tokens=encode(scheduler, PROMPT))
     scheduler.submit(1, 0, GenerationRequest((), 3, SETTINGS["greedy"]))
     events = []
@@ -115,7 +119,7 @@ def test_the_finish_travels_with_the_last_character(scheduler: Scheduler) -> Non
         events += [event for _, event in scheduler.events]
         scheduler.events.clear()
     assert events[0].accepted and events[0].consumed_chars == len(PROMPT)
-    assert [bool(e.text) for e in events[1:]] == [True, True, True]
+    assert [e.text for e in events[1:]] == list(onnx_loop(tiny_model_dir, PROMPT, 3, SETTINGS["greedy"]))
     assert [e.finish for e in events[1:]] == [None, None, LENGTH]
 
 

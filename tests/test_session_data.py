@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
+import numpy as np
 import pytest
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
+from server.sessions.prefix_cache import entry_nbytes
 from server.sessions.record import decode_record, encode_record
 
 PROMPT = "To be, or not"
@@ -155,13 +157,16 @@ def test_prefix_cache_skips_prompts_and_changes_no_text(tiny_model_dir: Path) ->
         hits = cache_metric(cached, 'charstream_prefix_cache_lookups_total{result="hit"}')
         skipped = cache_metric(cached, "charstream_prefix_cache_skipped_chars_total")
         held = cache_metric(cached, "charstream_prefix_cache_bytes")
+        info = cached_stub.GetModelInfo(pb.GetModelInfoRequest())
     assert got == expected
     assert from_session == expected[1]
     # Prompt 2 starts after prompt 1 (300 chars), prompt 4 is prompt 1 again (300), the session's
     # prompt is prompt 2 (307); prompt 3 is shorter than anything cached before it.
     assert hits == 3
     assert skipped == 300 + 300 + 307
-    assert held > 0
+    # Held: the state after each prompt consumed in part or in full (prompts 1, 2 and 3), at its budget charge.
+    hidden, logits = np.zeros((info.num_layers, info.hidden_size)), np.zeros(info.vocab_size)
+    assert held == sum(entry_nbytes(text, hidden, logits) for text in prompts[:3])
 
 
 def test_python_client_forks_exports_and_imports(server: BackgroundServer) -> None:

@@ -1,19 +1,17 @@
 """TLS and mutual TLS on real servers, certificate renewal without a restart,
-start-up errors for bad TLS files, charstream-generate over TLS, and the
-client's API-key metadata."""
+start-up errors for bad TLS files, charstream-generate over TLS, and an API key sent to a
+server without keys. The client's API-key metadata itself: tests/test_client_api_key.py."""
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Iterator
 
@@ -21,13 +19,13 @@ import grpc
 import pytest
 from cryptography import x509
 
-from protos.charstream.v1 import generator_pb2 as pb
-from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.clients import generate_cli
 from server.background import BackgroundServer
 from server.clients.client import CharstreamClient, tls_credentials
 from server.config import ServerConfig
 from server.api.tls import TlsConfigError, server_credentials
+from server.engine.sampling import SamplingSettings
+from tests.plain_loop import onnx_loop, wire
 from tests.tls_certs import Issued, Pki, make_pki
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -84,8 +82,8 @@ def _refused(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.
 
 
 def test_a_client_trusting_the_ca_streams_what_a_plaintext_server_streams(
-        tls_server: BackgroundServer, pki: Pki, expected_text: str) -> None:
-    assert len(expected_text) == CHARS
+        tls_server: BackgroundServer, pki: Pki, expected_text: str, tiny_model_dir: Path) -> None:
+    assert expected_text == onnx_loop(tiny_model_dir, PROMPT, CHARS, SamplingSettings(temperature=wire(0.8)), SEED)
     assert _generate(tls_server.address, tls_credentials(str(pki.ca.cert_path))) == expected_text
 
 
@@ -224,77 +222,14 @@ def test_generate_cli_over_tls_and_mutual_tls_prints_the_plain_text(
 # --- API keys ----------------------------------------------------------------------------------------
 
 
-def test_an_api_key_does_not_disturb_a_server_without_keys(plain_server: BackgroundServer, expected_text: str) -> None:
+def test_an_api_key_does_not_disturb_a_server_without_keys(plain_server: BackgroundServer, expected_text: str,
+                                                           tiny_model_dir: Path) -> None:
     with CharstreamClient(plain_server.address, timeout=10, api_key="s3cret") as client:
         assert client.generate(PROMPT, CHARS, temperature=0.8, seed=SEED).text() == expected_text
         session = client.create_session("To", seed=1)
         assert session.info().session_id == session.id
         session.delete()
         conversation = client.conversation()
-        assert len("".join(conversation.say("To be", max_chars=5))) == 5
+        assert "".join(conversation.say("To be", max_chars=5, temperature=0.8, seed=SEED)) == onnx_loop(
+            tiny_model_dir, "To be", 5, SamplingSettings(temperature=wire(0.8)), SEED)
         conversation.close()
-
-
-class RecordingGenerator(pb_grpc.GeneratorServicer):
-    """Answers a few calls with canned replies, noting the authorization metadata of each."""
-
-    def __init__(self) -> None:
-        self.seen: queue.Queue[tuple[str, str | None]] = queue.Queue()
-
-    def _note(self, method: str, context: grpc.ServicerContext) -> None:
-        self.seen.put((method, dict(context.invocation_metadata()).get("authorization")))
-
-    def CreateSession(self, request, context):  # noqa: N802 - gRPC's method names
-        self._note("CreateSession", context)
-        return pb.CreateSessionResponse(session_id="s1")
-
-    def DeleteSession(self, request, context):  # noqa: N802
-        self._note("DeleteSession", context)
-        return pb.DeleteSessionResponse()
-
-    def Generate(self, request, context):  # noqa: N802
-        self._note("Generate", context)
-        yield pb.GenerateResponse(text="ab", finish_reason=pb.FINISH_REASON_LENGTH, generated_chars=2)
-
-    def Converse(self, request_iterator, context):  # noqa: N802
-        self._note("Converse", context)
-        for _ in request_iterator:
-            yield pb.ConverseResponse(session_id="c1", text="x", finish_reason=pb.FINISH_REASON_LENGTH)
-
-
-def _upload(requests, context: grpc.ServicerContext) -> bytes:
-    """A client-streaming method (the Generator service has none) to cover that kind of call."""
-    return dict(context.invocation_metadata()).get("authorization", "").encode() + b"|" + b"".join(requests)
-
-
-@pytest.fixture
-def recording_server() -> Iterator[tuple[str, RecordingGenerator]]:
-    recorder = RecordingGenerator()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_GeneratorServicer_to_server(recorder, server)
-    upload = grpc.stream_unary_rpc_method_handler(_upload)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Probe", {"Upload": upload})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", recorder
-    finally:
-        server.stop(grace=None)
-
-
-def test_the_api_key_goes_with_unary_and_streaming_calls(recording_server: tuple[str, RecordingGenerator]) -> None:
-    address, recorder = recording_server
-    with CharstreamClient(address, timeout=10, api_key="X") as client:
-        session = client.create_session()
-        assert session.generate(max_chars=2).text() == "ab"
-        session.delete()
-        conversation = client.conversation()
-        assert "".join(conversation.say("hi")) == "x"
-        conversation.close()
-        upload = client.channel.stream_unary("/test.Probe/Upload")
-        assert upload(iter([b"a", b"b"]), timeout=10) == b"Bearer X|ab"
-    seen = [recorder.seen.get_nowait() for _ in range(recorder.seen.qsize())]
-    assert sorted(seen) == sorted((method, "Bearer X") for method in
-                                  ("CreateSession", "Generate", "DeleteSession", "Converse"))
-    with pytest.raises(ValueError, match="API key"):
-        CharstreamClient(address, api_key="two\nlines")

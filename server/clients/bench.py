@@ -41,6 +41,7 @@ from server.clients.bench_process import ServerProcess, batch_totals, describe_s
 from server.clients.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
 from server.clients.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
                                   print_report, ratio_of, write_json)
+from server.engine.model_contract import CUDA
 
 DEFAULT_JSON = "charstream-bench.json"
 PROMPT_CHARS = 16
@@ -152,7 +153,7 @@ class Bench:
             import torch  # noqa: F401
         except ImportError:
             return self.note("torch_eager", "skipped", "torch is not installed")
-        use_cuda = self.info.execution_provider == "CUDAExecutionProvider"  # type: ignore[union-attr]
+        use_cuda = self.info.execution_provider == CUDA  # type: ignore[union-attr]
         self.attempt("torch_eager", lambda row, row_id, title: torch_loop(
             self.args.checkpoint, self.args.chars, self.deadline(), use_cuda, row_id=row_id, title=title, row=row))
 

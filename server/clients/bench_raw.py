@@ -15,9 +15,8 @@ import numpy as np
 import onnxruntime as ort
 
 from server.clients.bench_results import RawResult, TorchResult
+from server.engine.model_contract import CPU, CUDA, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 WARMUP_STEPS = 5
 
 
@@ -71,13 +70,13 @@ class Stepper:
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         if self.binding is None:
-            logits, self.hidden = self.session.run(None, {"token_ids": tokens, "hidden": self.hidden})
+            logits, self.hidden = self.session.run(None, {INPUT_TOKENS: tokens, INPUT_HIDDEN: self.hidden})
             return logits.argmax(axis=1)
         binding = self.binding
-        binding.bind_cpu_input("token_ids", tokens)
-        binding.bind_ortvalue_input("hidden", self.hidden)
-        binding.bind_output("logits", "cpu")
-        binding.bind_output("hidden_out", "cuda", 0)
+        binding.bind_cpu_input(INPUT_TOKENS, tokens)
+        binding.bind_ortvalue_input(INPUT_HIDDEN, self.hidden)
+        binding.bind_output(OUTPUT_LOGITS, "cpu")
+        binding.bind_output(OUTPUT_HIDDEN, "cuda", 0)
         self.session.run_with_iobinding(binding)
         logits, self.hidden = binding.get_outputs()
         binding.clear_binding_inputs()

@@ -47,19 +47,21 @@ from __future__ import annotations
 
 import ipaddress
 import queue
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
+from server.clients import calls
+from server.clients.calls import SessionRef, StreamOutcome, TurnOutcome
 from server.clients.credentials import ApiKeyInterceptor, tls_credentials
 
 # tls_credentials is defined beside the interceptor but belongs to this module's API.
 __all__ = ["CharstreamClient", "Conversation", "TextStream", "SessionHandle", "has_uri_scheme", "targets_to_uri",
            "tls_credentials"]
 
-FINISH_NAMES = {value: name.removeprefix("FINISH_REASON_").lower() for name, value in pb.FinishReason.items()}
+R = TypeVar("R")
 # Target schemes gRPC resolves itself; a target that starts with one is a whole URI, not an address.
 URI_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p")
 MULTI_HINT = "give a single dns:///HOST:PORT target whose name resolves to every replica instead"
@@ -115,31 +117,18 @@ def targets_to_uri(addresses: Sequence[str]) -> str:
     return f"{families.pop()}:{','.join(cleaned)}"
 
 
-def _optional(message: object, **values: object) -> None:
-    for name, value in values.items():
-        if value is not None:
-            setattr(message, name, value)
-
-
-class TextStream:
+class TextStream(StreamOutcome):
     """Text chunks of one Generate call; after iteration, how it finished. cancel() stops it."""
 
     def __init__(self, call: grpc.Call):
+        super().__init__()
         self._call = call
-        self.finish_reason: str | None = None  # "length", "stop", "shutdown", ...
-        self.generated_chars = 0
-        self.prompt_chars = 0
-        self.matched_stop = ""
 
     def __iter__(self) -> Iterator[str]:
         for response in self._call:
             if response.text:
                 yield response.text
-            if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                self.finish_reason = FINISH_NAMES[response.finish_reason]
-                self.generated_chars = response.generated_chars
-                self.prompt_chars = response.prompt_chars
-                self.matched_stop = response.matched_stop
+            self.note(response)
 
     def text(self) -> str:
         return "".join(self)
@@ -148,58 +137,48 @@ class TextStream:
         self._call.cancel()
 
 
-class SessionHandle:
+class SessionHandle(SessionRef):
     """A server-side session: its state continues from call to call."""
 
-    def __init__(self, client: "CharstreamClient", session_id: str):
-        self.client = client
-        self.id = session_id
+    client: "CharstreamClient"
 
     def generate(self, prompt: str = "", max_chars: int = 200, **options: object) -> TextStream:
         return self.client.generate(prompt, max_chars, session_id=self.id, **options)  # type: ignore[arg-type]
 
     def info(self) -> pb.SessionInfo:
-        return self.client.stub.GetSession(pb.GetSessionRequest(session_id=self.id), timeout=self.client.timeout).session
+        return self.client.call(calls.get_session(self.id))
 
     def reset(self, prompt: str = "", seed: int | None = None) -> pb.SessionInfo:
-        request = pb.ResetSessionRequest(session_id=self.id, prompt=prompt)
-        _optional(request, seed=seed)
-        return self.client.stub.ResetSession(request, timeout=self.client.timeout).session
+        return self.client.call(calls.reset_session(self.id, prompt, seed))
 
     def delete(self) -> None:
-        self.client.stub.DeleteSession(pb.DeleteSessionRequest(session_id=self.id), timeout=self.client.timeout)
+        self.client.call(calls.delete_session(self.id))
 
     def fork(self) -> "SessionHandle":
         """A new session with this one's state and random stream; both continue independently."""
-        reply = self.client.stub.ForkSession(pb.ForkSessionRequest(session_id=self.id), timeout=self.client.timeout)
-        return SessionHandle(self.client, reply.session_id)
+        return SessionHandle(self.client, self.client.call(calls.fork_session(self.id)))
 
     def export(self) -> bytes:
         """The session's record: import it on any server serving the same model (import_session)."""
-        request = pb.ExportSessionRequest(session_id=self.id)
-        return self.client.stub.ExportSession(request, timeout=self.client.timeout).state
+        return self.client.call(calls.export_session(self.id))
 
 
-class Conversation:
+class Conversation(TurnOutcome):
     """One Converse stream: say() sends a turn and yields its reply's text chunks."""
 
     def __init__(self, stub: pb_grpc.GeneratorStub):
+        super().__init__()
         self._turns: queue.Queue[pb.ConverseRequest | None] = queue.Queue()
         self._responses = stub.Converse(iter(self._turns.get, None))
-        self.session_id = ""
-        self.last_finish_reason: str | None = None
 
     def say(self, text: str, max_chars: int = 200, *, temperature: float | None = None, top_k: int | None = None,
             top_p: float | None = None, seed: int | None = None, stop: Iterable[str] = ()) -> Iterator[str]:
-        request = pb.ConverseRequest(text=text, max_chars=max_chars, stop=list(stop))
-        _optional(request, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        self._turns.put(request)
+        self._turns.put(calls.converse_request(text, max_chars, temperature=temperature, top_k=top_k, top_p=top_p,
+                                               seed=seed, stop=stop))
         for response in self._responses:
-            self.session_id = response.session_id
             if response.text:
                 yield response.text
-            if response.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                self.last_finish_reason = FINISH_NAMES[response.finish_reason]
+            if self.note(response):
                 return
 
     def close(self) -> None:
@@ -221,7 +200,7 @@ class CharstreamClient:
         """
         # Made first: a key that cannot be sent fails before a channel exists to leak.
         interceptor = ApiKeyInterceptor(api_key) if api_key else None
-        options = [("grpc.lb_policy_name", lb_policy)] if lb_policy else []
+        options = calls.channel_options(lb_policy)
         channel = (
             grpc.secure_channel(target, credentials, options=options)
             if credentials is not None
@@ -241,34 +220,35 @@ class CharstreamClient:
     def close(self) -> None:
         self.channel.close()
 
+    def call(self, unary: calls.Unary[R]) -> R:
+        """Send one unary call (bounded by `timeout`) and return what the caller wants of its reply."""
+        return unary.result(getattr(self.stub, unary.method)(unary.request, timeout=self.timeout))
+
     def model_info(self) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return self.call(calls.model_info())
 
     def create_session(self, prompt: str = "", *, temperature: float | None = None, top_k: int | None = None,
                        top_p: float | None = None, seed: int | None = None) -> SessionHandle:
-        request = pb.CreateSessionRequest(prompt=prompt)
-        _optional(request, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        response = self.stub.CreateSession(request, timeout=self.timeout)
-        return SessionHandle(self, response.session_id)
+        unary = calls.create_session(prompt, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return SessionHandle(self, self.call(unary))
 
     def import_session(self, state: bytes) -> SessionHandle:
         """A new session from a record made by SessionHandle.export (here or on another server)."""
-        reply = self.stub.ImportSession(pb.ImportSessionRequest(state=state), timeout=self.timeout)
-        return SessionHandle(self, reply.session_id)
+        return SessionHandle(self, self.call(calls.import_session(state)))
 
     def session(self, session_id: str) -> SessionHandle:
         """A handle on an existing session (not checked until used)."""
         return SessionHandle(self, session_id)
 
     def list_sessions(self) -> list[pb.SessionInfo]:
-        return list(self.stub.ListSessions(pb.ListSessionsRequest(), timeout=self.timeout).sessions)
+        return self.call(calls.list_sessions())
 
     def generate(self, prompt: str = "", max_chars: int = 200, *, session_id: str = "", temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: Iterable[str] = ()) -> TextStream:
         """Stream a generation: iterate the result for text chunks. No session_id = one-shot."""
-        request = pb.GenerateRequest(session_id=session_id, prompt=prompt, max_chars=max_chars, stop=list(stop))
-        _optional(request, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        request = calls.generate_request(prompt, max_chars, session_id=session_id, temperature=temperature,
+                                         top_k=top_k, top_p=top_p, seed=seed, stop=stop)
         return TextStream(self.stub.Generate(request))
 
     def conversation(self) -> Conversation:

@@ -1,14 +1,10 @@
 """Find the ONNX file to serve in a model directory and read what it says about itself.
 
-Model directory format (written by export):
-    MODEL_DIR/model.onnx            fp32, always present
-    MODEL_DIR/model.fp16.onnx ...   optional variants
-    MODEL_DIR/manifest.json         {"format": "charstream-model/1", "default": "fp32",
-                                     "variants": {"fp32": {"file": "model.onnx"}, ...}}
-Without manifest.json the directory serves model.onnx as variant "fp32".
-Variant "auto" picks by execution provider (AUTO_PREFERENCE): the provider's
-preferred variant when the manifest records it verified on that provider,
-else the manifest's default.
+The directory's layout, names and manifest keys are the contract in
+model_contract.py, shared with the export that writes it. Without a manifest
+the directory serves its fp32 file. Variant "auto" picks by execution
+provider (AUTO_PREFERENCE): the provider's preferred variant when the
+manifest records it verified on that provider, else the manifest's default.
 The vocabulary and model config come from the .onnx metadata, so the file
 alone describes itself.
 """
@@ -20,22 +16,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "charstream-model/1"
-DEFAULT_FILE = "model.onnx"
-DEFAULT_VARIANT = "fp32"
+from server.engine.model_contract import (
+    CPU,
+    CUDA,
+    DEFAULT_VARIANT,
+    FP16,
+    INPUT_NAMES,
+    INT8,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    META_CONFIG,
+    META_VOCAB,
+    OUTPUT_NAMES,
+    VARIANT_FILES,
+    ManifestKey,
+)
+
+# The reader's name for "pick by provider"; never written into a manifest.
 AUTO = "auto"
-# What variant "auto" prefers on each execution provider, and why, when manifest.json
+# What variant "auto" prefers on each execution provider, and why, when the manifest
 # records it verified there (export verifies on every provider it has and records a
 # provider only when the variant passed within its tolerance).
 AUTO_PREFERENCE: dict[str, tuple[str, str]] = {
-    "CUDAExecutionProvider": ("fp16", "fp16 weights and maths, meant for GPUs"),
-    "CPUExecutionProvider": ("int8", "int8 weights, faster steps on CPUs"),
+    CUDA: (FP16, "fp16 weights and maths, meant for GPUs"),
+    CPU: (INT8, "int8 weights, faster steps on CPUs"),
 }
-META_VOCAB = "charstream.vocab"
-META_CONFIG = "charstream.config"
-INPUT_NAMES = ("token_ids", "hidden")
-OUTPUT_NAMES = ("logits", "hidden_out")
+DEFAULT_FILE = VARIANT_FILES[DEFAULT_VARIANT]
 
 
 class ModelDirError(RuntimeError):
@@ -68,9 +74,11 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelDirError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ModelDirError(f"{path} is not a charstream manifest (expected \"format\": \"{MANIFEST_FORMAT}\")")
-    if not isinstance(manifest.get("variants"), dict) or not manifest["variants"]:
+    if not isinstance(manifest, dict) or manifest.get(ManifestKey.FORMAT) != MANIFEST_FORMAT:
+        raise ModelDirError(
+            f"{path} is not a charstream manifest (expected \"{ManifestKey.FORMAT}\": \"{MANIFEST_FORMAT}\")"
+        )
+    if not isinstance(manifest.get(ManifestKey.VARIANTS), dict) or not manifest[ManifestKey.VARIANTS]:
         raise ModelDirError(f"{path} lists no variants")
     return manifest
 
@@ -78,10 +86,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 def choose_model_file(directory: Path | str, variant: str | None = None, provider: str | None = None) -> ModelFile:
     """The file to serve, with the reason it was chosen.
 
-    variant: a name listed in manifest.json; None: the manifest's default;
+    variant: a name listed in the manifest; None: the manifest's default;
     "auto": AUTO_PREFERENCE[provider] when the manifest records it verified on
     `provider` (and its file is present), otherwise the manifest's default.
-    A directory without manifest.json serves model.onnx as "fp32".
+    A directory without a manifest serves DEFAULT_FILE as DEFAULT_VARIANT.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -98,7 +106,7 @@ def choose_model_file(directory: Path | str, variant: str | None = None, provide
     else:
         chosen, reason = DEFAULT_VARIANT, f"no {MANIFEST_FILE}: {DEFAULT_FILE} ({DEFAULT_VARIANT})"
     if manifest is not None:
-        variants: Mapping[str, Any] = manifest["variants"]
+        variants: Mapping[str, Any] = manifest[ManifestKey.VARIANTS]
         if chosen not in variants:
             raise ModelDirError(
                 f"variant {chosen!r} is not in {manifest_path}; available: {', '.join(sorted(variants))}"
@@ -122,12 +130,12 @@ def choose_model_file(directory: Path | str, variant: str | None = None, provide
 
 
 def _manifest_default(manifest: Mapping[str, Any]) -> str:
-    default = manifest.get("default")
+    default = manifest.get(ManifestKey.DEFAULT)
     return default if isinstance(default, str) and default else DEFAULT_VARIANT
 
 
 def _variant_file(entry: Any) -> str | None:
-    file_name = entry.get("file") if isinstance(entry, dict) else None
+    file_name = entry.get(ManifestKey.FILE) if isinstance(entry, dict) else None
     return file_name if isinstance(file_name, str) and file_name else None
 
 
@@ -140,10 +148,10 @@ def _auto_variant(directory: Path, manifest: Mapping[str, Any] | None, provider:
     if provider not in AUTO_PREFERENCE:
         return default, f"auto: no preferred variant for {provider}; {fallback}"
     name, why = AUTO_PREFERENCE[provider]
-    entry = manifest["variants"].get(name)
+    entry = manifest[ManifestKey.VARIANTS].get(name)
     if not isinstance(entry, dict):
         return default, f"auto: no {name} verified on {provider} in the manifest (no {name} exported); {fallback}"
-    verified = entry.get("verified")
+    verified = entry.get(ManifestKey.VERIFIED)
     if not isinstance(verified, dict) or provider not in verified:
         elsewhere = ", ".join(sorted(verified)) if isinstance(verified, dict) and verified else "no provider"
         return default, (

@@ -25,7 +25,17 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from server.engine.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_LOGITS
 from server.engine.model_dir import AUTO, ModelDirError, ModelFile, ModelSpec, choose_model_file, read_spec
+from server.engine.pooled_graph import (
+    INPUT_KEEP,
+    INPUT_POOL,
+    INPUT_SLOTS,
+    INPUT_START,
+    OUTPUT_POOL,
+    OUTPUT_START_STATE,
+    build_pooled_step,
+)
 from server.engine.providers import CPU, CUDA, MODEL_LOAD_ERRORS, ThreadSettings, create_session, expected_provider
 from server.engine.state_pool import DeviceStatePool, HostStatePool
 from server.structured_log import log_event
@@ -78,7 +88,7 @@ class HostStateRunner(ModelRunner):
         self, token_ids: np.ndarray, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None
     ) -> StepOutput:
         hidden = self.pool.gather(slots, start_mask, start_states)  # [L, B, H]
-        logits, hidden_out = self.session.run(None, {"token_ids": token_ids, "hidden": hidden})
+        logits, hidden_out = self.session.run(None, {INPUT_TOKENS: token_ids, INPUT_HIDDEN: hidden})
         self.pool.scatter(slots, hidden_out)
         return StepOutput(logits, hidden)  # [B, V], [L, B, H]
 
@@ -106,16 +116,16 @@ class DeviceStateRunner(ModelRunner):
         if start_states is None:
             start_states = np.zeros((spec.num_layers, len(slots), spec.hidden_size), np.float32)
         binding = self.session.io_binding()
-        binding.bind_cpu_input("token_ids", np.ascontiguousarray(token_ids, dtype=np.int64))
-        binding.bind_cpu_input("slots", np.ascontiguousarray(slots, dtype=np.int64))
-        binding.bind_cpu_input("keep", np.logical_not(start_mask))  # bool [B]
-        binding.bind_cpu_input("start", np.ascontiguousarray(start_states, dtype=np.float32))  # [L, B, H]
-        binding.bind_ortvalue_input("pool", self.pool.current)
+        binding.bind_cpu_input(INPUT_TOKENS, np.ascontiguousarray(token_ids, dtype=np.int64))
+        binding.bind_cpu_input(INPUT_SLOTS, np.ascontiguousarray(slots, dtype=np.int64))
+        binding.bind_cpu_input(INPUT_KEEP, np.logical_not(start_mask))  # bool [B]
+        binding.bind_cpu_input(INPUT_START, np.ascontiguousarray(start_states, dtype=np.float32))  # [L, B, H]
+        binding.bind_ortvalue_input(INPUT_POOL, self.pool.current)
         # Outputs come back in binding order. Only logits and the step's input
         # states cross to the host; the pool stays on the device.
-        binding.bind_output("logits", "cpu")
-        binding.bind_output("hidden", "cpu")
-        binding.bind_ortvalue_output("pool_out", self.pool.spare)
+        binding.bind_output(OUTPUT_LOGITS, "cpu")
+        binding.bind_output(OUTPUT_START_STATE, "cpu")
+        binding.bind_ortvalue_output(OUTPUT_POOL, self.pool.spare)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         self.pool.swap()
@@ -140,8 +150,6 @@ def build_device_runner(
     """The IOBinding runner: `device` "cuda" in service, "cpu" to test the same path without a GPU."""
     import onnx  # only the device path edits graphs
 
-    from server.engine.pooled_graph import build_pooled_step
-
     pooled = build_pooled_step(onnx.load(str(model_file.path)), num_slots, spec.num_layers, spec.hidden_size)
     session = create_session(pooled.SerializeToString(), device, threads)
     provider = session.get_providers()[0]
@@ -160,6 +168,24 @@ def _open(path: Path, device: str, threads: ThreadSettings) -> ort.InferenceSess
                             f"again with charstream-export): {reason}") from exc
 
 
+def _choose_and_open(model_dir: Path | str, variant: str | None, device: str,
+                     threads: ThreadSettings) -> tuple[ModelFile, ort.InferenceSession]:
+    """The file to serve and its session; for "auto", chosen again if the session ended up on
+    another provider than the one assumed."""
+    assumed = expected_provider(device) if variant == AUTO else None
+    model_file = choose_model_file(model_dir, variant, assumed)
+    session = _open(Path(model_file.path), device, threads)
+    if assumed is not None and session.get_providers()[0] != assumed:
+        actual = session.get_providers()[0]
+        again = choose_model_file(model_dir, variant, actual)
+        if again.path != model_file.path:
+            # Straight to the provider in use: asking for CUDA again would fail again.
+            session = _open(Path(again.path), "cpu" if actual == CPU else device, threads)
+        reason = f"{again.reason}; chosen again: the session runs on {actual}, not the {assumed} assumed"
+        model_file = ModelFile(again.directory, again.variant, again.path, reason=reason)
+    return model_file, session
+
+
 def load_runner(
     model_dir: Path | str,
     variant: str | None = AUTO,
@@ -169,7 +195,7 @@ def load_runner(
 ) -> ModelRunner:
     """Load the model directory's chosen variant on the provider `device` selects.
 
-    variant: a name from manifest.json, None for the manifest's default, or "auto":
+    variant: a name from the manifest, None for the manifest's default, or "auto":
     the variant verified for the provider (model_dir.choose_model_file). For
     "auto" the provider is estimated first (providers.expected_provider), the
     file chosen for it, and if the session ends up on another provider (ONNX
@@ -184,17 +210,7 @@ def load_runner(
         threads = ThreadSettings()
     elif not isinstance(threads, ThreadSettings):
         threads = ThreadSettings(intra_op_threads=int(threads))
-    assumed = expected_provider(device) if variant == AUTO else None
-    model_file = choose_model_file(model_dir, variant, assumed)
-    session = _open(Path(model_file.path), device, threads)
-    if assumed is not None and session.get_providers()[0] != assumed:
-        actual = session.get_providers()[0]
-        again = choose_model_file(model_dir, variant, actual)
-        if again.path != model_file.path:
-            # Straight to the provider in use: asking for CUDA again would fail again.
-            session = _open(Path(again.path), "cpu" if actual == CPU else device, threads)
-        reason = f"{again.reason}; chosen again: the session runs on {actual}, not the {assumed} assumed"
-        model_file = ModelFile(again.directory, again.variant, again.path, reason=reason)
+    model_file, session = _choose_and_open(model_dir, variant, device, threads)
     spec = _session_spec(session, str(model_file.path))
     provider = session.get_providers()[0]
     runner: ModelRunner | None = None

@@ -19,9 +19,9 @@ keeps it to undo characters generated ahead of delivery.
 
 from __future__ import annotations
 
-import onnx
-from onnx import TensorProto, helper
+from typing import TYPE_CHECKING
 
+from server.engine.model_contract import INPUT_HIDDEN, INPUT_NAMES, OUTPUT_HIDDEN, OUTPUT_LOGITS
 from server.engine.model_dir import ModelDirError
 
 INPUT_SLOTS = "slots"
@@ -29,35 +29,54 @@ INPUT_KEEP = "keep"
 INPUT_START = "start"
 INPUT_POOL = "pool"
 OUTPUT_POOL = "pool_out"
-OUTPUT_HIDDEN = "hidden"
+# The state each row started from is produced under the cell's own input
+# name, so the cell's nodes read it unchanged; it is also a graph output.
+OUTPUT_START_STATE = INPUT_HIDDEN
+
+# Every node and value the wrapper adds is named with this prefix.
+PREFIX = "charstream_pool."
+
+if TYPE_CHECKING:
+    import onnx
+
+
+def _check_wrappable(cell: onnx.ModelProto) -> None:
+    """Refuse a model the wrapper cannot extend: another interface, an old opset, clashing names."""
+    graph = cell.graph
+    if tuple(i.name for i in graph.input) != INPUT_NAMES:
+        raise ModelDirError(f"the model's inputs are not {INPUT_NAMES}: cannot wrap it")
+    opset = next((o.version for o in cell.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelDirError(f"the model uses ONNX opset {opset}; wrapping it needs opset 13 or newer")
+    taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
+    if any(name.startswith(PREFIX) for name in taken):
+        raise ModelDirError(f"the model already uses names starting with {PREFIX!r}")
 
 
 def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hidden_size: int) -> onnx.ModelProto:
     """The pooled step graph around `cell` (the charstream step model), for `num_slots` slots."""
+    # Imported here so that the runner can read the names above without
+    # loading onnx: only the device path builds this graph.
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = cell.graph
-    if [i.name for i in graph.input] != ["token_ids", "hidden"]:
-        raise ModelDirError("the model's inputs are not (token_ids, hidden): cannot wrap it")
-    opset = next((o.version for o in cell.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        raise ModelDirError(f"the model uses ONNX opset {opset}; wrapping it needs opset 13 or newer")
-    prefix = "charstream_pool."
-    taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
-    if any(name.startswith(prefix) for name in taken):
-        raise ModelDirError(f"the model already uses names starting with {prefix!r}")
+    _check_wrappable(cell)
 
     def name(suffix: str) -> str:
-        return prefix + suffix
+        return PREFIX + suffix
 
     before = [
         helper.make_node("Gather", [INPUT_POOL, INPUT_SLOTS], [name("rows")], name=name("rows"), axis=0),  # [B, L, H]
         helper.make_node("Transpose", [name("rows")], [name("pooled")], name=name("pooled"), perm=[1, 0, 2]),  # [L, B, H]
         helper.make_node("Unsqueeze", [INPUT_KEEP, name("keep_axes")], [name("keep3")], name=name("keep3")),  # [1, B, 1]
         # Where, not a multiply: a stale row holding inf or NaN must still give the start state.
-        # The cell reads its state from the value named "hidden": produce it here.
-        helper.make_node("Where", [name("keep3"), name("pooled"), INPUT_START], [OUTPUT_HIDDEN], name=name("hidden")),
+        helper.make_node(
+            "Where", [name("keep3"), name("pooled"), INPUT_START], [OUTPUT_START_STATE], name=name("hidden")
+        ),
     ]
     after = [
-        helper.make_node("Transpose", ["hidden_out"], [name("updates")], name=name("updates"), perm=[1, 0, 2]),  # [B, L, H]
+        helper.make_node("Transpose", [OUTPUT_HIDDEN], [name("updates")], name=name("updates"), perm=[1, 0, 2]),  # [B, L, H]
         helper.make_node("Unsqueeze", [INPUT_SLOTS, name("slot_axes")], [name("indices")], name=name("indices")),  # [B, 1]
         helper.make_node("ScatterND", [INPUT_POOL, name("indices"), name("updates")], [OUTPUT_POOL], name=name("scatter")),
     ]
@@ -66,7 +85,7 @@ def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hi
         helper.make_tensor(name("slot_axes"), TensorProto.INT64, [1], [1]),
     ]
     pool_shape = [num_slots, num_layers, hidden_size]
-    logits = next(o for o in graph.output if o.name == "logits")
+    logits = next(o for o in graph.output if o.name == OUTPUT_LOGITS)
     wrapped = helper.make_graph(
         before + list(graph.node) + after,
         graph.name + "_pooled",
@@ -80,7 +99,7 @@ def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hi
         outputs=[
             logits,
             helper.make_tensor_value_info(OUTPUT_POOL, TensorProto.FLOAT, pool_shape),
-            helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, [num_layers, "batch", hidden_size]),
+            helper.make_tensor_value_info(OUTPUT_START_STATE, TensorProto.FLOAT, [num_layers, "batch", hidden_size]),
         ],
         initializer=list(graph.initializer) + constants,
     )

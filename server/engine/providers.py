@@ -5,6 +5,8 @@ created, otherwise the CPU provider with one log line saying why.
 cuda: the CUDA provider or a DeviceError that says what is missing.
 ONNX Runtime silently falls back to CPU when the CUDA provider fails, so the
 provider actually in use is read back from the session, never assumed.
+cuda_unavailable_reason / cuda_available is the one CUDA probe: the server's
+device choice and the export's verification both ask it.
 ThreadSettings carries the ONNX Runtime threading options (intra-op threads,
 spinning) from the configuration to every session the server creates.
 """
@@ -12,6 +14,7 @@ spinning) from the configuration to every session the server creates.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -20,10 +23,9 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from server.engine.model_contract import CPU, CUDA
 from server.structured_log import log_event
 
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
 ALLOW_SPINNING_KEY = "session.intra_op.allow_spinning"
 
@@ -71,6 +73,62 @@ def cuda_device_count() -> tuple[int, str]:
     return count.value, ""
 
 
+@functools.lru_cache(maxsize=1)
+def cuda_unavailable_reason() -> str:
+    """"" when ONNX Runtime can run a session on a CUDA device here, else why it cannot.
+
+    Cheapest checks first: the build, then the driver (keeps CPU-only machines
+    free of provider-loading errors), then a one-node session, because a GPU
+    build lists the CUDA provider even where the CUDA or cuDNN libraries are
+    missing and then silently runs on the CPU. Cached: the answer does not
+    change while a process runs.
+    """
+    if CUDA not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
+    count, reason = cuda_device_count()
+    if count == 0:
+        return reason
+    try:
+        # Finds CUDA/cuDNN libraries installed as Python packages (nvidia-*-cu*).
+        ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 - best effort; the probe session decides
+        logger.debug("preload_dlls failed: %s", exc)
+    return _probe_cuda_session()
+
+
+def _probe_cuda_session() -> str:
+    """Start a one-node session on the CUDA provider alone: "" when it runs there."""
+    from onnx import TensorProto, helper  # only machines with a CUDA driver get here
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "cuda_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    probe.ir_version = 9  # pinned: IR 9 covers opset 17 and every supported ONNX Runtime reads it
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    # A failed provider load is logged through the default logger, not the
+    # session's: silence it for the probe (the returned reason says what failed).
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA])
+    except Exception as exc:  # noqa: BLE001 - any failure to start CUDA means "not available"
+        return f"creating the CUDA provider failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's own default (warnings)
+    if session.get_providers()[0] != CUDA:
+        return "ONNX Runtime could not create the CUDA provider (CUDA or cuDNN libraries missing?)"
+    return ""
+
+
+def cuda_available() -> bool:
+    """True when ONNX Runtime can run on a CUDA device here (see cuda_unavailable_reason)."""
+    return not cuda_unavailable_reason()
+
+
 def session_options(threads: ThreadSettings) -> ort.SessionOptions:
     """The SessionOptions every server session is created with."""
     options = ort.SessionOptions()
@@ -87,17 +145,16 @@ _options = session_options
 def expected_provider(device: str) -> str:
     """The provider `device` should give, judged without creating a session (cheap).
 
-    auto: CUDA when this onnxruntime has the CUDA provider and the driver reports
-    a device, else CPU; cuda: CUDA (create_session fails if it cannot be had);
-    cpu: CPU. Only an estimate: the session's own provider list is the truth.
+    auto: CUDA when the CUDA probe passes (cuda_available; a one-node session,
+    once per process, on machines with a driver), else CPU; cuda: CUDA
+    (create_session fails if it cannot be had); cpu: CPU. Only an estimate:
+    the session's own provider list is the truth.
     """
     if device == "cpu":
         return CPU
     if device == "cuda":
         return CUDA
-    if CUDA in ort.get_available_providers() and cuda_device_count()[0] > 0:
-        return CUDA
-    return CPU
+    return CUDA if cuda_available() else CPU
 
 
 # What ONNX Runtime raises for a file that is not a usable model, whatever the provider.
@@ -107,16 +164,9 @@ MODEL_LOAD_ERRORS: tuple[type[Exception], ...] = (ort_state.InvalidProtobuf, ort
 
 def _try_cuda(model: Path | bytes, threads: ThreadSettings) -> tuple[ort.InferenceSession | None, str]:
     """A CUDA session, or (None, reason)."""
-    if CUDA not in ort.get_available_providers():
-        return None, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu)"
-    count, reason = cuda_device_count()
-    if count == 0:
+    reason = cuda_unavailable_reason()
+    if reason:
         return None, reason
-    try:
-        # Finds CUDA/cuDNN libraries installed as Python packages (nvidia-*-cu*).
-        ort.preload_dlls()
-    except Exception as exc:  # noqa: BLE001 - best effort; session creation decides
-        logger.debug("preload_dlls failed: %s", exc)
     source = str(model) if isinstance(model, Path) else model
     try:
         session = ort.InferenceSession(source, session_options(threads), providers=[CUDA, CPU])

@@ -13,8 +13,11 @@ numbers cannot depend on other sessions or on batch order, since nothing is
 shared; and the session record needs only seed + position. It also vectorises:
 one uint64 array expression serves a whole batch.
 
-sample_tokens is choose_token for a whole batch in one NumPy pass, picking the
-very same token (bit for bit) for every row.
+Two samplers: sample_tokens is the one the server runs (scheduler.py calls it
+once per iteration for the whole batch, in one NumPy pass); choose_token is the
+one-row reference implementation, which the server never calls. Tests hold
+sample_tokens to it row by row (the very same token, bit for bit) and use it in
+plain reference loops to compute the text a session must produce.
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ DEFAULT_SETTINGS = SamplingSettings()
 def choose_token(logits: np.ndarray, settings: SamplingSettings, uniform: float) -> int:
     """Token id for logits [V] given a uniform number in [0, 1); `uniform` is ignored when greedy.
 
-    Greedy picks the first maximum (as numpy and torch argmax do). Otherwise
-    softmax(logits / temperature) in float64, cut to the top_k most likely and
-    then to the smallest most-likely set with mass >= top_p, renormalised.
+    The reference definition, one row at a time; the server samples with
+    sample_tokens, which must agree with it exactly. Greedy picks the first
+    maximum (as numpy and torch argmax do). Otherwise softmax(logits /
+    temperature) in float64, cut to the top_k most likely and then to the
+    smallest most-likely set with mass >= top_p, renormalised.
     """
     if settings.greedy:
         return int(np.argmax(logits))
@@ -122,7 +127,7 @@ def sample_tokens(
     top_p: np.ndarray,
     uniforms: np.ndarray,
 ) -> np.ndarray:
-    """choose_token for every row at once: logits [B, V], per-row settings [B] -> token ids int64 [B].
+    """The server's sampler, every row at once: logits [B, V], per-row settings [B] -> token ids int64 [B].
 
     Row i gives exactly choose_token(logits[i], SamplingSettings(temperature[i],
     top_k[i], top_p[i]), uniforms[i]): the same float64 operations in the same
