@@ -9,9 +9,10 @@ directory named MODEL_DIR only ever holds a verified export.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -160,10 +161,17 @@ def _load_checkpoint(checkpoint_dir: Path) -> tuple:
     """(model, vocab, checkpoint config) from training.checkpoint.load_model."""
     from training.checkpoint import CheckpointError, load_model
 
-    try:
+    with _export_error(CheckpointError, lambda exc: f"bad checkpoint: {_one_line(exc)}"):
         return load_model(checkpoint_dir)
-    except CheckpointError as exc:
-        raise ExportError(f"bad checkpoint: {_one_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _export_error(kind: type[Exception], message: Callable[[Exception], str]) -> Iterator[None]:
+    """`kind` raised inside, as an ExportError saying `message(error)`."""
+    try:
+        yield
+    except kind as exc:
+        raise ExportError(message(exc)) from exc
 
 
 def _eval_streams(
@@ -180,10 +188,9 @@ def _eval_streams(
 
 
 def _make_staging(out_dir: Path) -> Path:
-    try:
+    error = f"output directory {out_dir} is not writable"
+    with _export_error(OSError, lambda exc: f"{error}: {getattr(exc, 'strerror', None) or exc}"):
         return make_staging(out_dir)
-    except OSError as exc:
-        raise ExportError(f"output directory {out_dir} is not writable: {exc.strerror or exc}") from exc
 
 
 def _add_export_facts(

@@ -173,14 +173,8 @@ def test_graph_stuck_at_one_batch_size_fails(loaded, reference, tmp_path):
 
 @pytest.mark.parametrize("name", ["fp16", "int8"])
 def test_lossy_variants_pass_their_own_tolerance(name, loaded, reference, tmp_path):
-    _, vocab, config, weights = loaded
-    variant = VARIANTS[name]
-    path = tmp_path / variant.file
-    variant.build(weights, config, vocab, path)
-    facts = verify_cell(
-        path, reference, variant.tolerance, subject=Subject(name, CPU),
-        vocab=vocab, config=config, prompt=[1, 2, 3, 4],
-    )
+    path, facts = _build_and_verify(name, CPU, loaded, reference, tmp_path)
+    config = loaded[2]
     # Passed its own bound while really being lossy (not secretly the fp32 graph).
     assert max(d["logits"] for d in facts["batches"].values()) > 1e-5
     # The whole 500-character trajectory was checked, and the lossy graph still
@@ -197,13 +191,16 @@ def test_lossy_variants_pass_their_own_tolerance(name, loaded, reference, tmp_pa
 @pytest.mark.skipif(not cuda_available(), reason="no CUDA device or CUDA libraries for ONNX Runtime here")
 @pytest.mark.parametrize("name", ["fp32", "fp16"])
 def test_variants_verify_on_cuda(name, loaded, reference, tmp_path):
+    _, facts = _build_and_verify(name, CUDA, loaded, reference, tmp_path)
+    assert set(facts["batches"]) == {"1", "3", "64"}
+
+
+def _build_and_verify(name, provider, loaded, reference, tmp_path):
+    """Build variant `name` from the loaded checkpoint and verify it on `provider`: (path, facts)."""
     _, vocab, config, weights = loaded
     variant = VARIANTS[name]
     path = tmp_path / variant.file
     variant.build(weights, config, vocab, path)
-    facts = verify_cell(
-        path, reference, variant.tolerance, subject=Subject(name, CUDA),
-        vocab=vocab, config=config, prompt=[1, 2, 3, 4],
-    )
-    assert set(facts["batches"]) == {"1", "3", "64"}
-
+    facts = verify_cell(path, reference, variant.tolerance, subject=Subject(name, provider),
+                        vocab=vocab, config=config, prompt=[1, 2, 3, 4])
+    return path, facts

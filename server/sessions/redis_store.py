@@ -33,7 +33,8 @@ import numpy as np
 
 from server.engine.loop import Engine
 from server.engine.generation import RECENT_CHARS
-from server.sessions.redis_records import LeaseLost, RecordBusy, RecordNotFound, RecordStoreError, RedisRecords
+from server.sessions.redis_records import (Leased, LeaseLost, RecordBusy, RecordNotFound, RecordStoreError,
+                                           RedisRecords)
 from server.sessions.redis_records import RedisUnavailable
 from server.engine.sampling import SamplingSettings, stream_key
 from server.sessions.record import ModelFingerprint, SessionRecord, decode_record, encode_record
@@ -138,12 +139,9 @@ class RedisSessions:
 
     async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str,
                     owner: str) -> Session:
-        await self.get(session_id, owner)  # first: "busy" would reveal another owner's session
-        holder = self._holder()
+        holder, leased, old = await self._lease_owned(session_id, owner)
         with self._errors(session_id):
-            leased = await self.records.lease(session_id, holder)
             try:
-                old = self._owned(session_id, leased.record, owner)
                 key, position = (stream_key(seed), 0) if seed is not None else (
                     old.snapshot.stream_key, old.snapshot.position)
                 record = SessionRecord(self.fingerprint, self._fresh(key, position, prompt_tokens, prompt_text),
@@ -178,18 +176,29 @@ class RedisSessions:
     def _holder(self) -> str:
         return f"{self._replica}:{secrets.token_hex(6)}"
 
-    async def acquire(self, session_id: str, owner: str) -> Session:
+    async def _lease_owned(self, session_id: str, owner: str) -> tuple[str, Leased, SessionRecord]:
+        """(holder, lease, record) of `owner`'s session; to anyone else it does not exist."""
         await self.get(session_id, owner)  # first: "busy" would reveal another owner's session
         holder = self._holder()
         with self._errors(session_id):
             leased = await self.records.lease(session_id, holder)
         try:
-            record = self._owned(session_id, leased.record, owner)
+            return holder, leased, self._owned(session_id, leased.record, owner)
+        except BaseException:
+            await self._drop_lease(session_id, holder)
+            raise
+
+    async def _drop_lease(self, session_id: str, holder: str) -> None:
+        with contextlib.suppress(RecordStoreError):  # the original error matters; the lease lapses anyway
+            await self.records.release(session_id, holder)
+
+    async def acquire(self, session_id: str, owner: str) -> Session:
+        holder, leased, record = await self._lease_owned(session_id, owner)
+        try:
             session = self.local.create_restored(record.settings, record.snapshot, session_id=session_id,
                                                  owner=owner)
         except BaseException:
-            with contextlib.suppress(RecordStoreError):  # the original error matters; the lease lapses anyway
-                await self.records.release(session_id, holder)
+            await self._drop_lease(session_id, holder)
             raise
         session.busy = True
         self._held[session_id] = _Hold(holder, leased.version, record.created, record.owner)
