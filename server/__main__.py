@@ -4,4 +4,5 @@ import sys
 
 from server.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # the engine process (spawned) imports this module again
+    sys.exit(main())

@@ -15,18 +15,20 @@ from grpc_reflection.v1alpha import reflection
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.api.auth import ApiKeys, load_api_keys
-from server.config import ServerConfig
-from server.engine.loop import Engine
 from server.api.errors import ErrorInterceptor
-from server.metrics import MetricsEndpoint, ServerMetrics
-from server.engine.model_runner import ModelRunner, load_runner
-from server.sessions.prefix_cache import PrefixCache
 from server.api.service import GeneratorService
-from server.sessions.backend import LocalSessions, SessionBackend
-from server.sessions.record import ModelFingerprint, file_sha256
-from server.sessions.memory import SessionStore
-from server.structured_log import log_event
 from server.api.validation import Limits
+from server.config import ServerConfig
+from server.engine.interface import GenerationEngine
+from server.engine.loop import Engine
+from server.engine.model_runner import ModelRunner, RunnerInfo, load_runner
+from server.engine.process import EngineProcess
+from server.metrics import MetricsEndpoint, ServerMetrics
+from server.sessions.backend import LocalSessions, SessionBackend
+from server.sessions.memory import SessionStore
+from server.sessions.prefix_cache import PrefixCache
+from server.sessions.record import ModelFingerprint, file_sha256
+from server.structured_log import log_event
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charstream.v1.Generator"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -46,8 +48,7 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def model_info_message(runner: ModelRunner, config: ServerConfig) -> pb.GetModelInfoResponse:
-    info = runner.info
+def model_info_message(info: RunnerInfo, config: ServerConfig) -> pb.GetModelInfoResponse:
     spec = info.spec
     return pb.GetModelInfoResponse(
         vocabulary=spec.vocab,
@@ -70,7 +71,7 @@ def model_info_message(runner: ModelRunner, config: ServerConfig) -> pb.GetModel
 class RunningServer:
     """A started server; `await stop(grace)` shuts it down gracefully."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig, engine: Engine,
+    def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig, engine: GenerationEngine,
                  service: GeneratorService, health: HealthServicer, metrics: ServerMetrics,
                  metrics_endpoint: MetricsEndpoint | None, sweeper: asyncio.Task):
         self.server = server
@@ -100,14 +101,14 @@ class RunningServer:
         log_event(logger, "shutdown_complete")
 
 
-def model_fingerprint(runner: ModelRunner) -> ModelFingerprint:
+def model_fingerprint(info: RunnerInfo) -> ModelFingerprint:
     """What a session record is tied to: the served file's digest, vocabulary and sizes."""
-    spec = runner.info.spec
-    return ModelFingerprint(file_sha256(runner.info.model_file.path), tuple(spec.vocab), spec.embedding_dim,
+    spec = info.spec
+    return ModelFingerprint(file_sha256(info.model_file.path), tuple(spec.vocab), spec.embedding_dim,
                             spec.hidden_size, spec.num_layers)
 
 
-def build_sessions(config: ServerConfig, engine: Engine, local: SessionStore,
+def build_sessions(config: ServerConfig, engine: GenerationEngine, local: SessionStore,
                    fingerprint: ModelFingerprint) -> SessionBackend:
     """The session backend --session-store asks for."""
     if config.session_store == "memory":
@@ -150,12 +151,28 @@ def listen(server: grpc.aio.Server, config: ServerConfig) -> int:
     return server.add_secure_port(address, credentials)
 
 
-def build_service(config: ServerConfig, runner: ModelRunner, metrics: ServerMetrics) -> tuple[GeneratorService, ApiKeys | None]:
-    """The engine, session backend and servicer for `runner` (nothing started yet)."""
+def build_engine(config: ServerConfig, runner: ModelRunner | None,
+                 metrics: ServerMetrics) -> tuple[GenerationEngine, RunnerInfo]:
+    """The engine (not started) and what it runs: in a process of its own with --engine-process
+    (loading the model there), else a thread beside the event loop (on `runner`, loaded here
+    unless given)."""
+    if runner is None and config.engine_process:
+        engine = EngineProcess(config.engine_params(), observer=metrics)
+        if config.prefix_cache_bytes > 0:
+            metrics.track_prefix_cache(engine.prefix_cache)
+        return engine, engine.info
+    if runner is None:
+        runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.thread_settings())
     prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
     if prefix_cache is not None:
         metrics.track_prefix_cache(prefix_cache)
     engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead, prefix_cache=prefix_cache)
+    return engine, runner.info
+
+
+def build_service(config: ServerConfig, engine: GenerationEngine, info: RunnerInfo,
+                  metrics: ServerMetrics) -> tuple[GeneratorService, ApiKeys | None]:
+    """The session backend and servicer over `engine` (nothing started yet)."""
     api_keys = load_api_keys(config.api_keys) if config.api_keys else None
     if api_keys is None and not is_loopback(config.host):
         log_event(logger, "no_api_keys", logging.WARNING, host=config.host,
@@ -168,11 +185,12 @@ def build_service(config: ServerConfig, runner: ModelRunner, metrics: ServerMetr
         per_owner_limit=config.sessions_per_key if api_keys else None,
     )
     metrics.track_sessions(lambda: len(store))
-    fingerprint = model_fingerprint(runner)
+    fingerprint = model_fingerprint(info)
     sessions = build_sessions(config, engine, store, fingerprint)
     limits = Limits(max_chars=config.max_chars, max_prompt_chars=config.max_prompt_chars)
-    service = GeneratorService(engine, sessions, limits, metrics, model_info_message(runner, config), fingerprint,
-                               streams_per_key=config.streams_per_key if api_keys else None)
+    service = GeneratorService(engine, sessions, limits, metrics, model_info_message(info, config), fingerprint,
+                               streams_per_key=config.streams_per_key if api_keys else None,
+                               coalesce_streams=config.coalesce_streams)
     return service, api_keys
 
 
@@ -198,12 +216,16 @@ def build_grpc_server(config: ServerConfig, service: GeneratorService, metrics: 
 
 async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
     """Load the model (unless `runner` is given), bind, and start serving."""
-    if runner is None:
-        runner = load_runner(config.model, config.variant, config.device, config.max_sessions, config.thread_settings())
     metrics = ServerMetrics()
-    service, api_keys = build_service(config, runner, metrics)
-    server, health, port = build_grpc_server(config, service, metrics, api_keys)
-    service.engine.start()
+    engine, info = build_engine(config, runner, metrics)
+    try:
+        service, api_keys = build_service(config, engine, info, metrics)
+        server, health, port = build_grpc_server(config, service, metrics, api_keys)
+    except BaseException:
+        if isinstance(engine, EngineProcess):
+            engine.stop()  # the child is running already; the thread engine has not started
+        raise
+    engine.start()
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     endpoint = None
@@ -217,12 +239,19 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
 
     # Expiry sweeps, and for a shared store its leases and health.
     sweeper = asyncio.create_task(service.store.run_background(set_serving))
+    if isinstance(engine, EngineProcess):
+        # Without its engine the server can only refuse: health checks say so, so that a load
+        # balancer or an orchestrator moves traffic away and restarts it.
+        loop = asyncio.get_running_loop()
+        engine.on_gone = lambda: loop.call_soon_threadsafe(
+            lambda: asyncio.ensure_future(health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)))
     running = RunningServer(server, port, config, service.engine, service, health, metrics, endpoint, sweeper)
     log_event(
         logger,
         "listening",
         address=running.address,
-        provider=runner.info.provider,
+        provider=info.provider,
+        engine="process" if isinstance(engine, EngineProcess) else "thread",
         metrics=host_port(config.metrics_host or config.host, endpoint.port) if endpoint else "off",
     )
     return running

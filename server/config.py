@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from server.engine.model_contract import MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
 from server.engine.model_dir import AUTO, AUTO_PREFERENCE
 from server.engine.providers import DEVICES, ThreadSettings
 from server.structured_log import LOG_FORMATS
+
+if TYPE_CHECKING:
+    from server.engine.process_child import EngineParams
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class ServerConfig:
     intra_op_threads: int = ThreadSettings.intra_op_threads
     allow_spinning: bool = ThreadSettings.allow_spinning
     lookahead: int = 32
+    engine_process: bool = True
+    coalesce_streams: int = 4
     prefix_cache_bytes: int = 64 * 1024 * 1024
     session_store: str = "memory"
     lease_seconds: float = 10.0
@@ -58,6 +63,13 @@ class ServerConfig:
     def streams_per_key(self) -> int:
         """Most streams one API key may run at once (only with --api-keys)."""
         return self.max_streams_per_key or max(1, self.max_sessions // 2)
+
+    def engine_params(self) -> "EngineParams":
+        """What the engine process needs to load the model and run (server/engine/process_child.py)."""
+        from server.engine.process_child import EngineParams
+
+        return EngineParams(self.model, self.variant, self.device, self.max_sessions, self.thread_settings(),
+                            self.max_batch, self.lookahead, self.prefix_cache_bytes, self.log_format, self.log_level)
 
     def thread_settings(self) -> ThreadSettings:
         """The ONNX Runtime threading this configuration asks for (for load_runner)."""
@@ -89,6 +101,11 @@ HELP = {
     "--no-allow-spinning suits a shared machine",
     "lookahead": "most characters a stream is generated ahead of what was handed to its client; "
     "bounds each stream's memory",
+    "coalesce_streams": "under load, a stream's messages after its first wait for one character per this many "
+    "running streams (at most half the lookahead): fewer, larger messages as load grows; 0 = send whatever is "
+    "ready",
+    "engine_process": "run the model and scheduler in a process of their own, so that model steps never wait "
+    "for the gRPC threads (Python's interpreter lock); --no-engine-process runs them on a thread of this process",
     "prefix_cache_bytes": "bytes of session states kept by prompt text, so that a new session whose prompt starts "
     "with a cached text skips consuming it; 0 = off",
     "session_store": "memory: sessions live in this process; redis://HOST:PORT/DB: session records in Redis, "
@@ -116,13 +133,13 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads",
-            "lookahead", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key", "max_streams_per_key",
-            "max_message_bytes")
+            "lookahead", "coalesce_streams", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key",
+            "max_streams_per_key", "max_message_bytes")
 FLOATS = ("session_ttl", "shutdown_grace", "lease_seconds")
-BOOLEANS = ("allow_spinning",)
+BOOLEANS = ("allow_spinning", "engine_process")
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
-           "metrics_port": 0, "shutdown_grace": 0, "intra_op_threads": 0, "lookahead": 1, "prefix_cache_bytes": 0,
-           "write_back_chars": 1, "max_sessions_per_key": 0, "max_streams_per_key": 0, "max_message_bytes": 4096}
+           "metrics_port": 0, "shutdown_grace": 0, "coalesce_streams": 0, "intra_op_threads": 0, "lookahead": 1,
+           "prefix_cache_bytes": 0, "write_back_chars": 1, "max_sessions_per_key": 0, "max_streams_per_key": 0, "max_message_bytes": 4096}
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 

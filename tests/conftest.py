@@ -42,3 +42,12 @@ def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     directory = tmp_path_factory.mktemp("tiny_model")
     export_checkpoint(tiny_checkpoint, directory, variants=("fp32",))
     return directory
+
+
+@pytest.fixture(scope="module")
+def channel(server):  # noqa: ANN001, ANN201 - `server` is the test module's own fixture
+    """A plaintext channel to the test module's `server` fixture (a BackgroundServer)."""
+    import grpc
+
+    with grpc.insecure_channel(server.address) as opened:
+        yield opened

@@ -11,8 +11,8 @@ from typing import Iterator
 import grpc
 import pytest
 
-from server.clients import generate_cli
 from server.background import BackgroundServer
+from server.clients import generate_cli
 from server.clients.client import CharstreamClient, targets_to_uri
 from server.config import ServerConfig
 from tests.plain_loop import GREEDY, onnx_loop

@@ -61,12 +61,6 @@ def server(tiny_model_dir: Path) -> Iterator[BackgroundServer]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def channel(server: BackgroundServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.address) as channel:
-        yield channel
-
-
 def raw_unary(channel: grpc.Channel, method: str) -> grpc.UnaryUnaryMultiCallable:
     """A call that sends its bytes as they are (no serializer) and returns the reply's bytes."""
     return channel.unary_unary(SERVICE + method, request_serializer=None, response_deserializer=None)

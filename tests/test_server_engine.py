@@ -10,8 +10,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from server.engine.loop import Engine
 from server.engine.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
+from server.engine.loop import Engine
 from server.engine.model_runner import StepOutput, load_runner
 from server.engine.sampling import SamplingSettings
 from tests.plain_loop import onnx_loop

@@ -218,7 +218,7 @@ def test_model_info_reports_the_variant_reason_and_lookahead(int8_model_dir: Pat
     from server.config import ServerConfig
 
     runner = load_runner(int8_model_dir, device="cpu", num_slots=2)
-    message = model_info_message(runner, ServerConfig(model=str(int8_model_dir), lookahead=7))
+    message = model_info_message(runner.info, ServerConfig(model=str(int8_model_dir), lookahead=7))
     assert message.variant == "int8"
     assert message.variant_reason == runner.info.model_file.reason
     assert message.variant_reason.startswith("auto: int8 verified on CPUExecutionProvider")

@@ -12,7 +12,9 @@ from server.engine.sampling import (
     SamplingSettings,
     choose_token,
     sample_tokens,
+    sample_uncut,
     stream_key,
+    uniform_at,
     uniforms_at,
 )
 
@@ -111,6 +113,35 @@ def test_batched_sampling_matches_choose_token_row_by_row(vocab: int) -> None:
     ]
     mismatched = np.flatnonzero(got != np.array(expected))
     assert mismatched.size == 0, f"rows {mismatched[:10]} differ"
+
+
+@pytest.mark.parametrize("vocab", [65, 6, 2])
+def test_batched_sampling_without_cuts_matches_choose_token_row_by_row(vocab: int) -> None:
+    """Temperature-only batches (greedy rows mixed in) take the sampler's no-sort path."""
+    rng = np.random.default_rng(100 + vocab)
+    logits, temperature, _, _, uniforms = _mixed_batch(rng, 3000, vocab)
+    top_k = rng.choice(np.array([0, vocab, vocab + 7]), size=3000).astype(np.int64)  # cuts nothing
+    top_p = rng.choice(np.array([1.0, 1.5]), size=3000)  # cuts nothing
+    got = sample_tokens(logits, temperature, top_k, top_p, uniforms)
+    expected = [
+        choose_token(logits[i], SamplingSettings(temperature[i], int(top_k[i]), top_p[i]), uniforms[i])
+        for i in range(len(logits))
+    ]
+    mismatched = np.flatnonzero(got != np.array(expected))
+    assert mismatched.size == 0, f"rows {mismatched[:10]} differ"
+    sampling = temperature > 0
+    uncut = sample_uncut(logits[sampling], temperature[sampling], uniforms[sampling])
+    mismatched = np.flatnonzero(uncut != np.array(expected)[sampling])
+    assert mismatched.size == 0, f"sample_uncut: rows {mismatched[:10]} differ"
+
+
+def test_scalar_uniform_is_the_vectorised_one() -> None:
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 2**64, size=500, dtype=np.uint64)
+    positions = rng.integers(0, 2**40, size=500).astype(np.uint64)
+    positions[:3] = [0, 1, 2**61 - 1]
+    expected = uniforms_at(keys, positions)
+    assert [uniform_at(int(k), int(p)) for k, p in zip(keys, positions)] == expected.tolist()
 
 
 def test_batched_sampling_of_only_greedy_rows_is_argmax() -> None:

@@ -19,11 +19,11 @@ import grpc
 import pytest
 from cryptography import x509
 
-from server.clients import generate_cli
+from server.api.tls import TlsConfigError, server_credentials
 from server.background import BackgroundServer
+from server.clients import generate_cli
 from server.clients.client import CharstreamClient, tls_credentials
 from server.config import ServerConfig
-from server.api.tls import TlsConfigError, server_credentials
 from server.engine.sampling import SamplingSettings
 from tests.plain_loop import onnx_loop, wire
 from tests.tls_certs import Issued, Pki, make_pki

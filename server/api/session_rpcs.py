@@ -19,10 +19,10 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.engine.loop import Engine
 from server.api.errors import ServiceError
-from server.metrics import ServerMetrics
+from server.engine.interface import GenerationEngine
 from server.engine.sampling import DEFAULT_SETTINGS
+from server.metrics import ServerMetrics
 from server.sessions.backend import SessionBackend
 from server.sessions.record import (
     MAX_RECORD_BYTES,
@@ -41,10 +41,10 @@ from server.sessions.memory import (
     StoreFull,
     StoreUnavailable,
 )
-from server.engine.slot_state import SlotSnapshot
-from server.structured_log import log_event
 from server.api.auth import caller
 from server.api.validation import Limits, check_session_id, check_text, resolve_settings, seed_of
+from server.engine.slot_state import SlotSnapshot
+from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")
 Context = grpc.aio.ServicerContext
@@ -72,7 +72,7 @@ def store_errors() -> Iterator[None]:
 
 
 class SessionRPCs(pb_grpc.GeneratorServicer):
-    def __init__(self, engine: Engine, store: SessionBackend, limits: Limits, metrics: ServerMetrics,
+    def __init__(self, engine: GenerationEngine, store: SessionBackend, limits: Limits, metrics: ServerMetrics,
                  fingerprint: ModelFingerprint):
         self.engine = engine
         self.store = store

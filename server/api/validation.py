@@ -10,8 +10,8 @@ import grpc
 
 from server.api.errors import ServiceError
 from server.engine.sampling import SamplingSettings
-from server.sessions.memory import SESSION_ID_PATTERN
 from server.engine.vocabulary import Vocabulary
+from server.sessions.memory import SESSION_ID_PATTERN
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -172,13 +172,36 @@ def batch_totals(metrics_url: str | None) -> tuple[float, float] | None:
 
 
 def vm_rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process (VmRSS in /proc/PID/status), or None where that is not readable."""
+    """Resident memory of a process and its descendants (the server's engine process among them):
+    VmRSS in /proc/PID/status summed over the tree, or None where the process is not readable."""
+    own = _own_rss_bytes(pid)
+    if own is None:
+        return None
+    return own + sum(vm_rss_bytes(child) or 0 for child in _children(pid))
+
+
+def _own_rss_bytes(pid: int) -> int | None:
     try:
         text = open(f"/proc/{pid}/status", encoding="utf-8").read()
     except OSError:
         return None
     found = re.search(r"^VmRSS:\s*(\d+)\s*kB", text, re.MULTILINE)
     return int(found.group(1)) * 1024 if found else None
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids, from /proc/PID/task/*/children (empty where that is not readable)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(p) for p in open(f"/proc/{pid}/task/{task}/children", encoding="utf-8").read().split()]
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 class RedisStartError(RuntimeError):

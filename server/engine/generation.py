@@ -76,6 +76,11 @@ class StreamEvent:
     def ends_stream(self) -> bool:
         return self.finish is not None or self.error is not None
 
+    @property
+    def is_plain_text(self) -> bool:
+        """Characters and nothing else (StreamEvent(text=...)): most events are one of these."""
+        return bool(self.text) and self.finish is None and self.error is None and not self.accepted
+
 
 class StopMatcher:
     """Tells when the text generated so far ends with one of the stop strings."""

@@ -3,9 +3,9 @@
 Callers on any thread queue commands (open/reset/close a slot, submit,
 ack, abort, drain); the engine thread applies them between steps, runs one
 scheduler iteration (scheduler.py: sampling, one batched model step,
-bookkeeping), and posts the iteration's events to each caller's event loop
-with one call_soon_threadsafe per loop per iteration, none when nothing
-happened. Requests are addressed by id: the engine holds no caller objects
+bookkeeping), and posts the iteration's events to each caller's loop hub
+(stream.py: at most one wake-up outstanding per loop, none when nothing
+happened). Requests are addressed by id: the engine holds no caller objects
 but the per-loop hubs that route events.
 """
 
@@ -16,22 +16,20 @@ import collections
 import itertools
 import logging
 import threading
-import weakref
 from typing import Callable
 
-from server.engine.generation import GenerationRequest
+from server.engine.generation import GenerationRequest, StreamEvent
 from server.engine.model_runner import ModelRunner
-from server.sessions.prefix_cache import PrefixCache
 from server.engine.scheduler import Scheduler, StepObserver
 from server.engine.slot_state import SlotSnapshot
-from server.engine.stream import GenerationStream, StreamHub
-from server.structured_log import log_event
+from server.engine.stream import GenerationStream, StreamHub, StreamHubs
 from server.engine.vocabulary import Vocabulary
+from server.sessions.prefix_cache import PrefixCache
+from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")
 
 DEFAULT_LOOKAHEAD = 32
-HELD_EVENTS_POLL = 0.0005  # seconds between checks while events wait for a busy loop
 
 
 class Engine:
@@ -43,10 +41,8 @@ class Engine:
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._ids = itertools.count(1)
-        # Loop side, one hub per event loop (weak: a closed loop's hub goes with it).
-        self._hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamHub] = weakref.WeakKeyDictionary()
+        self._hubs = StreamHubs()
         self._routes: dict[int, StreamHub] = {}  # engine thread: request id -> its caller's hub
-        self._held: dict[StreamHub, list] = {}  # engine thread: events waiting for their loop
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="charstream-engine", daemon=True)
 
@@ -111,16 +107,15 @@ class Engine:
 
     def submit(self, slot: int, request: GenerationRequest) -> GenerationStream:
         """Start a generation on `slot`, from a coroutine; read its chunks from the returned stream."""
-        loop = asyncio.get_running_loop()
-        hub = self._hubs.get(loop)
-        if hub is None:
-            hub = self._hubs[loop] = StreamHub(loop)
-        stream = GenerationStream(next(self._ids), self.ack, self.abort)
-        hub.add(stream)
+        hub, stream = self._hubs.open_stream(next(self._ids), self.ack, self.abort)
 
         def command() -> None:
             self._routes[stream.request_id] = hub
-            self.scheduler.submit(stream.request_id, slot, request)
+            try:
+                self.scheduler.submit(stream.request_id, slot, request)
+            except Exception as exc:  # noqa: BLE001 - its caller waits for an answer: give it one
+                logger.exception("engine command failed")
+                self.scheduler.events.append((stream.request_id, command_failed(exc)))
 
         self._submit(command)
         return stream
@@ -150,8 +145,7 @@ class Engine:
         iterations = 0
         while not self._stopping:
             if not self._commands and not self.scheduler.has_work():
-                # Held events go out when their loop runs the previous hand-off; poll for that.
-                self._wake.wait(HELD_EVENTS_POLL if self._held else None)
+                self._wake.wait()
             self._wake.clear()
             while self._commands:
                 command = self._commands.popleft()
@@ -159,33 +153,39 @@ class Engine:
                     command()
                 except Exception:  # noqa: BLE001 - a bad command must not kill the engine
                     logger.exception("engine command failed")
-            self._flush()  # acceptances and refusals
-            try:
-                self.scheduler.sample()
-                self._flush()  # characters reach their callers while the step runs
-                self.scheduler.step()
-            except Exception as exc:  # noqa: BLE001 - a bug here must not stop every session for good
-                logger.exception("engine iteration failed")
-                self.scheduler.fail_running(exc)
-            self._flush()  # failures of the step
+            run_iteration(self.scheduler, self._flush)
             iterations += 1
         log_event(logger, "engine_stopped", iterations=iterations)
 
     def _flush(self) -> None:
-        """Hand the collected events to their loops: one thread hop per loop, not per event,
-        and none to a loop that has not yet run the previous one (its events wait here)."""
+        """Hand the collected events to their loops' hubs: one post per loop, not per event."""
         events, self.scheduler.events = self.scheduler.events, []
+        by_hub: dict[StreamHub, list] = {}
         for request_id, event in events:
             hub = self._routes.get(request_id)
             if hub is None:
                 continue
-            self._held.setdefault(hub, []).append((request_id, event))
+            by_hub.setdefault(hub, []).append((request_id, event))
             if event.ends_stream:
                 del self._routes[request_id]
-        for hub in [hub for hub in self._held if not hub.in_flight]:
-            batch = self._held.pop(hub)
-            hub.in_flight = True
-            try:
-                hub.loop.call_soon_threadsafe(hub.dispatch, batch)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
+        for hub, batch in by_hub.items():
+            hub.post(batch)
+
+
+def command_failed(exc: Exception) -> StreamEvent:
+    """The refusal a caller gets when the engine could not take its request (a bug: INTERNAL)."""
+    return StreamEvent(error=f"the engine could not take the request: {exc}", refused=True)
+
+
+def run_iteration(scheduler: Scheduler, flush: Callable[[], None]) -> None:
+    """One engine iteration after the commands: sample, step, and hand events out in between
+    (the characters just sampled reach their callers while the step runs)."""
+    flush()  # acceptances and refusals
+    try:
+        scheduler.sample()
+        flush()
+        scheduler.step()
+    except Exception as exc:  # noqa: BLE001 - a bug here must not stop every session for good
+        logger.exception("engine iteration failed")
+        scheduler.fail_running(exc)
+    flush()  # failures of the step

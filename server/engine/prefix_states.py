@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from server.engine.model_runner import ModelRunner
-from server.sessions.prefix_cache import PrefixCache
 from server.engine.slot_state import SlotSnapshot, SlotState
+from server.sessions.prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
     from server.engine.scheduler import StepObserver
@@ -52,8 +52,10 @@ class PrefixStates:
 
     def capture(self, stepped: list[tuple[int, SlotState]]) -> None:
         """After a step over `stepped` (slot, state): cache the states of prompts consumed in full."""
+        if self.cache is None:
+            return
         done = [(slot, state) for slot, state in stepped if state.capture is not None and not state.pending]
-        if not done or self.cache is None:
+        if not done:
             return
         hidden = self._runner.read_states(np.array([slot for slot, _ in done]))  # [L, C, H]
         for column, (_, state) in enumerate(done):

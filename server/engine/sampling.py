@@ -37,6 +37,10 @@ class SamplingSettings:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def samples_plainly(self, vocab_size: int) -> bool:
+        """Samples with the temperature alone: neither greedy nor cut by top_k or top_p."""
+        return not self.greedy and not 0 < self.top_k < vocab_size and self.top_p >= 1.0
+
 
 DEFAULT_SETTINGS = SamplingSettings()
 
@@ -146,6 +150,10 @@ def sample_tokens(
     p = np.asarray(top_p, dtype=np.float64)[rows]  # [S]
     keep = np.where((k > 0) & (k < vocab), k, vocab)  # [S]; k = 0 or k >= V keeps all
     cut = (keep < vocab) | (p < 1.0)  # [S]; the rest sample in token-id order
+    u = np.asarray(uniforms, dtype=np.float64)[rows, None]  # [S, 1]
+    if not cut.any():
+        tokens[rows] = _inverse_cdf(weights, u)
+        return tokens
     columns = np.arange(vocab)  # [V]
     # Uncut rows keep token-id order; cut rows go most likely first (stable: ties in id order).
     order = np.tile(columns, (rows.size, 1))  # [S, V]
@@ -159,9 +167,39 @@ def sample_tokens(
     below = np.sum(cdf / cdf[:, -1:] < p[:, None], axis=1)  # [S]
     keep = np.where(p < 1.0, np.minimum(keep, below + 1), keep)  # [S]
     total = np.take_along_axis(cdf, keep[:, None] - 1, axis=1)  # [S, 1], mass of the kept prefix
-    target = np.asarray(uniforms, dtype=np.float64)[rows, None] * total  # [S, 1]
+    target = u * total  # [S, 1]
     # searchsorted(cdf[:keep], target, "right") = count of kept entries <= target.
     index = np.sum((cdf <= target) & (columns < keep[:, None]), axis=1)  # [S]
     index = np.minimum(index, keep - 1)  # [S]; as choose_token: only u = 1.0 would overshoot
     tokens[rows] = np.take_along_axis(order, index[:, None], axis=1)[:, 0]
     return tokens
+
+
+def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """sample_tokens for rows that all sample with a temperature alone (temperature > 0, no top-k
+    or top-p cut): logits [B, V], temperature [B], uniforms [B] -> token ids int64 [B].
+
+    The scheduler's path for the common case: a dozen NumPy calls, where a batch of one
+    spends more time in call overhead than in arithmetic. The same operations as
+    sample_tokens, so the same tokens bit for bit."""
+    scaled = np.asarray(logits).astype(np.float64) / temperature[:, None]  # [B, V]
+    weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))  # [B, V], max = 1
+    return _inverse_cdf(weights, uniforms[:, None])
+
+
+def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Token-id order, no cut: weights [S, V], uniforms u [S, 1] -> token ids [S]. As choose_token's
+    plain branch: searchsorted(cdf, u * total, "right") = how many cdf entries are <= u * total."""
+    cdf = np.cumsum(weights, axis=1)  # [S, V]; sequential per row, as the 1-D cumsum
+    return np.minimum(np.sum(cdf <= u * cdf[:, -1:], axis=1), weights.shape[1] - 1).astype(np.int64)  # [S]
+
+
+def uniform_at(key: int, position: int) -> float:
+    """uniforms_at for one (key, position), in Python integers: for small batches, where NumPy's
+    per-call overhead dominates. The same SplitMix64 bits, so the same double exactly."""
+    mask = 2**64 - 1
+    z = (key + (position + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    z ^= z >> 31
+    return (z >> 11) * 2.0**-53

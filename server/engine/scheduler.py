@@ -32,13 +32,15 @@ import numpy as np
 from server.engine.generation import (CANCELLED, FINISHED_BY_REASON, LENGTH, SHUTDOWN, STOP, GenerationRequest,
                                       RequestStatus, StopMatcher, StreamEvent, recent_tail)
 from server.engine.model_runner import ModelRunner
-from server.sessions.prefix_cache import PrefixCache
 from server.engine.prefix_states import PrefixStates
-from server.engine.sampling import sample_tokens, stream_key, uniforms_at
+from server.engine.sampling import sample_tokens, sample_uncut, stream_key, uniform_at, uniforms_at
+from server.sessions.prefix_cache import PrefixCache
 from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, refusal_of, restored, rewind,
                                       snapshot_of)
 
 logger = logging.getLogger("charstream.server")
+
+SMALL_BATCH = 8  # up to this many rows, random numbers are drawn in Python integers (NumPy calls cost more)
 
 
 class StepObserver(Protocol):
@@ -65,6 +67,7 @@ class Scheduler:
         # Slots that may have tokens waiting (a dict as an ordered set): steps look here, not at every slot.
         self._active: dict[int, None] = {}
         self.events: list[tuple[int, StreamEvent]] = []  # (request id, event), collected for the engine
+        self._text_events = [StreamEvent(text=char) for char in self.chars]  # token id -> its plain text event
         self.draining = False
         self._iteration = 0
 
@@ -123,7 +126,8 @@ class Scheduler:
         state.consumed += len(spec.prompt_tokens)
         state.recent = recent_tail(state.recent, self._decode(spec.prompt_tokens))
         status = RequestStatus.WAITING if state.pending else RequestStatus.GENERATING
-        request = Request(request_id, slot, spec, status, StopMatcher(spec.stops), state.position)
+        request = Request(request_id, slot, spec, status, StopMatcher(spec.stops), state.position,
+                          plain=spec.settings.samples_plainly(len(self.chars)))
         state.request = self.requests[request_id] = request
         self.events.append((request_id, StreamEvent(accepted=True, consumed_chars=state.consumed,
                                                     recent_text=state.recent)))
@@ -135,8 +139,10 @@ class Scheduler:
             return
         request.delivered = max(request.delivered, min(delivered, len(request.tokens)))
         floor = max(request.delivered, 1)  # window[m] is kept: undoing to m needs it
-        for k in [k for k in request.window if k < floor]:
-            del request.window[k]
+        window = request.window
+        for k in range(request.window_floor, floor):  # keys are consecutive: no scan of the window
+            window.pop(k, None)
+        request.window_floor = max(request.window_floor, floor)
         if request.delivered > 0:
             request.start_logits = None
         if request.status.is_finished and request.delivered == len(request.tokens):
@@ -213,34 +219,50 @@ class Scheduler:
         if not rows:
             return
         states = [self.slots[r.slot] for r in rows]
-        settings = [r.spec.settings for r in rows]
-        greedy = np.array([s.greedy for s in settings])  # [R]
-        positions = np.array([s.position for s in states], np.uint64)  # [R]
-        keys = np.array([s.key for s in states], np.uint64)  # [R]
-        tokens = sample_tokens(
-            np.stack([s.logits for s in states]),  # [R, V]
-            np.array([s.temperature for s in settings], np.float64),
-            np.array([s.top_k for s in settings], np.int64),
-            np.array([s.top_p for s in settings], np.float64),
-            uniforms_at(keys, positions),
-        )  # [R]
-        for request, state, token, draws in zip(rows, states, tokens.tolist(), (~greedy).tolist()):
-            if not request.tokens:
+        tokens, draws = self._sample_rows(rows, states)
+        # Per row only what must be per row: the hot loop of the server, kept to plain attribute work.
+        events, active, text_events = self.events, self._active, self._text_events
+        for request, state, token, draws in zip(rows, states, tokens, draws):
+            generated = request.tokens
+            if not generated:
                 request.start_logits = state.logits
             state.position += draws
             state.pending.append(token)
             state.logits = None
-            self._active[request.slot] = None
-            request.tokens.append(token)
-            char = self.chars[token]
-            matched = request.matcher.push(char)
-            finish = STOP if matched is not None else LENGTH if len(request.tokens) >= request.spec.max_chars else None
-            if finish is not None:
-                request.status = FINISHED_BY_REASON[finish]
-            self.events.append((request.id, StreamEvent(text=char, finish=finish, matched_stop=matched or "")))
+            active[request.slot] = None
+            generated.append(token)
+            if request.matcher.stops or len(generated) >= request.spec.max_chars:
+                events.append((request.id, self._finishing_event(request, token)))
+            else:
+                events.append((request.id, text_events[token]))  # one shared immutable event per character
         if self._observer is not None:
             ahead = [len(r.tokens) - r.delivered for r in self.requests.values()]
             self._observer.observe_lookahead(sum(ahead), max(ahead, default=0))
+
+    def _sample_rows(self, rows: list[Request], states: list[SlotState]) -> tuple[list[int], list[int]]:
+        """The next token of each row and how many random numbers it drew (0 greedy, else 1)."""
+        settings = [r.spec.settings for r in rows]
+        logits = np.stack([s.logits for s in states])  # [R, V]
+        if len(rows) <= SMALL_BATCH:
+            uniforms = np.array([uniform_at(s.key, s.position) for s in states])  # [R]
+        else:
+            uniforms = uniforms_at(np.array([s.key for s in states], np.uint64),
+                                   np.array([s.position for s in states], np.uint64))  # [R]
+        temperature = np.array([s.temperature for s in settings], np.float64)  # [R]
+        if all(r.plain for r in rows):  # the common case: temperature alone (sampling.sample_uncut)
+            return sample_uncut(logits, temperature, uniforms).tolist(), [1] * len(rows)
+        tokens = sample_tokens(logits, temperature, np.array([s.top_k for s in settings], np.int64),
+                               np.array([s.top_p for s in settings], np.float64), uniforms)  # [R]
+        return tokens.tolist(), [0 if s.greedy else 1 for s in settings]
+
+    def _finishing_event(self, request: Request, token: int) -> StreamEvent:
+        """The event of a character that may end its request (a stop string matched, or max_chars)."""
+        char = self.chars[token]
+        matched = request.matcher.push(char)
+        finish = STOP if matched is not None else LENGTH if len(request.tokens) >= request.spec.max_chars else None
+        if finish is not None:
+            request.status = FINISHED_BY_REASON[finish]
+        return StreamEvent(text=char, finish=finish, matched_stop=matched or "")
 
     def step(self) -> None:
         """One batched model step over the slots with tokens waiting."""
@@ -269,25 +291,30 @@ class Scheduler:
             return
         if self._observer is not None:
             self._observer.observe_step(count, time.perf_counter() - started)
-        for row, (_, state) in enumerate(ready):
-            self._consumed(state, output.logits[row], output.inputs, row)
+        logits, inputs, iteration = output.logits, output.inputs, self._iteration  # [B, V], [L, B, H]
+        for row, (_, state) in enumerate(ready):  # the hot loop's second half: plain attribute work
+            request = state.request
+            state.pending.popleft()
+            state.start = None
+            state.last_step = iteration
+            if request is not None:
+                if request.stepped < len(request.tokens):
+                    # This step consumed generated char k: keep the state it started from.
+                    request.stepped += 1
+                    request.window[request.stepped] = inputs[:, row, :].copy()  # [L, H]
+                if request.status is not RequestStatus.GENERATING:
+                    self._prompt_progress(request, state)
+            if not state.pending:
+                state.logits = logits[row]  # [V]
         self.prefixes.capture(ready)
 
-    def _consumed(self, state: SlotState, logits: np.ndarray, inputs: np.ndarray, row: int) -> None:
-        request = state.request
-        if request is not None and request.stepped < len(request.tokens):
-            # This step consumed generated char k: keep the state it started from.
-            request.stepped += 1
-            request.window[request.stepped] = inputs[:, row, :].copy()  # [L, H]
-        state.pending.popleft()
-        state.start = None
-        state.last_step = self._iteration
-        if request is not None and request.status is RequestStatus.WAITING:
+    @staticmethod
+    def _prompt_progress(request: Request, state: SlotState) -> None:
+        """A step consumed one of the request's prompt characters (its status moves on)."""
+        if request.status is RequestStatus.WAITING:
             request.status = RequestStatus.CONSUMING_PROMPT
-        if not state.pending:
-            state.logits = logits  # [V]
-            if request is not None and request.status is RequestStatus.CONSUMING_PROMPT:
-                request.status = RequestStatus.GENERATING
+        if not state.pending and request.status is RequestStatus.CONSUMING_PROMPT:
+            request.status = RequestStatus.GENERATING
 
     def fail_running(self, exc: Exception) -> None:
         """An iteration failed outside the model step: end every running generation (their states

@@ -47,11 +47,13 @@ class Request:
     status: RequestStatus
     matcher: StopMatcher
     start_position: int  # the session's random-stream position when generation began
+    plain: bool = False  # samples with a temperature alone (sampling.SamplingSettings.samples_plainly)
     tokens: list[int] = field(default_factory=list)  # generated token ids, in order
     delivered: int = 0  # characters its caller has handed to the client
     stepped: int = 0  # generated characters already consumed by a model step
     start_logits: np.ndarray | None = None  # [V] the first character was sampled from
     window: dict[int, np.ndarray] = field(default_factory=dict)  # k -> [L, H] state before consuming char k
+    window_floor: int = 1  # the smallest k the window may still hold (acks drop the ones below)
 
 
 @dataclass(eq=False)

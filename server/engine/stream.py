@@ -1,8 +1,8 @@
 """The caller's side of a generation, on its asyncio loop.
 
-The engine thread posts each step's events to a StreamHub with one
-call_soon_threadsafe per step (not per character); the hub routes them to
-the GenerationStreams by request id. A stream buffers the characters that
+The engine posts each iteration's events to a StreamHub, which wakes its loop
+with at most one call_soon_threadsafe outstanding (not one per character or
+step); the hub routes them to the GenerationStreams by request id. A stream buffers the characters that
 arrived, and `next_chunk()` takes all of them at once (coalescing: a slow
 writer gets fewer, larger chunks).
 
@@ -17,6 +17,8 @@ how many characters it delivered; the engine undoes the rest.
 from __future__ import annotations
 
 import asyncio
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +40,7 @@ class GenerationStream:
         self.request_id = request_id
         self._ack, self._abort = ack, abort
         self._text: list[str] = []
+        self._ready = 0  # characters in _text
         self._opening: StreamEvent | None = None  # accepted, or the refusal
         self._end: StreamEvent | None = None
         self._arrived = asyncio.Event()
@@ -58,6 +61,7 @@ class GenerationStream:
                 self._updated()
         if event.text:
             self._text.append(event.text)
+            self._ready += len(event.text)
         if event.ends_stream:
             self._end = event
         self._arrived.set()
@@ -69,13 +73,16 @@ class GenerationStream:
             await self._arrived.wait()
         return self._opening
 
-    async def next_chunk(self) -> Chunk:
-        """Wait for characters or the end, then take everything that is ready: delivered from here on."""
-        while not self._text and self._end is None:
+    async def next_chunk(self, min_chars: int = 1) -> Chunk:
+        """Wait for at least `min_chars` characters (fewer when the stream ends first), then take
+        everything that is ready: delivered from here on. `min_chars` must not exceed the
+        engine's lookahead, which is as far as generation runs ahead of delivery."""
+        while self._ready < max(1, min_chars) and self._end is None:
             self._arrived.clear()
             await self._arrived.wait()
         text = "".join(self._text)
         self._text.clear()
+        self._ready = 0
         if text:
             self.delivered += len(text)
             self.consumed_chars += len(text)
@@ -102,22 +109,40 @@ class GenerationStream:
 class StreamHub:
     """Routes engine events to the streams of one event loop.
 
-    At most one hand-off is in flight per loop: while the loop has not yet run
-    the previous one (it is busy writing), the engine keeps collecting events
-    and sends them together later. A busy loop thus gets fewer, larger
-    hand-offs, and its streams larger chunks, with no timer involved."""
+    A mailbox: the engine side (any thread) `post`s events; at most one hand-off
+    to the loop is outstanding, and everything posted until the loop runs it
+    goes with it. A busy loop thus gets fewer, larger hand-offs, and its streams
+    larger chunks, with no timer involved."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._streams: dict[int, GenerationStream] = {}
-        self.in_flight = False  # set by the engine thread when it posts, cleared here when run
+        self._lock = threading.Lock()
+        self._posted: list[tuple[int, StreamEvent]] = []  # waiting for the loop (under _lock)
+        self._scheduled = False  # a hand-off is outstanding (under _lock)
 
     def add(self, stream: GenerationStream) -> None:
         self._streams[stream.request_id] = stream
 
+    def post(self, events: list[tuple[int, StreamEvent]]) -> None:
+        """Engine side, any thread: queue events; wake the loop unless a wake-up is already pending."""
+        with self._lock:
+            self._posted.extend(events)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._take_posted)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _take_posted(self) -> None:
+        with self._lock:
+            events, self._posted, self._scheduled = self._posted, [], False
+        self.dispatch(events)
+
     def dispatch(self, events: list[tuple[int, StreamEvent]]) -> None:
-        """Called on the loop (one call per engine step at most)."""
-        self.in_flight = False
+        """On the loop: hand each event to its stream."""
         for request_id, event in events:
             stream = self._streams.get(request_id)
             if stream is None:
@@ -125,3 +150,20 @@ class StreamHub:
             stream.receive(event)
             if event.ends_stream:
                 del self._streams[request_id]
+
+
+class StreamHubs:
+    """One StreamHub per event loop (weakly held: a closed loop's hub goes with it)."""
+
+    def __init__(self) -> None:
+        self._hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, StreamHub] = weakref.WeakKeyDictionary()
+
+    def open_stream(self, request_id: int, ack: Settle, abort: Settle) -> tuple[StreamHub, GenerationStream]:
+        """A new stream on the running loop's hub (call from a coroutine)."""
+        loop = asyncio.get_running_loop()
+        hub = self._hubs.get(loop)
+        if hub is None:
+            hub = self._hubs[loop] = StreamHub(loop)
+        stream = GenerationStream(request_id, ack, abort)
+        hub.add(stream)
+        return hub, stream

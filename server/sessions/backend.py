@@ -19,8 +19,8 @@ import asyncio
 from typing import Awaitable, Callable, Protocol
 
 from server.engine.sampling import SamplingSettings
-from server.sessions.memory import Session, SessionStore
 from server.engine.slot_state import SlotSnapshot
+from server.sessions.memory import Session, SessionStore
 
 
 class SessionBackend(Protocol):

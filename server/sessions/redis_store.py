@@ -31,15 +31,15 @@ from typing import Awaitable, Callable, Iterator
 
 import numpy as np
 
-from server.engine.loop import Engine
 from server.engine.generation import RECENT_CHARS
+from server.engine.interface import GenerationEngine
 from server.sessions.redis_records import (Leased, LeaseLost, RecordBusy, RecordNotFound, RecordStoreError,
                                            RedisRecords)
-from server.sessions.redis_records import RedisUnavailable
 from server.engine.sampling import SamplingSettings, stream_key
-from server.sessions.record import ModelFingerprint, SessionRecord, decode_record, encode_record
-from server.sessions.memory import Session, SessionBusy, SessionNotFound, SessionStore, SessionTakenOver, StoreUnavailable
 from server.engine.slot_state import SlotSnapshot
+from server.sessions.memory import Session, SessionBusy, SessionNotFound, SessionStore, SessionTakenOver, StoreUnavailable
+from server.sessions.record import ModelFingerprint, SessionRecord, decode_record, encode_record
+from server.sessions.redis_records import RedisUnavailable
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")
@@ -58,7 +58,7 @@ class _Hold:
 
 
 class RedisSessions:
-    def __init__(self, records: RedisRecords, local: SessionStore, engine: Engine, fingerprint: ModelFingerprint,
+    def __init__(self, records: RedisRecords, local: SessionStore, engine: GenerationEngine, fingerprint: ModelFingerprint,
                  write_back_chars: int, lease_seconds: float):
         self.records = records
         self.local = local  # the slots of sessions in a call here, and of one-shot sessions

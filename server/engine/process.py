@@ -1,0 +1,280 @@
+"""The engine in a process of its own: the server's side, with the same interface as loop.Engine.
+
+Why a process: in one Python process the engine thread and the gRPC event loop
+take turns holding the interpreter lock. The event loop writing messages kept
+the engine waiting after every model step, so the engine made about one
+character per stream per write and messages stayed one character long. In its
+own process the engine steps at the model's speed, characters pile up while
+the loop writes, and each write carries all of them (coalescing).
+
+    engine = EngineProcess(params, observer=metrics)   # spawns the child, loads the model there
+    engine.info                                         # the child's RunnerInfo
+    engine.start(); ...; engine.stop()
+
+Commands go to the child over a pipe in the order they are made; a reader
+thread takes the child's messages and posts events to each caller's loop hub
+(stream.py), exactly as the engine thread does. If the child dies, every
+running stream fails (INTERNAL for its caller) and later calls are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import threading
+from typing import Any, Callable
+
+from server.engine.generation import GenerationRequest, StreamEvent
+from server.engine.model_runner import RunnerInfo
+from server.engine.process_child import STARTUP_ERRORS, EngineParams, engine_main
+from server.engine.scheduler import StepObserver
+from server.engine.slot_state import SlotSnapshot
+from server.engine.stream import GenerationStream, StreamHub, StreamHubs
+from server.engine.vocabulary import Vocabulary
+from server.structured_log import log_event
+
+logger = logging.getLogger("charstream.server")
+
+START_TIMEOUT = 300.0  # seconds for the child to load the model (a CUDA start can be slow)
+STOP_TIMEOUT = 5.0
+GONE = "the engine process exited"
+
+
+class PrefixCacheStats:
+    """The child's prefix-cache size, as last reported (metrics read it at scrape time)."""
+
+    bytes = 0
+    entries = 0
+
+
+class EngineProcess:
+    def __init__(self, params: EngineParams, observer: StepObserver | None = None,
+                 start_timeout: float = START_TIMEOUT):
+        context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
+        self._conn, child_conn = context.Pipe(duplex=True)
+        self._process = context.Process(target=engine_main, args=(child_conn, params),
+                                        name="charstream-engine", daemon=True)
+        self._process.start()
+        child_conn.close()
+        self.info: RunnerInfo = self._wait_ready(start_timeout)
+        self.vocab = Vocabulary(self.info.spec.vocab)
+        self.lookahead = params.lookahead
+        self.prefix_cache = PrefixCacheStats()
+        self._observer = observer
+        self._send_lock = threading.Lock()
+        self._acks: dict[int, int] = {}  # request id -> characters delivered, not sent yet
+        self._acks_scheduled = False
+        self._ids = itertools.count(1)
+        self._hubs = StreamHubs()
+        self._routes: dict[int, StreamHub] = {}  # request id -> its caller's hub
+        self._snapshots: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._text_events: dict[str, StreamEvent] = {}
+        self._gone = False
+        self._stopping = False
+        self.on_gone: Callable[[], None] | None = None  # called on the reader thread if the child dies
+        self._reader = threading.Thread(target=self._read, name="charstream-engine-reader", daemon=True)
+
+    def _wait_ready(self, timeout: float) -> RunnerInfo:
+        try:
+            if not self._conn.poll(timeout):
+                raise RuntimeError(f"the engine process did not load the model within {timeout:.0f} s")
+            reply = self._conn.recv()
+        except (EOFError, OSError):
+            reply = ("failed", "RuntimeError", f"{GONE} while loading the model (exit code {self._exit_code()})")
+        except BaseException:
+            self._kill()
+            raise
+        if reply[0] == "ready":
+            return reply[1]
+        self._kill()
+        _, kind, message = reply
+        raise STARTUP_ERRORS.get(kind, RuntimeError)(message)
+
+    def _exit_code(self) -> int | None:
+        self._process.join(1.0)
+        return self._process.exitcode
+
+    def _kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+        self._conn.close()
+
+    # ---- caller side: the same as loop.Engine ----
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop the child after the step in progress (killed if it does not stop in `timeout`)."""
+        self._stopping = True
+        self._send(("stop",))
+        self._process.join(timeout)
+        if self._process.is_alive():
+            log_event(logger, "engine_process_killed", logging.WARNING, timeout_seconds=timeout)
+            self._process.kill()
+            self._process.join()
+        if self._reader.is_alive():
+            self._reader.join(timeout)
+        self._conn.close()
+
+    def open_slot(self, slot: int, seed: int, prompt_tokens: list[int]) -> None:
+        self._send(("open", slot, seed, list(prompt_tokens)))
+
+    def reset_slot(self, slot: int, seed: int | None, prompt_tokens: list[int]) -> None:
+        self._send(("reset", slot, seed, list(prompt_tokens)))
+
+    def close_slot(self, slot: int) -> None:
+        self._send(("close", slot))
+
+    def restore_slot(self, slot: int, snapshot: SlotSnapshot) -> None:
+        self._send(("restore", slot, snapshot))
+
+    async def snapshot(self, slot: int) -> SlotSnapshot:
+        """As loop.Engine.snapshot: the state after the prompts and the characters delivered so far."""
+        if self._gone:
+            raise RuntimeError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SlotSnapshot] = loop.create_future()
+        token = next(self._ids)
+        self._snapshots[token] = (loop, future)
+        try:
+            self._send(("snapshot", token, slot))
+            return await future
+        finally:
+            self._snapshots.pop(token, None)
+
+    def submit(self, slot: int, request: GenerationRequest) -> GenerationStream:
+        """Start a generation on `slot`, from a coroutine; read its chunks from the returned stream."""
+        hub, stream = self._hubs.open_stream(next(self._ids), self.ack, self.abort)
+        if self._gone:
+            hub.post([(stream.request_id, StreamEvent(error=GONE, refused=True))])
+            return stream
+        self._routes[stream.request_id] = hub
+        self._send(("submit", stream.request_id, slot, request))
+        return stream
+
+    def ack(self, request_id: int, delivered: int) -> None:
+        """Acks made in one pass of the caller's loop travel as one message (one per stream and
+        write otherwise: the child would spend more time reading acks than stepping)."""
+        with self._send_lock:
+            self._acks[request_id] = delivered
+            if self._acks_scheduled:
+                return
+            self._acks_scheduled = True
+        asyncio.get_running_loop().call_soon(self._send, None)
+
+    def abort(self, request_id: int, delivered: int) -> None:
+        self._send(("abort", request_id, delivered))
+
+    def drain(self) -> None:
+        self._send(("drain",))
+
+    def _send(self, command: tuple[Any, ...] | None) -> None:
+        """Send the acks waiting, then `command` (None: only the acks). Commands keep their order."""
+        with self._send_lock:
+            acks, self._acks, self._acks_scheduled = self._acks, {}, False
+            if self._gone:
+                return  # every stream has been failed already; nothing left to tell
+            try:
+                if acks:
+                    self._conn.send(("acks", list(acks.items())))
+                if command is not None:
+                    self._conn.send(command)
+            except (OSError, ValueError):  # the pipe broke: the reader thread reports the child gone
+                pass
+
+    # ---- reader thread ----
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # noqa: BLE001 - a message that does not unpickle: skip it, keep reading
+                logger.exception("engine message unreadable")
+                continue
+            try:
+                if message[0] == "events":
+                    self._route(message[1])
+                    self._observe(message[2], message[3])
+                elif message[0] == "snapshot":
+                    self._settle_snapshot(*message[1:])
+            except Exception:  # noqa: BLE001 - the reader must outlive any one message
+                logger.exception("engine message failed")
+        self._child_gone()
+
+    def _route(self, wire: list[tuple[int, Any]]) -> None:
+        by_hub: dict[StreamHub, list] = {}
+        for request_id, payload in wire:
+            hub = self._routes.get(request_id)
+            if hub is None:
+                continue
+            event = self._text_event(payload) if isinstance(payload, str) else payload
+            by_hub.setdefault(hub, []).append((request_id, event))
+            if event.ends_stream:
+                del self._routes[request_id]
+        for hub, events in by_hub.items():
+            hub.post(events)
+
+    def _text_event(self, text: str) -> StreamEvent:
+        event = self._text_events.get(text)
+        if event is None:
+            event = StreamEvent(text=text)
+            if len(self._text_events) < 4096:  # single characters, in practice
+                self._text_events[text] = event
+        return event
+
+    def _observe(self, observed: list[tuple[Any, ...]], stats: tuple[int, int] | None) -> None:
+        if stats is not None:
+            self.prefix_cache.bytes, self.prefix_cache.entries = stats
+        if self._observer is None:
+            return
+        for kind, *values in observed:
+            if kind == "step":
+                self._observer.observe_step(*values)
+            elif kind == "lookahead":
+                self._observer.observe_lookahead(*values)
+            elif kind == "prefix":
+                self._observer.observe_prefix_cache(*values, self.prefix_cache)  # type: ignore[arg-type]
+
+    def _settle_snapshot(self, token: int, result: SlotSnapshot | None, error: Exception | None) -> None:
+        waiting = self._snapshots.get(token)
+        if waiting is None:
+            return
+        loop, future = waiting
+
+        def settle() -> None:
+            if future.done():  # the caller gave up waiting
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the caller's loop is closed
+            pass
+
+    def _child_gone(self) -> None:
+        """The pipe closed: fail every running stream and waiting snapshot; refuse later calls."""
+        self._gone = True
+        if not self._stopping:
+            log_event(logger, "engine_process_exited", logging.ERROR, exit_code=self._exit_code())
+            if self.on_gone is not None:
+                try:
+                    self.on_gone()
+                except RuntimeError:  # the server's loop is closed already
+                    pass
+        routes, self._routes = self._routes, {}
+        by_hub: dict[StreamHub, list] = {}
+        for request_id, hub in routes.items():
+            by_hub.setdefault(hub, []).append((request_id, StreamEvent(error=GONE)))
+        for hub, events in by_hub.items():
+            hub.post(events)
+        for token in list(self._snapshots):
+            self._settle_snapshot(token, None, RuntimeError("the engine is not running"))

@@ -1,0 +1,172 @@
+"""The engine in a process of its own: the child's side (see process.py for the server's side).
+
+The child loads the model, owns the scheduler and runs the same iteration as
+the engine thread (loop.run_iteration). It has one thread and no event loop:
+between iterations it takes every command the server sent (a poll that does
+not wait while there is work, and blocks while there is none), and it sends
+each batch of events as one message. Nothing here competes with the server's
+gRPC work for a lock: that is the point of the process.
+
+Messages (tuples, pickled by multiprocessing.Connection):
+  server -> child: ("open", slot, seed, tokens), ("reset", slot, seed, tokens), ("close", slot),
+                   ("restore", slot, snapshot), ("submit", request_id, slot, request),
+                   ("acks", [(request_id, delivered)]), ("abort", request_id, delivered), ("drain",),
+                   ("snapshot", token, slot), ("stop",)
+  child -> server: ("ready", RunnerInfo) or ("failed", error class name, message) first; then
+                   ("events", [(request_id, text | StreamEvent)], [observation], cache_stats)
+                   and ("snapshot", token, SlotSnapshot | None, exception | None)
+A plain text event travels as its text alone: most events are one character.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import select
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from server.engine.loop import command_failed, run_iteration
+from server.engine.model_dir import ModelDirError
+from server.engine.model_runner import load_runner
+from server.engine.providers import DeviceError, ThreadSettings
+from server.engine.scheduler import Scheduler
+from server.sessions.prefix_cache import PrefixCache
+from server.structured_log import configure_logging, log_event
+
+logger = logging.getLogger("charstream.server")
+
+STARTUP_ERRORS = {"ModelDirError": ModelDirError, "DeviceError": DeviceError}
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """Everything the child needs to build its engine (picklable)."""
+
+    model_dir: str
+    variant: str | None
+    device: str
+    num_slots: int
+    threads: ThreadSettings
+    max_batch: int
+    lookahead: int
+    prefix_cache_bytes: int
+    log_format: str = "kv"
+    log_level: str = "info"
+
+
+class Observations:
+    """The scheduler's StepObserver in the child: observations collected for the next message."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Any, ...]] = []
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        self.pending.append(("step", batch_size, seconds))
+
+    def observe_lookahead(self, total: int, most: int) -> None:
+        self.pending.append(("lookahead", total, most))
+
+    def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: PrefixCache) -> None:
+        self.pending.append(("prefix", hit, skipped_chars))
+
+
+def engine_main(conn: Connection, params: EngineParams) -> None:
+    """The child process's entry point."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
+    configure_logging(params.log_format, params.log_level)
+    try:
+        runner = load_runner(params.model_dir, params.variant, params.device, params.num_slots, params.threads)
+    except Exception as exc:  # noqa: BLE001 - every start-up failure goes to the server, which reports it
+        conn.send(("failed", type(exc).__name__, str(exc)))
+        return
+    cache = PrefixCache(params.prefix_cache_bytes) if params.prefix_cache_bytes > 0 else None
+    observations = Observations()
+    scheduler = Scheduler(runner, params.max_batch, params.lookahead, observations, cache)
+    conn.send(("ready", runner.info))
+    ChildLoop(conn, scheduler, observations, cache).run()
+
+
+class ChildLoop:
+    def __init__(self, conn: Connection, scheduler: Scheduler, observations: Observations,
+                 cache: PrefixCache | None):
+        self.conn = conn
+        self.scheduler = scheduler
+        self.observations = observations
+        self.cache = cache
+        self.stopping = False
+        self._sent_stats: tuple[int, int] | None = None
+        self._handlers: dict[str, Callable[..., None]] = {
+            "acks": self._acks, "submit": scheduler.submit, "abort": scheduler.abort, "open": scheduler.open,
+            "reset": scheduler.reset, "close": scheduler.close, "restore": scheduler.restore,
+            "drain": scheduler.drain, "snapshot": self._snapshot, "stop": self._stop,
+        }
+        # One poll object for the pipe: Connection.poll builds a selector on every call, which
+        # costs more than a whole iteration of a small model.
+        self._poller = select.poll()
+        self._poller.register(conn.fileno(), select.POLLIN)
+
+    def _readable(self, block: bool) -> bool:
+        """Whether a command (or the end of the pipe) is waiting; `block`: wait until one is."""
+        return bool(self._poller.poll(None if block else 0))
+
+    def run(self) -> None:
+        iterations = 0
+        while not self.stopping:
+            try:
+                # Block while there is nothing to do; otherwise only look.
+                if self._readable(block=not self.scheduler.has_work()):
+                    self._receive_all()
+            except (EOFError, OSError):  # the server is gone: nothing left to serve
+                break
+            if self.stopping:
+                break
+            run_iteration(self.scheduler, self._flush)
+            iterations += 1
+        log_event(logger, "engine_stopped", iterations=iterations, process="child")
+
+    def _receive_all(self) -> None:
+        while not self.stopping and self._readable(block=False):
+            command = self.conn.recv()
+            try:
+                self._apply(command)
+            except Exception as exc:  # noqa: BLE001 - a bad command must not kill the engine
+                logger.exception("engine command failed")
+                if command[0] == "submit":  # its caller waits for an answer: give it one
+                    self.scheduler.events.append((command[1], command_failed(exc)))
+
+    def _apply(self, command: tuple[Any, ...]) -> None:
+        handler = self._handlers.get(command[0])
+        if handler is None:
+            raise ValueError(f"unknown engine command {command[0]!r}")
+        handler(*command[1:])
+
+    def _acks(self, acks: list[tuple[int, int]]) -> None:
+        for request_id, delivered in acks:
+            self.scheduler.ack(request_id, delivered)
+
+    def _stop(self) -> None:
+        self.stopping = True
+
+    def _snapshot(self, token: int, slot: int) -> None:
+        try:
+            result, error = self.scheduler.snapshot(slot), None
+        except Exception as exc:  # noqa: BLE001 - every failure goes to the waiting caller
+            result, error = None, exc
+        try:
+            self.conn.send(("snapshot", token, result, error))
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:  # the caller must not wait forever
+            self.conn.send(("snapshot", token, None, RuntimeError(f"snapshot could not be sent: {exc}")))
+
+    def _flush(self) -> None:
+        """Send the events and observations collected since the last flush, as one message."""
+        events, self.scheduler.events = self.scheduler.events, []
+        observed, self.observations.pending = self.observations.pending, []
+        stats = (self.cache.bytes, self.cache.entries) if self.cache is not None else None
+        if not events and not observed and stats == self._sent_stats:
+            return
+        self._sent_stats = stats
+        wire = [(request_id, event.text if event.is_plain_text else event) for request_id, event in events]
+        self.conn.send(("events", wire, observed, stats))
