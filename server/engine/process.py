@@ -11,9 +11,9 @@ the loop writes, and each write carries all of them (coalescing).
     engine.info                                         # the child's RunnerInfo
     engine.start(); ...; engine.stop()
 
-Commands go to the child over a pipe in the order they are made; a reader
-thread takes the child's messages and posts events to each caller's loop hub
-(stream.py), exactly as the engine thread does. If the child dies, every
+Commands go to the child over a pipe in the order they are made; the serving
+event loop reads the child's messages itself (add_reader: no thread in between)
+and hands events to each caller's loop hub (stream.py), as the engine thread does. If the child dies, every
 running stream fails (INTERNAL for its caller) and later calls are refused.
 """
 
@@ -73,8 +73,8 @@ class EngineProcess:
         self._text_events: dict[str, StreamEvent] = {}
         self._gone = False
         self._stopping = False
-        self.on_gone: Callable[[], None] | None = None  # called on the reader thread if the child dies
-        self._reader = threading.Thread(target=self._read, name="charstream-engine-reader", daemon=True)
+        self.on_gone: Callable[[], None] | None = None  # called on the loop if the child dies
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the child's messages are read (start)
 
     def _wait_ready(self, timeout: float) -> RunnerInfo:
         try:
@@ -93,7 +93,7 @@ class EngineProcess:
         raise STARTUP_ERRORS.get(kind, RuntimeError)(message)
 
     def _exit_code(self) -> int | None:
-        self._process.join(1.0)
+        self._process.join(0.2)
         return self._process.exitcode
 
     def _kill(self) -> None:
@@ -105,10 +105,14 @@ class EngineProcess:
     # ---- caller side: the same as loop.Engine ----
 
     def start(self) -> None:
-        self._reader.start()
+        """Start taking the child's messages, on the running event loop (call it from there): they
+        are read where they are used, with no thread in between."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._conn.fileno(), self._on_readable)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Stop the child after the step in progress (killed if it does not stop in `timeout`)."""
+        """Stop the child after the step in progress (killed if it does not stop in `timeout`);
+        from any thread but the loop's (it waits)."""
         self._stopping = True
         self._send(("stop",))
         self._process.join(timeout)
@@ -116,9 +120,25 @@ class EngineProcess:
             log_event(logger, "engine_process_killed", logging.WARNING, timeout_seconds=timeout)
             self._process.kill()
             self._process.join()
-        if self._reader.is_alive():
-            self._reader.join(timeout)
+        self._stop_reading(timeout)
         self._conn.close()
+
+    def _stop_reading(self, timeout: float) -> None:
+        """Remove the pipe from the loop before it is closed (on the loop's thread, waiting for it)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        removed = threading.Event()
+
+        def remove() -> None:
+            loop.remove_reader(self._conn.fileno())
+            removed.set()
+
+        try:
+            loop.call_soon_threadsafe(remove)
+        except RuntimeError:  # closed meanwhile
+            return
+        removed.wait(timeout)
 
     def open_slot(self, slot: int, seed: int, prompt_tokens: list[int]) -> None:
         self._send(("open", slot, seed, list(prompt_tokens)))
@@ -183,29 +203,30 @@ class EngineProcess:
                     self._conn.send(("acks", list(acks.items())))
                 if command is not None:
                     self._conn.send(command)
-            except (OSError, ValueError):  # the pipe broke: the reader thread reports the child gone
+            except (OSError, ValueError):  # the pipe broke: the loop's reader reports the child gone
                 pass
 
-    # ---- reader thread ----
+    # ---- the child's messages, read on the loop ----
 
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception:  # noqa: BLE001 - a message that does not unpickle: skip it, keep reading
-                logger.exception("engine message unreadable")
-                continue
-            try:
-                if message[0] == "events":
-                    self._route(message[1])
-                    self._observe(message[2], message[3])
-                elif message[0] == "snapshot":
-                    self._settle_snapshot(*message[1:])
-            except Exception:  # noqa: BLE001 - the reader must outlive any one message
-                logger.exception("engine message failed")
-        self._child_gone()
+    def _on_readable(self) -> None:
+        try:
+            message = self._conn.recv()  # one whole message (the child writes each at once)
+        except (EOFError, OSError):
+            if self._loop is not None:
+                self._loop.remove_reader(self._conn.fileno())
+            self._child_gone()
+            return
+        except Exception:  # noqa: BLE001 - a message that does not unpickle: skip it, keep reading
+            logger.exception("engine message unreadable")
+            return
+        try:
+            if message[0] == "events":
+                self._route(message[1])
+                self._observe(message[2], message[3])
+            elif message[0] == "snapshot":
+                self._settle_snapshot(*message[1:])
+        except Exception:  # noqa: BLE001 - the reader must outlive any one message
+            logger.exception("engine message failed")
 
     def _route(self, wire: list[tuple[int, Any]]) -> None:
         by_hub: dict[StreamHub, list] = {}
@@ -218,7 +239,10 @@ class EngineProcess:
             if event.ends_stream:
                 del self._routes[request_id]
         for hub, events in by_hub.items():
-            hub.post(events)
+            if hub.loop is self._loop:
+                hub.dispatch(events)  # already on its loop
+            else:
+                hub.post(events)
 
     def _text_event(self, text: str) -> StreamEvent:
         event = self._text_events.get(text)
@@ -255,6 +279,9 @@ class EngineProcess:
             else:
                 future.set_result(result)
 
+        if loop is self._loop:
+            settle()
+            return
         try:
             loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the caller's loop is closed

@@ -38,6 +38,7 @@ from server.structured_log import configure_logging, log_event
 
 logger = logging.getLogger("charstream.server")
 
+OBSERVATIONS_HELD = 256  # metric observations the child keeps before sending them without events
 STARTUP_ERRORS = {"ModelDirError": ModelDirError, "DeviceError": DeviceError}
 
 
@@ -116,8 +117,11 @@ class ChildLoop:
         iterations = 0
         while not self.stopping:
             try:
-                # Block while there is nothing to do; otherwise only look.
-                if self._readable(block=not self.scheduler.has_work()):
+                # Block while there is nothing to do (metrics first); otherwise only look.
+                idle = not self.scheduler.has_work()
+                if idle:
+                    self._flush(force=True)
+                if self._readable(block=idle):
                     self._receive_all()
             except (EOFError, OSError):  # the server is gone: nothing left to serve
                 break
@@ -160,13 +164,16 @@ class ChildLoop:
         except (pickle.PicklingError, TypeError, AttributeError) as exc:  # the caller must not wait forever
             self.conn.send(("snapshot", token, None, RuntimeError(f"snapshot could not be sent: {exc}")))
 
-    def _flush(self) -> None:
-        """Send the events and observations collected since the last flush, as one message."""
+    def _flush(self, force: bool = False) -> None:
+        """Send the events collected since the last flush, as one message, with the observations.
+        Observations alone wait (a prompt being consumed makes one per step and no events)
+        until OBSERVATIONS_HELD have piled up or the engine is about to wait (`force`)."""
         events, self.scheduler.events = self.scheduler.events, []
-        observed, self.observations.pending = self.observations.pending, []
         stats = (self.cache.bytes, self.cache.entries) if self.cache is not None else None
-        if not events and not observed and stats == self._sent_stats:
+        if not events and stats == self._sent_stats and (
+                not self.observations.pending or (len(self.observations.pending) < OBSERVATIONS_HELD and not force)):
             return
+        observed, self.observations.pending = self.observations.pending, []
         self._sent_stats = stats
         wire = [(request_id, event.text if event.is_plain_text else event) for request_id, event in events]
         self.conn.send(("events", wire, observed, stats))
