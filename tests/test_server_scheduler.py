@@ -97,6 +97,8 @@ def test_a_finished_request_waits_for_its_final_ack_and_can_still_be_cut_short(s
     scheduler.ack(3, 0)
     run(scheduler, 40)  # lookahead 8 holds it back until acks come
     assert len(scheduler.requests[3].tokens) == 8
+    # Stalled at its lookahead: its kept states are its own rows, not views pinning whole steps.
+    assert scheduler.requests[3].window and all(kept.base is None for kept in scheduler.requests[3].window.values())
     scheduler.ack(3, 8)
     run(scheduler, 40)
     scheduler.ack(3, 12)
@@ -153,3 +155,25 @@ def test_a_queued_prompt_leaves_no_stale_logits_in_a_snapshot(scheduler: Schedul
     snapshot = scheduler.snapshot(0)
     assert snapshot.logits is None and snapshot.pending == tuple(encode(scheduler, " be"))
     assert snapshot.consumed_chars == len(PROMPT) + 5 + 3
+
+
+def test_the_host_pool_keeps_the_last_batch_resident_and_writes_it_back_when_needed() -> None:
+    import numpy as np
+
+    from server.engine.state_pool import HostStatePool
+
+    pool = HostStatePool(1, 4, 2)
+    none = np.zeros(2, bool)
+    first = pool.gather(np.array([2, 0]), none)
+    pool.scatter(np.array([2, 0]), np.array([[[1.0, 1.0], [2.0, 2.0]]], np.float32))
+    assert not first.any()
+    same = pool.gather(np.array([2, 0]), none)  # the same batch: the last states as they are
+    assert same.tolist() == [[[1.0, 1.0], [2.0, 2.0]]]
+    pool.scatter(np.array([2, 0]), same + 10.0)
+    swapped = pool.gather(np.array([0, 2]), none)  # another order: written back, then gathered
+    assert swapped.tolist() == [[[12.0, 12.0], [11.0, 11.0]]]
+    pool.scatter(np.array([0, 2]), swapped + 1.0)
+    started = pool.gather(np.array([0, 2]), np.array([True, False]))  # a start row: never resident
+    assert started.tolist() == [[[0.0, 0.0], [12.0, 12.0]]]
+    pool.scatter(np.array([0, 2]), started)
+    assert pool.read(np.array([0, 1, 2])).tolist() == [[[0.0, 0.0], [0.0, 0.0], [12.0, 12.0]]]

@@ -35,8 +35,8 @@ from server.engine.model_runner import ModelRunner
 from server.engine.prefix_states import PrefixStates
 from server.engine.sampling import sample_tokens, sample_uncut, stream_key, uniform_at, uniforms_at
 from server.sessions.prefix_cache import PrefixCache
-from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, refusal_of, restored, rewind,
-                                      snapshot_of)
+from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, refusal_of, restored,
+                                      rewind, snapshot_of)
 
 logger = logging.getLogger("charstream.server")
 
@@ -299,9 +299,12 @@ class Scheduler:
             state.last_step = iteration
             if request is not None:
                 if request.stepped < len(request.tokens):
-                    # This step consumed generated char k: keep the state it started from.
+                    # This step consumed generated char k: keep the state it started from, as a
+                    # view of the step's input (no copy) until the request stalls (own_window).
                     request.stepped += 1
-                    request.window[request.stepped] = inputs[:, row, :].copy()  # [L, H]
+                    request.window[request.stepped] = inputs[:, row, :]  # [L, H]
+                    if request.stepped - request.delivered >= self.lookahead:
+                        own_window(request)
                 if request.status is not RequestStatus.GENERATING:
                     self._prompt_progress(request, state)
             if not state.pending:

@@ -91,6 +91,18 @@ def rewind(state: SlotState, request: Request, m: int) -> None:
 
 
 
+def own_window(request: Request) -> None:
+    """Replace the window's views of whole step inputs by copies of the request's own rows.
+
+    Views cost nothing while a stream keeps up: the steps they pin are the last
+    lookahead + 1, shared by every stream. A stream that stalls at its lookahead
+    would keep those steps alive for as long as it stalls, so then it copies its
+    rows (at most lookahead + 1 states of [L, H]) and pins nothing else."""
+    for k, kept in request.window.items():
+        if kept.base is not None:
+            request.window[k] = kept.copy()
+
+
 def snapshot_of(state: SlotState, pooled: Callable[[], np.ndarray], decode: Callable[[list[int]], str]) -> SlotSnapshot:
     """The session's state as it stands for its caller: with a generation running, the state
     after the characters delivered so far (what undoing the rest would leave); `pooled()` reads

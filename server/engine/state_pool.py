@@ -34,24 +34,45 @@ class SlotAllocator:
 
 
 class HostStatePool:
-    """States in host memory, [L, S, H] float32 (S = number of slots)."""
+    """States in host memory, [L, S, H] float32 (S = number of slots).
+
+    The last step's new states stay where the model wrote them ("resident") until
+    something else needs the pool: a step over the same slots in the same order (the
+    steady state of a batch of streams) takes them as they are, with no gather and no
+    scatter. Anything else (another batch, a start state, a read) first writes them back.
+    """
 
     def __init__(self, num_layers: int, num_slots: int, hidden_size: int):
         self.states = np.zeros((num_layers, num_slots, hidden_size), dtype=np.float32)
+        self._resident_slots: np.ndarray | None = None  # [B]: slots whose newest state is in _resident
+        self._resident: np.ndarray | None = None  # [L, B, H]; never written to after the step that made it
 
     def gather(self, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None) -> np.ndarray:
-        """States of `slots` [B] as a new [L, B, H] array; rows where `start_mask` [B] is True come
-        from `start_states` [L, B, H] instead (zeros when it is None)."""
+        """States of `slots` [B] as an [L, B, H] array the caller must not write to; rows where
+        `start_mask` [B] is True come from `start_states` [L, B, H] instead (zeros when it is None)."""
+        starts = bool(start_mask.any())
+        if not starts and self._resident_slots is not None and np.array_equal(slots, self._resident_slots):
+            return self._resident  # type: ignore[return-value]
+        self._write_back()
         batch = self.states[:, slots, :]  # advanced indexing copies: [L, B, H]
-        batch[:, start_mask, :] = 0.0 if start_states is None else start_states[:, start_mask, :]
+        if starts:
+            batch[:, start_mask, :] = 0.0 if start_states is None else start_states[:, start_mask, :]
         return batch
 
     def scatter(self, slots: np.ndarray, states: np.ndarray) -> None:
-        """Store `states` [L, B, H] at `slots` [B]."""
-        self.states[:, slots, :] = states
+        """`states` [L, B, H] are the newest states of `slots` [B] (kept as they are until needed)."""
+        if self._resident_slots is not None and not np.array_equal(slots, self._resident_slots):
+            self._write_back()
+        self._resident_slots, self._resident = np.array(slots, copy=True), states
 
     def read(self, slots: np.ndarray) -> np.ndarray:
+        self._write_back()
         return self.states[:, slots, :]  # [L, B, H]
+
+    def _write_back(self) -> None:
+        if self._resident_slots is not None:
+            self.states[:, self._resident_slots, :] = self._resident
+            self._resident_slots = self._resident = None
 
 
 class DeviceStatePool:
