@@ -197,6 +197,8 @@ BAD_GENERATE = [
     (dict(prompt="To", max_chars=MAX_CHARS + 1), "max_chars must be between 1 and"),
     (dict(prompt="To", max_chars=5, temperature=-0.5), "temperature must be"),
     (dict(prompt="To", max_chars=5, temperature=math.nan), "temperature must be"),
+    # A subnormal float32 (found by the fuzzer: a session holding it could not be exported).
+    (dict(prompt="To", max_chars=5, temperature=1e-40), "or at least 1.175e-38"),
     (dict(prompt="To", max_chars=5, top_k=-1), "top_k must be >= 0"),
     (dict(prompt="To", max_chars=5, top_p=0.0), "top_p must be in (0, 1]"),
     (dict(prompt="To", max_chars=5, top_p=1.5), "top_p must be in (0, 1]"),

@@ -11,6 +11,7 @@ from server.engine.sampling import (
     RandomStream,
     SamplingSettings,
     choose_token,
+    sample_batch,
     sample_tokens,
     sample_uncut,
     stream_key,
@@ -205,3 +206,27 @@ def test_counter_stream_looks_uniform() -> None:
 
 def _keys(n: int) -> np.ndarray:
     return np.array([stream_key(seed) for seed in range(n)], dtype=np.uint64)
+
+
+def test_plain_settings_are_exactly_those_without_a_cut() -> None:
+    assert SamplingSettings(1.0).samples_plainly(65)
+    assert SamplingSettings(0.7, top_k=65).samples_plainly(65)  # k >= V cuts nothing
+    assert SamplingSettings(0.7, top_p=1.5).samples_plainly(65)
+    assert not SamplingSettings(0.0).samples_plainly(65)  # greedy
+    assert not SamplingSettings(0.7, top_k=64).samples_plainly(65)
+    assert not SamplingSettings(0.7, top_p=0.9).samples_plainly(65)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # random numbers in Python integers, and in NumPy
+@pytest.mark.parametrize("plain", [True, False])
+def test_the_schedulers_batch_call_matches_choose_token(rows: int, plain: bool) -> None:
+    rng = np.random.default_rng(rows)
+    logits = rng.normal(0.0, 3.0, size=(rows, 65)).astype(np.float32)
+    choices = [SamplingSettings(1.0), SamplingSettings(0.6)] if plain else \
+        [SamplingSettings(0.0), SamplingSettings(0.8, top_k=5), SamplingSettings(1.2, top_p=0.8), SamplingSettings(1.0)]
+    settings = [choices[i % len(choices)] for i in range(rows)]
+    streams = [(stream_key(i), int(rng.integers(0, 1000))) for i in range(rows)]
+    tokens, draws = sample_batch(logits, settings, streams, all_plain=plain)
+    expected = [choose_token(logits[i], settings[i], uniform_at(*streams[i])) for i in range(rows)]
+    assert tokens == expected
+    assert draws == [0 if s.greedy else 1 for s in settings]

@@ -12,6 +12,7 @@ from server.api.errors import ServiceError
 from server.engine.sampling import SamplingSettings
 from server.engine.vocabulary import Vocabulary
 from server.sessions.memory import SESSION_ID_PATTERN
+from server.sessions.record_checks import FLOAT32_TINY
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -62,6 +63,10 @@ def resolve_settings(message: Any, defaults: SamplingSettings) -> SamplingSettin
     top_p = message.top_p if message.HasField("top_p") else defaults.top_p
     if not math.isfinite(temperature) or temperature < 0:
         raise ServiceError(INVALID, f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if 0 < temperature < FLOAT32_TINY:
+        # A subnormal float32: a session record (ExportSession, a shared store) could not hold it.
+        raise ServiceError(INVALID, f"temperature must be 0 (greedy) or at least {FLOAT32_TINY:.4g}, "
+                                    f"got {temperature}")
     if top_k < 0:
         raise ServiceError(INVALID, f"top_k must be >= 0 (0 = no limit), got {top_k}")
     if not (0.0 < top_p <= 1.0):

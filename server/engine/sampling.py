@@ -203,3 +203,24 @@ def uniform_at(key: int, position: int) -> float:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     z ^= z >> 31
     return (z >> 11) * 2.0**-53
+
+
+SMALL_BATCH = 8  # up to this many rows, random numbers are drawn in Python integers (NumPy calls cost more)
+
+
+def sample_batch(logits: np.ndarray, settings: list[SamplingSettings], streams: list[tuple[int, int]],
+                 all_plain: bool) -> tuple[list[int], list[int]]:
+    """The scheduler's call: logits [R, V], each row's settings and (stream key, position) ->
+    (token ids, random numbers drawn: 0 greedy, else 1). `all_plain`: every row samples with
+    its temperature alone (SamplingSettings.samples_plainly), so sample_uncut serves."""
+    if len(streams) <= SMALL_BATCH:
+        uniforms = np.array([uniform_at(key, position) for key, position in streams])  # [R]
+    else:
+        uniforms = uniforms_at(np.array([key for key, _ in streams], np.uint64),
+                               np.array([position for _, position in streams], np.uint64))  # [R]
+    temperature = np.array([s.temperature for s in settings], np.float64)  # [R]
+    if all_plain:
+        return sample_uncut(logits, temperature, uniforms).tolist(), [1] * len(settings)
+    tokens = sample_tokens(logits, temperature, np.array([s.top_k for s in settings], np.int64),
+                           np.array([s.top_p for s in settings], np.float64), uniforms)  # [R]
+    return tokens.tolist(), [0 if s.greedy else 1 for s in settings]

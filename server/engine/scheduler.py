@@ -33,14 +33,12 @@ from server.engine.generation import (CANCELLED, FINISHED_BY_REASON, LENGTH, SHU
                                       RequestStatus, StopMatcher, StreamEvent, recent_tail)
 from server.engine.model_runner import ModelRunner
 from server.engine.prefix_states import PrefixStates
-from server.engine.sampling import sample_tokens, sample_uncut, stream_key, uniform_at, uniforms_at
+from server.engine.sampling import sample_batch, stream_key
 from server.sessions.prefix_cache import PrefixCache
 from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, refusal_of, restored,
                                       rewind, snapshot_of)
 
 logger = logging.getLogger("charstream.server")
-
-SMALL_BATCH = 8  # up to this many rows, random numbers are drawn in Python integers (NumPy calls cost more)
 
 
 class StepObserver(Protocol):
@@ -219,7 +217,8 @@ class Scheduler:
         if not rows:
             return
         states = [self.slots[r.slot] for r in rows]
-        tokens, draws = self._sample_rows(rows, states)
+        tokens, draws = sample_batch(np.stack([s.logits for s in states]), [r.spec.settings for r in rows],
+                                     [(s.key, s.position) for s in states], all(r.plain for r in rows))
         # Per row only what must be per row: the hot loop of the server, kept to plain attribute work.
         events, active, text_events = self.events, self._active, self._text_events
         for request, state, token, draws in zip(rows, states, tokens, draws):
@@ -238,22 +237,6 @@ class Scheduler:
         if self._observer is not None:
             ahead = [len(r.tokens) - r.delivered for r in self.requests.values()]
             self._observer.observe_lookahead(sum(ahead), max(ahead, default=0))
-
-    def _sample_rows(self, rows: list[Request], states: list[SlotState]) -> tuple[list[int], list[int]]:
-        """The next token of each row and how many random numbers it drew (0 greedy, else 1)."""
-        settings = [r.spec.settings for r in rows]
-        logits = np.stack([s.logits for s in states])  # [R, V]
-        if len(rows) <= SMALL_BATCH:
-            uniforms = np.array([uniform_at(s.key, s.position) for s in states])  # [R]
-        else:
-            uniforms = uniforms_at(np.array([s.key for s in states], np.uint64),
-                                   np.array([s.position for s in states], np.uint64))  # [R]
-        temperature = np.array([s.temperature for s in settings], np.float64)  # [R]
-        if all(r.plain for r in rows):  # the common case: temperature alone (sampling.sample_uncut)
-            return sample_uncut(logits, temperature, uniforms).tolist(), [1] * len(rows)
-        tokens = sample_tokens(logits, temperature, np.array([s.top_k for s in settings], np.int64),
-                               np.array([s.top_p for s in settings], np.float64), uniforms)  # [R]
-        return tokens.tolist(), [0 if s.greedy else 1 for s in settings]
 
     def _finishing_event(self, request: Request, token: int) -> StreamEvent:
         """The event of a character that may end its request (a stop string matched, or max_chars)."""
