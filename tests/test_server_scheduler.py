@@ -111,6 +111,24 @@ def test_a_finished_request_waits_for_its_final_ack_and_can_still_be_cut_short(s
     assert generate_all(scheduler, 4, 1, 25, settings) == reference[15:40]
 
 
+def test_a_finished_request_and_an_undone_session_pin_no_step_of_the_batch(scheduler: Scheduler) -> None:
+    """Finished before its caller took anything (max_chars below the lookahead), a request keeps
+    copies of its own rows, not views that would keep whole batched steps alive while it waits;
+    after the undo the session starts from its own copy too (it may sit idle for its TTL)."""
+    settings = SETTINGS["sampled"]
+    for slot in (0, 1):
+        scheduler.open(slot, seed=slot, prompt_tokens=encode(scheduler, PROMPT))
+        scheduler.submit(10 + slot, slot, GenerationRequest((), 5 if slot == 0 else 40, settings))
+    run(scheduler, 30)  # nobody acks: slot 0 finishes, slot 1 stalls at its lookahead
+    finished = scheduler.requests[10]
+    assert finished.status is RequestStatus.FINISHED_LENGTH and finished.stepped == 5
+    assert sorted(finished.window) == [1, 2, 3, 4, 5]
+    assert all(kept.base is None for kept in finished.window.values())
+    scheduler.abort(10, 2)
+    start = scheduler.slots[0].start
+    assert start is not None and start.base is None
+
+
 def test_the_finish_travels_with_the_last_character(scheduler: Scheduler, tiny_model_dir: Path) -> None:
     scheduler.open(0, seed=1, prompt_tokens=encode(scheduler, PROMPT))
     scheduler.submit(1, 0, GenerationRequest((), 3, SETTINGS["greedy"]))

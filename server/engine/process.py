@@ -11,10 +11,12 @@ the loop writes, and each write carries all of them (coalescing).
     engine.info                                         # the child's RunnerInfo
     engine.start(); ...; engine.stop()
 
-Commands go to the child over a pipe in the order they are made; the serving
-event loop reads the child's messages itself (add_reader: no thread in between)
-and hands events to each caller's loop hub (stream.py), as the engine thread does. If the child dies, every
-running stream fails (INTERNAL for its caller) and later calls are refused.
+Commands go to the child over a socket in the order they are made, never
+blocking the caller (process_pipe.py: why); the serving event loop reads the
+child's messages itself (no thread in between) and hands events to each
+caller's loop hub (stream.py), as the engine thread does. If the child dies,
+or once the engine has stopped, every running stream fails (INTERNAL for its
+caller), waiting snapshots fail, and later calls are refused.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import socket
 import threading
 from typing import Any, Callable
 
 from server.engine.generation import GenerationRequest, StreamEvent
 from server.engine.model_runner import RunnerInfo
-from server.engine.process_child import STARTUP_ERRORS, EngineParams, engine_main
+from server.engine.process_child import STARTUP_ERRORS, EngineParams, engine_main, wire_error
+from server.engine.process_pipe import ServerPipe, run_on_loop
 from server.engine.scheduler import StepObserver
 from server.engine.slot_state import SlotSnapshot
 from server.engine.stream import GenerationStream, StreamHub, StreamHubs
@@ -53,11 +57,12 @@ class EngineProcess:
     def __init__(self, params: EngineParams, observer: StepObserver | None = None,
                  start_timeout: float = START_TIMEOUT):
         context = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
-        self._conn, child_conn = context.Pipe(duplex=True)
-        self._process = context.Process(target=engine_main, args=(child_conn, params),
+        ours, theirs = socket.socketpair()
+        self._process = context.Process(target=engine_main, args=(theirs, params),
                                         name="charstream-engine", daemon=True)
         self._process.start()
-        child_conn.close()
+        theirs.close()
+        self._pipe = ServerPipe(ours)  # the server's end never blocks (process_pipe.py)
         self.info: RunnerInfo = self._wait_ready(start_timeout)
         self.vocab = Vocabulary(self.info.spec.vocab)
         self.lookahead = params.lookahead
@@ -65,7 +70,7 @@ class EngineProcess:
         self._observer = observer
         self._send_lock = threading.Lock()
         self._acks: dict[int, int] = {}  # request id -> characters delivered, not sent yet
-        self._acks_scheduled = False
+        self._acks_scheduled: set[asyncio.AbstractEventLoop] = set()  # loops with a flush to come
         self._ids = itertools.count(1)
         self._hubs = StreamHubs()
         self._routes: dict[int, StreamHub] = {}  # request id -> its caller's hub
@@ -78,9 +83,10 @@ class EngineProcess:
 
     def _wait_ready(self, timeout: float) -> RunnerInfo:
         try:
-            if not self._conn.poll(timeout):
-                raise RuntimeError(f"the engine process did not load the model within {timeout:.0f} s")
-            reply = self._conn.recv()
+            reply = self._pipe.receive_first(timeout)
+        except TimeoutError:
+            self._kill()
+            raise RuntimeError(f"the engine process did not load the model within {timeout:.0f} s") from None
         except (EOFError, OSError):
             reply = ("failed", "RuntimeError", f"{GONE} while loading the model (exit code {self._exit_code()})")
         except BaseException:
@@ -100,7 +106,7 @@ class EngineProcess:
         if self._process.is_alive():
             self._process.kill()
         self._process.join()
-        self._conn.close()
+        self._pipe.close()
 
     # ---- caller side: the same as loop.Engine ----
 
@@ -108,11 +114,12 @@ class EngineProcess:
         """Start taking the child's messages, on the running event loop (call it from there): they
         are read where they are used, with no thread in between."""
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._conn.fileno(), self._on_readable)
+        self._pipe.attach(self._loop, self._on_message, self._child_gone)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Stop the child after the step in progress (killed if it does not stop in `timeout`);
-        from any thread but the loop's (it waits)."""
+        """Stop the child after the step in progress (killed if it does not stop in `timeout`), then
+        fail whatever still waits and refuse later calls. From any thread but the loop's once
+        started (it waits); never blocked by a full pipe."""
         self._stopping = True
         self._send(("stop",))
         self._process.join(timeout)
@@ -120,25 +127,12 @@ class EngineProcess:
             log_event(logger, "engine_process_killed", logging.WARNING, timeout_seconds=timeout)
             self._process.kill()
             self._process.join()
-        self._stop_reading(timeout)
-        self._conn.close()
+        if not run_on_loop(self._loop, self._shut_down, timeout):
+            log_event(logger, "engine_stop_unconfirmed", logging.WARNING, timeout_seconds=timeout)
 
-    def _stop_reading(self, timeout: float) -> None:
-        """Remove the pipe from the loop before it is closed (on the loop's thread, waiting for it)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        removed = threading.Event()
-
-        def remove() -> None:
-            loop.remove_reader(self._conn.fileno())
-            removed.set()
-
-        try:
-            loop.call_soon_threadsafe(remove)
-        except RuntimeError:  # closed meanwhile
-            return
-        removed.wait(timeout)
+    def _shut_down(self) -> None:
+        self._pipe.close()
+        self._child_gone()
 
     def open_slot(self, slot: int, seed: int, prompt_tokens: list[int]) -> None:
         self._send(("open", slot, seed, list(prompt_tokens)))
@@ -179,12 +173,18 @@ class EngineProcess:
     def ack(self, request_id: int, delivered: int) -> None:
         """Acks made in one pass of the caller's loop travel as one message (one per stream and
         write otherwise: the child would spend more time reading acks than stepping)."""
+        loop = asyncio.get_running_loop()
         with self._send_lock:
             self._acks[request_id] = delivered
-            if self._acks_scheduled:
+            if loop in self._acks_scheduled:
                 return
-            self._acks_scheduled = True
-        asyncio.get_running_loop().call_soon(self._send, None)
+            self._acks_scheduled.add(loop)
+        loop.call_soon(self._flush_acks, loop)
+
+    def _flush_acks(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._send_lock:
+            self._acks_scheduled.discard(loop)
+        self._send(None)
 
     def abort(self, request_id: int, delivered: int) -> None:
         self._send(("abort", request_id, delivered))
@@ -193,32 +193,21 @@ class EngineProcess:
         self._send(("drain",))
 
     def _send(self, command: tuple[Any, ...] | None) -> None:
-        """Send the acks waiting, then `command` (None: only the acks). Commands keep their order."""
+        """Send the acks waiting, then `command` (None: only the acks). Commands keep their order;
+        nothing here blocks (the pipe queues what the socket does not take)."""
         with self._send_lock:
-            acks, self._acks, self._acks_scheduled = self._acks, {}, False
+            acks, self._acks = self._acks, {}
             if self._gone:
                 return  # every stream has been failed already; nothing left to tell
-            try:
-                if acks:
-                    self._conn.send(("acks", list(acks.items())))
-                if command is not None:
-                    self._conn.send(command)
-            except (OSError, ValueError):  # the pipe broke: the loop's reader reports the child gone
-                pass
+            messages = [("acks", list(acks.items()))] if acks else []
+            if command is not None:
+                messages.append(command)
+            if messages:
+                self._pipe.send(*messages)
 
     # ---- the child's messages, read on the loop ----
 
-    def _on_readable(self) -> None:
-        try:
-            message = self._conn.recv()  # one whole message (the child writes each at once)
-        except (EOFError, OSError):
-            if self._loop is not None:
-                self._loop.remove_reader(self._conn.fileno())
-            self._child_gone()
-            return
-        except Exception:  # noqa: BLE001 - a message that does not unpickle: skip it, keep reading
-            logger.exception("engine message unreadable")
-            return
+    def _on_message(self, message: tuple[Any, ...]) -> None:
         try:
             if message[0] == "events":
                 self._route(message[1])
@@ -265,7 +254,10 @@ class EngineProcess:
             elif kind == "prefix":
                 self._observer.observe_prefix_cache(*values, self.prefix_cache)  # type: ignore[arg-type]
 
-    def _settle_snapshot(self, token: int, result: SlotSnapshot | None, error: Exception | None) -> None:
+    def _settle_snapshot(self, token: int, result: SlotSnapshot | None,
+                         error: tuple[str, str] | Exception | None) -> None:
+        if isinstance(error, tuple):  # (kind, message) from the child
+            error = wire_error(*error)
         waiting = self._snapshots.get(token)
         if waiting is None:
             return
@@ -288,9 +280,11 @@ class EngineProcess:
             pass
 
     def _child_gone(self) -> None:
-        """The pipe closed: fail every running stream and waiting snapshot; refuse later calls."""
-        self._gone = True
-        if not self._stopping:
+        """The pipe closed (or the engine stopped): fail every running stream and waiting snapshot;
+        refuse later calls. On the loop's thread (or with no loop running)."""
+        with self._send_lock:
+            already, self._gone = self._gone, True
+        if not self._stopping and not already:
             log_event(logger, "engine_process_exited", logging.ERROR, exit_code=self._exit_code())
             if self.on_gone is not None:
                 try:

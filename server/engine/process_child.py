@@ -5,16 +5,17 @@ the engine thread (loop.run_iteration). It has one thread and no event loop:
 between iterations it takes every command the server sent (a poll that does
 not wait while there is work, and blocks while there is none), and it sends
 each batch of events as one message. Nothing here competes with the server's
-gRPC work for a lock: that is the point of the process.
+gRPC work for a lock: that is the point of the process. Its writes block
+when the server is behind; the server's never do (process_pipe.py).
 
-Messages (tuples, pickled by multiprocessing.Connection):
+Messages (tuples, framed by process_pipe.py):
   server -> child: ("open", slot, seed, tokens), ("reset", slot, seed, tokens), ("close", slot),
                    ("restore", slot, snapshot), ("submit", request_id, slot, request),
                    ("acks", [(request_id, delivered)]), ("abort", request_id, delivered), ("drain",),
                    ("snapshot", token, slot), ("stop",)
   child -> server: ("ready", RunnerInfo) or ("failed", error class name, message) first; then
                    ("events", [(request_id, text | StreamEvent)], [observation], cache_stats)
-                   and ("snapshot", token, SlotSnapshot | None, exception | None)
+                   and ("snapshot", token, SlotSnapshot | None, (error class name, message) | None)
 A plain text event travels as its text alone: most events are one character.
 """
 
@@ -24,13 +25,14 @@ import logging
 import pickle
 import select
 import signal
+import socket
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from server.engine.loop import command_failed, run_iteration
 from server.engine.model_dir import ModelDirError
 from server.engine.model_runner import load_runner
+from server.engine.process_pipe import ChildPipe
 from server.engine.providers import DeviceError, ThreadSettings
 from server.engine.scheduler import Scheduler
 from server.sessions.prefix_cache import PrefixCache
@@ -40,6 +42,18 @@ logger = logging.getLogger("charstream.server")
 
 OBSERVATIONS_HELD = 256  # metric observations the child keeps before sending them without events
 STARTUP_ERRORS = {"ModelDirError": ModelDirError, "DeviceError": DeviceError}
+# What a snapshot's failure means to its caller (session_rpcs.py): closed, lost; anything else is internal.
+SNAPSHOT_ERRORS: dict[str, type[Exception]] = {"LookupError": LookupError, "ValueError": ValueError}
+
+
+def wire_kind(exc: Exception) -> str:
+    return next((kind for kind, cls in SNAPSHOT_ERRORS.items() if isinstance(exc, cls)), type(exc).__name__)
+
+
+def wire_error(kind: str, message: str) -> Exception:
+    """A snapshot failure from the child as the exception the engine thread would raise (it travels
+    as its class name and message: any exception pickles that way, and unpickles)."""
+    return SNAPSHOT_ERRORS.get(kind, RuntimeError)(message)
 
 
 @dataclass(frozen=True)
@@ -74,26 +88,27 @@ class Observations:
         self.pending.append(("prefix", hit, skipped_chars))
 
 
-def engine_main(conn: Connection, params: EngineParams) -> None:
+def engine_main(sock: socket.socket, params: EngineParams) -> None:
     """The child process's entry point."""
+    pipe = ChildPipe(sock)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server decides
     configure_logging(params.log_format, params.log_level)
     try:
         runner = load_runner(params.model_dir, params.variant, params.device, params.num_slots, params.threads)
     except Exception as exc:  # noqa: BLE001 - every start-up failure goes to the server, which reports it
-        conn.send(("failed", type(exc).__name__, str(exc)))
+        pipe.send(("failed", type(exc).__name__, str(exc)))
         return
     cache = PrefixCache(params.prefix_cache_bytes) if params.prefix_cache_bytes > 0 else None
     observations = Observations()
     scheduler = Scheduler(runner, params.max_batch, params.lookahead, observations, cache)
-    conn.send(("ready", runner.info))
-    ChildLoop(conn, scheduler, observations, cache).run()
+    pipe.send(("ready", runner.info))
+    ChildLoop(pipe, scheduler, observations, cache).run()
 
 
 class ChildLoop:
-    def __init__(self, conn: Connection, scheduler: Scheduler, observations: Observations,
+    def __init__(self, pipe: ChildPipe, scheduler: Scheduler, observations: Observations,
                  cache: PrefixCache | None):
-        self.conn = conn
+        self.pipe = pipe
         self.scheduler = scheduler
         self.observations = observations
         self.cache = cache
@@ -107,7 +122,7 @@ class ChildLoop:
         # One poll object for the pipe: Connection.poll builds a selector on every call, which
         # costs more than a whole iteration of a small model.
         self._poller = select.poll()
-        self._poller.register(conn.fileno(), select.POLLIN)
+        self._poller.register(pipe.fileno(), select.POLLIN)
 
     def _readable(self, block: bool) -> bool:
         """Whether a command (or the end of the pipe) is waiting; `block`: wait until one is."""
@@ -133,13 +148,15 @@ class ChildLoop:
 
     def _receive_all(self) -> None:
         while not self.stopping and self._readable(block=False):
-            command = self.conn.recv()
-            try:
-                self._apply(command)
-            except Exception as exc:  # noqa: BLE001 - a bad command must not kill the engine
-                logger.exception("engine command failed")
-                if command[0] == "submit":  # its caller waits for an answer: give it one
-                    self.scheduler.events.append((command[1], command_failed(exc)))
+            for command in self.pipe.receive():
+                if self.stopping:
+                    return
+                try:
+                    self._apply(command)
+                except Exception as exc:  # noqa: BLE001 - a bad command must not kill the engine
+                    logger.exception("engine command failed")
+                    if command[0] == "submit":  # its caller waits for an answer: give it one
+                        self.scheduler.events.append((command[1], command_failed(exc)))
 
     def _apply(self, command: tuple[Any, ...]) -> None:
         handler = self._handlers.get(command[0])
@@ -158,11 +175,11 @@ class ChildLoop:
         try:
             result, error = self.scheduler.snapshot(slot), None
         except Exception as exc:  # noqa: BLE001 - every failure goes to the waiting caller
-            result, error = None, exc
+            result, error = None, (wire_kind(exc), str(exc))
         try:
-            self.conn.send(("snapshot", token, result, error))
+            self.pipe.send(("snapshot", token, result, error))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:  # the caller must not wait forever
-            self.conn.send(("snapshot", token, None, RuntimeError(f"snapshot could not be sent: {exc}")))
+            self.pipe.send(("snapshot", token, None, ("RuntimeError", f"snapshot could not be sent: {exc}")))
 
     def _flush(self, force: bool = False) -> None:
         """Send the events collected since the last flush, as one message, with the observations.
@@ -176,4 +193,4 @@ class ChildLoop:
         observed, self.observations.pending = self.observations.pending, []
         self._sent_stats = stats
         wire = [(request_id, event.text if event.is_plain_text else event) for request_id, event in events]
-        self.conn.send(("events", wire, observed, stats))
+        self.pipe.send(("events", wire, observed, stats))

@@ -283,10 +283,11 @@ class Scheduler:
             if request is not None:
                 if request.stepped < len(request.tokens):
                     # This step consumed generated char k: keep the state it started from, as a
-                    # view of the step's input (no copy) until the request stalls (own_window).
+                    # view of the step's input (no copy) until the request stalls at its lookahead
+                    # or finishes with characters its caller has yet to take (own_window).
                     request.stepped += 1
                     request.window[request.stepped] = inputs[:, row, :]  # [L, H]
-                    if request.stepped - request.delivered >= self.lookahead:
+                    if request.stepped - request.delivered >= self.lookahead or request.status.is_finished:
                         own_window(request)
                 if request.status is not RequestStatus.GENERATING:
                     self._prompt_progress(request, state)

@@ -1,0 +1,143 @@
+"""The socket to the engine process: frames survive any split, the server's side never blocks
+(both sides writing more than the socket holds is not a deadlock), and an engine that has
+stopped fails what waits on it and refuses what comes after, instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from server.config import ServerConfig
+from server.engine.generation import GenerationRequest
+from server.engine.process import GONE, EngineProcess
+from server.engine.process_pipe import ChildPipe, FrameReader, ServerPipe, encode
+from server.engine.sampling import SamplingSettings
+
+WAIT = 30.0  # seconds before a test calls a wait a hang
+
+
+def test_frames_come_out_whole_however_the_bytes_arrive() -> None:
+    messages = [("events", [(1, "a")], [], None), ("snapshot", 3, None, ("LookupError", "closed")),
+                ("big", b"x" * 100_000)]
+    data = encode(*messages)
+    one_by_one, reader = [], FrameReader()
+    for i in range(0, len(data), 7):  # a frame split over many reads, headers included
+        one_by_one += reader.feed(data[i:i + 7])
+    at_once = FrameReader().feed(data + data[:5])  # several frames and a partial one
+    assert [pickle.loads(f) for f in one_by_one] == messages
+    assert [pickle.loads(f) for f in at_once] == messages
+
+
+def test_both_sides_writing_more_than_the_socket_holds_do_not_deadlock() -> None:
+    """The child blocks writing its events until the server reads; the server, meanwhile, sends
+    more commands than the socket takes. Blocking writes on both sides would wait for ever."""
+    count, payload = 200, b"c" * 65_536  # ~13 MB each way: far more than socket buffers hold
+    ours, theirs = socket.socketpair()
+    child = ChildPipe(theirs)
+    child_got: list[int] = []
+
+    def child_side() -> None:
+        for i in range(count):
+            child.send(("event", i, payload))  # blocks until the server's loop reads
+        while len(child_got) < count:
+            child_got.extend(message[1] for message in child.receive())
+
+    async def scenario() -> list[int]:
+        server_got: list[int] = []
+        all_in = asyncio.Event()
+
+        def on_message(message: tuple) -> None:
+            server_got.append(message[1])
+            if len(server_got) == count:
+                all_in.set()
+
+        pipe = ServerPipe(ours)
+        pipe.attach(asyncio.get_running_loop(), on_message, lambda: None)
+        worker = threading.Thread(target=child_side, daemon=True)
+        worker.start()
+        for i in range(count):
+            pipe.send(("command", i, payload))  # returns at once: the outbox holds the rest
+        assert pipe.pending_bytes > 0  # the socket could not take it all: the outbox did
+        await asyncio.wait_for(all_in.wait(), WAIT)
+        await asyncio.wait_for(asyncio.to_thread(worker.join), WAIT)
+        assert pipe.pending_bytes == 0
+        pipe.close()
+        return server_got
+
+    result: list[list[int]] = []
+    # On a thread of its own: a deadlock would block the loop itself, beyond any asyncio timeout.
+    runner = threading.Thread(target=lambda: result.append(asyncio.run(scenario())), daemon=True)
+    runner.start()
+    runner.join(WAIT * 2)
+    assert not runner.is_alive(), "the two sides are stuck writing to each other"
+    assert result == [list(range(count))]
+    assert child_got == list(range(count))
+    child.close()
+
+
+def test_the_end_of_the_peer_reaches_the_server_once() -> None:
+    ours, theirs = socket.socketpair()
+
+    async def scenario() -> int:
+        closed = asyncio.Event()
+        calls = []
+        pipe = ServerPipe(ours)
+        pipe.attach(asyncio.get_running_loop(), lambda message: None, lambda: (calls.append(1), closed.set()))
+        theirs.close()
+        await asyncio.wait_for(closed.wait(), WAIT)
+        pipe.send(("after",))  # dropped, not raised: the caller learns of the end from the reader
+        pipe.close()
+        return len(calls)
+
+    assert asyncio.run(scenario()) == 1
+
+
+@pytest.fixture()
+def engine(tiny_model_dir: Path) -> Iterator[EngineProcess]:
+    started = EngineProcess(ServerConfig(model=str(tiny_model_dir), device="cpu", max_sessions=4).engine_params())
+    yield started
+    started.stop()  # again, if the test did: stopping twice is harmless
+
+
+def test_a_stopped_engine_fails_running_streams_and_refuses_later_calls(engine: EngineProcess) -> None:
+    async def scenario() -> tuple[str | None, str, str | None]:
+        engine.start()
+        engine.open_slot(0, 1, [1, 2, 3])
+        engine.open_slot(1, 2, [1, 2, 3])
+        running = engine.submit(0, GenerationRequest((), 1_000_000, SamplingSettings()))
+        assert (await asyncio.wait_for(running.opening(), WAIT)).accepted
+        assert (await asyncio.wait_for(running.next_chunk(), WAIT)).text
+        await asyncio.to_thread(engine.stop)
+        while True:  # the characters that were on their way, then the failure
+            chunk = await asyncio.wait_for(running.next_chunk(), WAIT)
+            if chunk.end is not None:
+                break
+        with pytest.raises(RuntimeError) as snapshot:
+            await asyncio.wait_for(engine.snapshot(1), WAIT)
+        later = engine.submit(1, GenerationRequest((), 5, SamplingSettings()))
+        refusal = await asyncio.wait_for(later.opening(), WAIT)
+        assert refusal.refused
+        return chunk.end.error, str(snapshot.value), refusal.error
+
+    running_error, snapshot_error, refusal = asyncio.run(scenario())
+    assert running_error == GONE and refusal == GONE
+    assert "not running" in snapshot_error
+
+
+def test_snapshot_failures_keep_their_meaning_across_the_pipe(engine: EngineProcess) -> None:
+    """A closed slot is LookupError (NOT_FOUND for the caller), as on the engine thread."""
+    async def scenario() -> None:
+        engine.start()
+        try:
+            with pytest.raises(LookupError, match="closed"):
+                await asyncio.wait_for(engine.snapshot(3), WAIT)
+        finally:
+            await asyncio.to_thread(engine.stop)  # on the loop's thread the stop would wait for itself
+
+    asyncio.run(scenario())
