@@ -1,6 +1,7 @@
 """The socket to the engine process: frames survive any split, the server's side never blocks
-(both sides writing more than the socket holds is not a deadlock), and an engine that has
-stopped fails what waits on it and refuses what comes after, instead of hanging."""
+(both sides writing more than the socket holds is not a deadlock), the child's messages wait
+for company only briefly, and an engine that has stopped fails what waits on it and refuses
+what comes after, instead of hanging."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import asyncio
 import pickle
 import socket
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
 
 from server.config import ServerConfig
-from server.engine.generation import GenerationRequest
+from server.engine.generation import GenerationRequest, StreamEvent
 from server.engine.process import GONE, EngineProcess
+from server.engine.process_child import FLUSH_INTERVAL, ChildLoop, Observations
 from server.engine.process_pipe import ChildPipe, FrameReader, ServerPipe, encode
 from server.engine.sampling import SamplingSettings
 
@@ -141,3 +145,48 @@ def test_snapshot_failures_keep_their_meaning_across_the_pipe(engine: EngineProc
             await asyncio.to_thread(engine.stop)  # on the loop's thread the stop would wait for itself
 
     asyncio.run(scenario())
+
+
+class _Sent:
+    """A ChildPipe stand-in that keeps what the child sends."""
+
+    def __init__(self) -> None:
+        self.socket, self._peer = socket.socketpair()
+        self.messages: list[tuple] = []
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def send(self, *messages: tuple) -> None:
+        self.messages.extend(messages)
+
+    def texts(self) -> list[list[object]]:
+        return [[payload for _, payload in message[1]] for message in self.messages]
+
+
+def test_plain_characters_wait_for_the_next_message_only_within_the_interval() -> None:
+    """The child's messages: acceptances and finishes go at once, plain characters may wait
+    for company, but never past FLUSH_INTERVAL, and nothing is lost, repeated or reordered."""
+    pipe = _Sent()
+    scheduler = SimpleNamespace(events=[], submit=None, abort=None, open=None, reset=None, close=None,
+                                restore=None, drain=None)
+    child = ChildLoop(pipe, scheduler, Observations(), None)  # type: ignore[arg-type]
+    scheduler.events = [(1, StreamEvent(accepted=True))]
+    child._flush()
+    scheduler.events = [(1, StreamEvent(text="a"))]
+    child._flush()  # just after a message: waits
+    assert len(pipe.messages) == 1
+    scheduler.events.append((1, StreamEvent(text="b")))
+    time.sleep(FLUSH_INTERVAL * 2)
+    child._flush()  # the interval is over: both go, in order
+    scheduler.events = [(1, StreamEvent(text="c"))]
+    child._flush(force=True)  # the engine is about to wait: goes now
+    scheduler.events = [(1, StreamEvent(text="d", finish="length"))]
+    child._flush()  # a finish never waits
+    child._iteration_seconds = FLUSH_INTERVAL  # iterations as long as the interval: nothing waits
+    scheduler.events = [(2, StreamEvent(text="e"))]
+    child._flush()
+    texts = pipe.texts()
+    assert texts[0][0].accepted and texts[1:4] == [["a", "b"], ["c"], [StreamEvent(text="d", finish="length")]]
+    assert texts[4] == ["e"] and scheduler.events == []
+    pipe.socket.close()

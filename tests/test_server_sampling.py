@@ -13,6 +13,7 @@ from server.engine.sampling import (
     choose_token,
     sample_batch,
     sample_tokens,
+    sample_plain_row,
     sample_uncut,
     stream_key,
     uniform_at,
@@ -136,6 +137,18 @@ def test_batched_sampling_without_cuts_matches_choose_token_row_by_row(vocab: in
     assert mismatched.size == 0, f"sample_uncut: rows {mismatched[:10]} differ"
 
 
+@pytest.mark.parametrize("vocab", [65, 6, 2])
+def test_the_one_row_sampler_matches_choose_token(vocab: int) -> None:
+    """A lone stream's path (sample_plain_row), edge uniforms included."""
+    rng = np.random.default_rng(200 + vocab)
+    logits, temperature, _, _, uniforms = _mixed_batch(rng, 3000, vocab)
+    rows = np.flatnonzero(temperature > 0)
+    got = [sample_plain_row(logits[i], float(temperature[i]), float(uniforms[i])) for i in rows]
+    expected = [choose_token(logits[i], SamplingSettings(float(temperature[i])), float(uniforms[i])) for i in rows]
+    mismatched = np.flatnonzero(np.array(got) != np.array(expected))
+    assert mismatched.size == 0, f"rows {rows[mismatched[:10]]} differ"
+
+
 def test_scalar_uniform_is_the_vectorised_one() -> None:
     rng = np.random.default_rng(5)
     keys = rng.integers(0, 2**64, size=500, dtype=np.uint64)
@@ -217,7 +230,7 @@ def test_plain_settings_are_exactly_those_without_a_cut() -> None:
     assert not SamplingSettings(0.7, top_p=0.9).samples_plainly(65)
 
 
-@pytest.mark.parametrize("rows", [3, 40])  # random numbers in Python integers, and in NumPy
+@pytest.mark.parametrize("rows", [1, 3, 40])  # one row alone; random numbers in Python integers, and in NumPy
 @pytest.mark.parametrize("plain", [True, False])
 def test_the_schedulers_batch_call_matches_choose_token(rows: int, plain: bool) -> None:
     rng = np.random.default_rng(rows)

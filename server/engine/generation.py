@@ -14,7 +14,7 @@ failed.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.engine.sampling import SamplingSettings
 
@@ -71,15 +71,14 @@ class StreamEvent:
     error: str | None = None  # refused or failed; the message is for the log or the caller (see below)
     error_is_precondition: bool = False  # the caller can fix it (reset the session); else internal
     refused: bool = False  # never started: its prompt was not consumed
+    # Derived once here, not by properties: both are read for every event on the hot paths.
+    ends_stream: bool = field(init=False, repr=False, compare=False)  # finished or failed
+    is_plain_text: bool = field(init=False, repr=False, compare=False)  # characters and nothing else
 
-    @property
-    def ends_stream(self) -> bool:
-        return self.finish is not None or self.error is not None
-
-    @property
-    def is_plain_text(self) -> bool:
-        """Characters and nothing else (StreamEvent(text=...)): most events are one of these."""
-        return bool(self.text) and self.finish is None and self.error is None and not self.accepted
+    def __post_init__(self) -> None:
+        ends = self.finish is not None or self.error is not None
+        object.__setattr__(self, "ends_stream", ends)
+        object.__setattr__(self, "is_plain_text", bool(self.text) and not ends and not self.accepted)
 
 
 class StopMatcher:

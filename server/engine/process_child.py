@@ -26,6 +26,7 @@ import pickle
 import select
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ from server.structured_log import configure_logging, log_event
 logger = logging.getLogger("charstream.server")
 
 OBSERVATIONS_HELD = 256  # metric observations the child keeps before sending them without events
+FLUSH_INTERVAL = 0.001  # seconds plain characters may wait for the next message (see ChildLoop._flush)
 STARTUP_ERRORS = {"ModelDirError": ModelDirError, "DeviceError": DeviceError}
 # What a snapshot's failure means to its caller (session_rpcs.py): closed, lost; anything else is internal.
 SNAPSHOT_ERRORS: dict[str, type[Exception]] = {"LookupError": LookupError, "ValueError": ValueError}
@@ -114,6 +116,8 @@ class ChildLoop:
         self.cache = cache
         self.stopping = False
         self._sent_stats: tuple[int, int] | None = None
+        self._sent_at = 0.0  # perf_counter of the last message
+        self._iteration_seconds = 0.0  # how long the last iteration took
         self._handlers: dict[str, Callable[..., None]] = {
             "acks": self._acks, "submit": scheduler.submit, "abort": scheduler.abort, "open": scheduler.open,
             "reset": scheduler.reset, "close": scheduler.close, "restore": scheduler.restore,
@@ -142,7 +146,9 @@ class ChildLoop:
                 break
             if self.stopping:
                 break
+            started = time.perf_counter()
             run_iteration(self.scheduler, self._flush)
+            self._iteration_seconds = time.perf_counter() - started
             iterations += 1
         log_event(logger, "engine_stopped", iterations=iterations, process="child")
 
@@ -183,14 +189,25 @@ class ChildLoop:
 
     def _flush(self, force: bool = False) -> None:
         """Send the events collected since the last flush, as one message, with the observations.
-        Observations alone wait (a prompt being consumed makes one per step and no events)
-        until OBSERVATIONS_HELD have piled up or the engine is about to wait (`force`)."""
-        events, self.scheduler.events = self.scheduler.events, []
+        Plain characters wait for the next message while it will still go within
+        FLUSH_INTERVAL of the last one (at a batch of one an iteration takes a fraction of
+        that, and one message per character cost the child, the server and the client more
+        than the model step); anything else (an acceptance, a finish) goes at once, and so
+        does everything when the engine is about to wait (`force`). Observations alone wait (a prompt being consumed makes one per step
+        and no events) until OBSERVATIONS_HELD have piled up or the engine is about to wait."""
+        events = self.scheduler.events
         stats = (self.cache.bytes, self.cache.entries) if self.cache is not None else None
         if not events and stats == self._sent_stats and (
                 not self.observations.pending or (len(self.observations.pending) < OBSERVATIONS_HELD and not force)):
             return
+        now = time.perf_counter()
+        # Held only if they will still go within FLUSH_INTERVAL of the last message, taking the
+        # next iteration to last as long as the last one: a long step never holds characters.
+        if (not force and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
+                and all(event.is_plain_text for _, event in events)):
+            return
+        self.scheduler.events = []
         observed, self.observations.pending = self.observations.pending, []
-        self._sent_stats = stats
+        self._sent_stats, self._sent_at = stats, now
         wire = [(request_id, event.text if event.is_plain_text else event) for request_id, event in events]
         self.pipe.send(("events", wire, observed, stats))

@@ -23,6 +23,7 @@ plain reference loops to compute the text a session must produce.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -182,16 +183,34 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
     The scheduler's path for the common case: a dozen NumPy calls, where a batch of one
     spends more time in call overhead than in arithmetic. The same operations as
     sample_tokens, so the same tokens bit for bit."""
-    scaled = np.asarray(logits).astype(np.float64) / temperature[:, None]  # [B, V]
-    weights = np.exp(scaled - scaled.max(axis=1, keepdims=True))  # [B, V], max = 1
+    # In place, one buffer: the same values as the expressions of sample_tokens, fewer allocations.
+    weights = np.asarray(logits).astype(np.float64)  # [B, V]
+    weights /= temperature[:, None]
+    weights -= weights.max(axis=1, keepdims=True)
+    np.exp(weights, out=weights)  # [B, V], max = 1
     return _inverse_cdf(weights, uniforms[:, None])
+
+
+def sample_plain_row(logits: np.ndarray, temperature: float, uniform: float) -> int:
+    """choose_token for one row that samples with a temperature alone: logits [V] -> token id.
+
+    A batch of one, the common case of a lone stream, in a third of sample_uncut's time:
+    the same float64 operations on one row, called as ufuncs (no reduction wrappers)."""
+    weights = logits.astype(np.float64)  # [V]
+    weights /= temperature
+    weights -= np.maximum.reduce(weights)
+    np.exp(weights, out=weights)  # max = 1
+    cdf = np.add.accumulate(weights)  # [V], as np.cumsum
+    index = int(cdf.searchsorted(uniform * cdf[-1], "right"))
+    return min(index, len(cdf) - 1)
 
 
 def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Token-id order, no cut: weights [S, V], uniforms u [S, 1] -> token ids [S]. As choose_token's
     plain branch: searchsorted(cdf, u * total, "right") = how many cdf entries are <= u * total."""
     cdf = np.cumsum(weights, axis=1)  # [S, V]; sequential per row, as the 1-D cumsum
-    return np.minimum(np.sum(cdf <= u * cdf[:, -1:], axis=1), weights.shape[1] - 1).astype(np.int64)  # [S]
+    index = np.count_nonzero(cdf <= u * cdf[:, -1:], axis=1)  # [S]
+    return np.minimum(index, weights.shape[1] - 1).astype(np.int64)  # [S]
 
 
 def uniform_at(key: int, position: int) -> float:
@@ -208,11 +227,16 @@ def uniform_at(key: int, position: int) -> float:
 SMALL_BATCH = 8  # up to this many rows, random numbers are drawn in Python integers (NumPy calls cost more)
 
 
-def sample_batch(logits: np.ndarray, settings: list[SamplingSettings], streams: list[tuple[int, int]],
+def sample_batch(rows: Sequence[np.ndarray], settings: list[SamplingSettings], streams: list[tuple[int, int]],
                  all_plain: bool) -> tuple[list[int], list[int]]:
-    """The scheduler's call: logits [R, V], each row's settings and (stream key, position) ->
-    (token ids, random numbers drawn: 0 greedy, else 1). `all_plain`: every row samples with
-    its temperature alone (SamplingSettings.samples_plainly), so sample_uncut serves."""
+    """The scheduler's call: each row's logits [V] (a list, or an [R, V] array), settings and
+    (stream key, position) -> (token ids, random numbers drawn: 0 greedy, else 1). `all_plain`:
+    every row samples with its temperature alone (SamplingSettings.samples_plainly), so
+    sample_uncut serves (sample_plain_row for a batch of one)."""
+    if all_plain and len(streams) == 1:
+        (key, position), = streams
+        return [sample_plain_row(rows[0], settings[0].temperature, uniform_at(key, position))], [1]
+    logits = np.stack(rows)  # [R, V]
     if len(streams) <= SMALL_BATCH:
         uniforms = np.array([uniform_at(key, position) for key, position in streams])  # [R]
     else:

@@ -189,7 +189,12 @@ class Scheduler:
         return ready
 
     def has_work(self) -> bool:
-        return bool(self._ready_slots()) or any(
+        slots = self.slots
+        for slot in self._active:  # the first slot with a token waiting settles it (no list built)
+            state = slots.get(slot)
+            if state is not None and state.pending:
+                return True
+        return any(
             self._can_sample(r) or (self.draining and not r.status.is_finished) for r in self.requests.values()
         )
 
@@ -213,11 +218,17 @@ class Scheduler:
         """Sample the next character of every request that may run ahead; one vectorised pass."""
         if self.draining:
             self._end_all(SHUTDOWN)
-        rows = [r for r in self.requests.values() if self._can_sample(r)]
+        # _can_sample for every request, inlined: this runs once per iteration over every request.
+        rows, states, slots, lookahead, generating = [], [], self.slots, self.lookahead, RequestStatus.GENERATING
+        for request in self.requests.values():
+            if request.status is generating and len(request.tokens) - request.delivered < lookahead:
+                state = slots[request.slot]
+                if state.logits is not None and not state.pending:
+                    rows.append(request)
+                    states.append(state)
         if not rows:
             return
-        states = [self.slots[r.slot] for r in rows]
-        tokens, draws = sample_batch(np.stack([s.logits for s in states]), [r.spec.settings for r in rows],
+        tokens, draws = sample_batch([s.logits for s in states], [r.spec.settings for r in rows],
                                      [(s.key, s.position) for s in states], all(r.plain for r in rows))
         # Per row only what must be per row: the hot loop of the server, kept to plain attribute work.
         events, active, text_events = self.events, self._active, self._text_events
@@ -275,6 +286,7 @@ class Scheduler:
         if self._observer is not None:
             self._observer.observe_step(count, time.perf_counter() - started)
         logits, inputs, iteration = output.logits, output.inputs, self._iteration  # [B, V], [L, B, H]
+        lookahead, generating = self.lookahead, RequestStatus.GENERATING
         for row, (_, state) in enumerate(ready):  # the hot loop's second half: plain attribute work
             request = state.request
             state.pending.popleft()
@@ -287,9 +299,9 @@ class Scheduler:
                     # or finishes with characters its caller has yet to take (own_window).
                     request.stepped += 1
                     request.window[request.stepped] = inputs[:, row, :]  # [L, H]
-                    if request.stepped - request.delivered >= self.lookahead or request.status.is_finished:
+                    if request.stepped - request.delivered >= lookahead or request.status is not generating:
                         own_window(request)
-                if request.status is not RequestStatus.GENERATING:
+                if request.status is not generating:
                     self._prompt_progress(request, state)
             if not state.pending:
                 state.logits = logits[row]  # [V]
