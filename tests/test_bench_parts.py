@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.clients import bench
+from server.clients import bench, bench_single
 from server.clients.bench_raw import CPU, WARMUP_STEPS, load_cell, raw_ingest_seconds, raw_loop, session_options
 from server.clients.bench_results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
 
@@ -110,3 +110,34 @@ def test_raw_loop_session_options_match_the_servers(threads: int, spinning: bool
     key = "session.intra_op.allow_spinning"
     assert ours.get_session_config_entry(key) == theirs.get_session_config_entry(key)
 
+
+
+def _raw(chars_per_s: float) -> RawResult:
+    return RawResult(row=1, id="raw_batch_1", title="raw", batch=1, steps=10, seconds=10 / chars_per_s,
+                     chars_per_s=chars_per_s, step_ms=1000 / chars_per_s, provider=CPU)
+
+
+def test_rows_1_and_4_report_their_median_runs_or_fail_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Measured in turns; each row is the run in the middle, its note the spread. A failure in
+    any turn fails both rows with it."""
+    speeds = iter([300.0, 100.0, 200.0])
+    monkeypatch.setattr(bench_single, "raw_loop", lambda *args, **kwargs: _raw(next(speeds)))
+    streamed = iter([_raw(9.0), _raw(7.0), _raw(8.0)])  # stand-ins: only chars_per_s is read
+    args = bench.build_parser().parse_args(["--model", "m", "--repeats", "3"])
+    runner = bench.Bench(args, io.StringIO())
+    monkeypatch.setattr(runner, "streams_result", lambda *args: next(streamed))
+    bench_single.single_stream_rows(runner, server=None)  # type: ignore[arg-type]
+    by_id = {row.id: row for row in runner.rows}
+    assert by_id["raw_batch_1"].chars_per_s == 200.0 and by_id["server_1_stream"].chars_per_s == 8.0
+    assert (by_id["server_1_stream"].row, by_id["server_1_stream"].title) == (4, "server, 1 stream")
+    assert "median of 3 runs" in by_id["raw_batch_1"].note and "100-300" in by_id["raw_batch_1"].note
+
+    def broken(*args: Any) -> None:
+        raise TimeoutError("the server stopped answering")
+
+    failing = bench.Bench(args, io.StringIO())
+    monkeypatch.setattr(failing, "streams_result", broken)
+    monkeypatch.setattr(bench_single, "raw_loop", lambda *args, **kwargs: _raw(1.0))
+    bench_single.single_stream_rows(failing, server=None)  # type: ignore[arg-type]
+    assert [(row.id, row.status) for row in failing.rows] == [("raw_batch_1", "failed"), ("server_1_stream", "failed")]
+    assert all("stopped answering" in row.note for row in failing.rows)

@@ -7,6 +7,7 @@ Starts `python -m server` on 127.0.0.1 (a separate process; the clients run in
 this one, over grpc.aio), reads GetModelInfo, and measures:
 
   1  raw ONNX Runtime step loop at batch 1, on the file, provider and thread settings the server uses
+     (rows 1 and 4 are measured alternately, --repeats times, and report their median runs)
   2  the same raw loop at each --batch
   3  a naive PyTorch eager loop, one stream (needs --checkpoint and torch; skipped otherwise)
   4  the server, 1 streaming client: chars/s, time to first character
@@ -39,6 +40,7 @@ from server.clients import bench_clients as clients
 from server.clients import bench_sessions as sessions
 from server.clients.bench_process import ServerProcess, batch_totals, describe_server, machine_info, running_server
 from server.clients.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
+from server.clients.bench_single import add_repeats_argument, single_stream_rows
 from server.clients.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
                                   print_report, ratio_of, write_json)
 from server.engine.model_contract import CUDA
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", default="64", metavar="B[,B...]", help="raw-loop batch sizes of row 2 (default: 64)")
     add("--long-prompt", type=int, default=2000, metavar="N", help="prompt of rows 7 and 9; 0: skip (default: 2000)")
     add("--timeout", type=float, default=120.0, metavar="S", help="seconds allowed per row (default: 120)")
+    add_repeats_argument(parser)
     server = parser.add_argument_group("passed to both server processes only when given (else the server's defaults)")
     server.add_argument("--device", choices=("auto", "cuda", "cpu"))
     server.add_argument("--variant", metavar="NAME", help="model variant: fp32, fp16, int8, auto, ...")
@@ -161,21 +164,23 @@ class Bench:
             self.args.checkpoint, self.args.chars, self.deadline(), use_cuda, row_id=row_id, title=title, row=row))
 
     def streams_row(self, server: ServerProcess, row_id: str, streams: int) -> None:
-        def measure(row: int, row_id: str, title: str) -> StreamsResult:
-            before = batch_totals(server.metrics_url())
-            run = clients.bounded(clients.run_streams(server.address, self.prompt, streams, self.args.chars, 1),
-                                  self.args.timeout)
-            after = batch_totals(server.metrics_url())
-            steps = after[1] - before[1] if before and after else 0
-            return StreamsResult(
-                row=row, id=row_id, title=title, streams=streams, chars_per_stream=self.args.chars,
-                total_chars=run.total_chars, messages=run.messages, seconds=run.seconds,
-                chars_per_s=run.total_chars / run.seconds, chars_per_message=run.total_chars / max(1, run.messages),
-                first_char_ms_p50=run.first_char_ms(50), first_char_ms_p99=run.first_char_ms(99),
-                gap_ms_p50=run.gap_ms(50), gap_ms_p99=run.gap_ms(99),
-                mean_batch=(after[0] - before[0]) / steps if steps else None,  # type: ignore[index]
-                server_flags=server.flags)
-        self.attempt(row_id, measure)
+        self.attempt(row_id, lambda row, row_id, title: self.streams_result(server, streams, row, row_id, title))
+
+    def streams_result(self, server: ServerProcess, streams: int, row: int, row_id: str, title: str) -> StreamsResult:
+        """`streams` one-shot streams of --chars characters, measured once."""
+        before = batch_totals(server.metrics_url())
+        run = clients.bounded(clients.run_streams(server.address, self.prompt, streams, self.args.chars, 1),
+                              self.args.timeout)
+        after = batch_totals(server.metrics_url())
+        steps = after[1] - before[1] if before and after else 0
+        return StreamsResult(
+            row=row, id=row_id, title=title, streams=streams, chars_per_stream=self.args.chars,
+            total_chars=run.total_chars, messages=run.messages, seconds=run.seconds,
+            chars_per_s=run.total_chars / run.seconds, chars_per_message=run.total_chars / max(1, run.messages),
+            first_char_ms_p50=run.first_char_ms(50), first_char_ms_p99=run.first_char_ms(99),
+            gap_ms_p50=run.gap_ms(50), gap_ms_p99=run.gap_ms(99),
+            mean_batch=(after[0] - before[0]) / steps if steps else None,  # type: ignore[index]
+            server_flags=server.flags)
 
     def long_prompt_row(self, server: ServerProcess) -> None:
         def measure(row: int, row_id: str, title: str) -> LongPromptResult:
@@ -207,11 +212,11 @@ class Bench:
         self.info = clients.model_info(server.address, self.args.timeout)
         path = Path(self.args.model) / self.info.model_file
         self.cell = load_cell(path, self.info.execution_provider, server.settings())
-        for batch in batches(self.args):
+        for batch in batches(self.args)[1:]:
             self.raw_row(batch)
         self.torch_row()
         self.warm_up(server)
-        self.streams_row(server, "server_1_stream", 1)
+        single_stream_rows(self, server)  # rows 1 and 4, in turns
         self.streams_row(server, "server_streams", self.args.streams)
         if self.args.long_prompt > 0:
             self.long_prompt_row(server)
@@ -264,7 +269,7 @@ def run(args: argparse.Namespace, argv: list[str], log: TextIO) -> Report:
     bench = Bench(args, log)
     settings = {"argv": argv, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 **{k: getattr(args, k) for k in ("model", "checkpoint", "streams", "chars", "long_prompt", "timeout",
-                                                 "store_calls", "redis_url", "idle_sessions")},
+                                                 "repeats", "store_calls", "redis_url", "idle_sessions")},
                 "batches": batches(args)[1:], "prompt_chars": PROMPT_CHARS, "temperature": clients.TEMPERATURE,
                 "server_flags": server_flags(args)}
     report = Report(settings=settings, machine=machine_info())
@@ -286,8 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = batches(args)
     except ValueError:
         parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
-    if min(args.streams, args.chars, *sizes) < 1 or args.long_prompt < 0 or args.timeout <= 0:
-        parser.error("--streams, --chars and --batch must be >= 1, --long-prompt >= 0, --timeout > 0")
+    if min(args.streams, args.chars, args.repeats, *sizes) < 1 or args.long_prompt < 0 or args.timeout <= 0:
+        parser.error("--streams, --chars, --repeats and --batch must be >= 1, --long-prompt >= 0, --timeout > 0")
     sessions.check_arguments(parser, args)
     try:
         report = run(args, list(sys.argv[1:] if argv is None else argv), sys.stderr)
