@@ -165,8 +165,9 @@ class _Sent:
 
 
 def test_plain_characters_wait_for_the_next_message_only_within_the_interval() -> None:
-    """The child's messages: acceptances and finishes go at once, plain characters may wait
-    for company, but never past FLUSH_INTERVAL, and nothing is lost, repeated or reordered."""
+    """The child's messages: acceptances, first characters and finishes go at once, later plain
+    characters may wait for company, but never past FLUSH_INTERVAL, and nothing is lost,
+    repeated or reordered."""
     pipe = _Sent()
     scheduler = SimpleNamespace(events=[], submit=None, abort=None, open=None, reset=None, close=None,
                                 restore=None, drain=None)
@@ -174,19 +175,29 @@ def test_plain_characters_wait_for_the_next_message_only_within_the_interval() -
     scheduler.events = [(1, StreamEvent(accepted=True))]
     child._flush()
     scheduler.events = [(1, StreamEvent(text="a"))]
+    child._flush()  # just after a message, but the request's first character: goes now
+    scheduler.events = [(1, StreamEvent(text="b"))]
     child._flush()  # just after a message: waits
-    assert len(pipe.messages) == 1
-    scheduler.events.append((1, StreamEvent(text="b")))
+    assert len(pipe.messages) == 2
+    scheduler.events.append((1, StreamEvent(text="c")))
     time.sleep(FLUSH_INTERVAL * 2)
     child._flush()  # the interval is over: both go, in order
-    scheduler.events = [(1, StreamEvent(text="c"))]
+    scheduler.events = [(1, StreamEvent(text="d"))]
     child._flush(force=True)  # the engine is about to wait: goes now
-    scheduler.events = [(1, StreamEvent(text="d", finish="length"))]
+    scheduler.events = [(1, StreamEvent(text="e", finish="length"))]
     child._flush()  # a finish never waits
+    scheduler.events = [(2, StreamEvent(accepted=True)), (3, StreamEvent(accepted=True))]
+    child._flush()
+    scheduler.events = [(2, StreamEvent(text="x"))]
+    child._flush()  # request 2's first character goes at once
+    scheduler.events = [(3, StreamEvent(finish="length", text="y")), (2, StreamEvent(text="z"))]
+    child._flush()  # request 3 ends: no request is left waiting for its first character
+    assert child._awaiting_first == set()
     child._iteration_seconds = FLUSH_INTERVAL  # iterations as long as the interval: nothing waits
-    scheduler.events = [(2, StreamEvent(text="e"))]
+    scheduler.events = [(2, StreamEvent(text="w"))]
     child._flush()
     texts = pipe.texts()
-    assert texts[0][0].accepted and texts[1:4] == [["a", "b"], ["c"], [StreamEvent(text="d", finish="length")]]
-    assert texts[4] == ["e"] and scheduler.events == []
+    assert texts[0][0].accepted and texts[1:5] == [["a"], ["b", "c"], ["d"], [StreamEvent(text="e", finish="length")]]
+    assert texts[6:] == [["x"], [StreamEvent(finish="length", text="y"), "z"], ["w"]]
+    assert scheduler.events == []
     pipe.socket.close()

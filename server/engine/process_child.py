@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from server.engine.generation import StreamEvent
 from server.engine.loop import command_failed, run_iteration
 from server.engine.model_dir import ModelDirError
 from server.engine.model_runner import load_runner
@@ -42,7 +43,7 @@ from server.structured_log import configure_logging, log_event
 logger = logging.getLogger("charstream.server")
 
 OBSERVATIONS_HELD = 256  # metric observations the child keeps before sending them without events
-FLUSH_INTERVAL = 0.001  # seconds plain characters may wait for the next message (see ChildLoop._flush)
+FLUSH_INTERVAL = 0.004  # seconds plain characters may wait for the next message (see ChildLoop._flush)
 STARTUP_ERRORS = {"ModelDirError": ModelDirError, "DeviceError": DeviceError}
 # What a snapshot's failure means to its caller (session_rpcs.py): closed, lost; anything else is internal.
 SNAPSHOT_ERRORS: dict[str, type[Exception]] = {"LookupError": LookupError, "ValueError": ValueError}
@@ -118,6 +119,7 @@ class ChildLoop:
         self._sent_stats: tuple[int, int] | None = None
         self._sent_at = 0.0  # perf_counter of the last message
         self._iteration_seconds = 0.0  # how long the last iteration took
+        self._awaiting_first: set[int] = set()  # accepted requests whose first character has not gone
         self._handlers: dict[str, Callable[..., None]] = {
             "acks": self._acks, "submit": scheduler.submit, "abort": scheduler.abort, "open": scheduler.open,
             "reset": scheduler.reset, "close": scheduler.close, "restore": scheduler.restore,
@@ -189,12 +191,15 @@ class ChildLoop:
 
     def _flush(self, force: bool = False) -> None:
         """Send the events collected since the last flush, as one message, with the observations.
+
         Plain characters wait for the next message while it will still go within
-        FLUSH_INTERVAL of the last one (at a batch of one an iteration takes a fraction of
-        that, and one message per character cost the child, the server and the client more
-        than the model step); anything else (an acceptance, a finish) goes at once, and so
-        does everything when the engine is about to wait (`force`). Observations alone wait (a prompt being consumed makes one per step
-        and no events) until OBSERVATIONS_HELD have piled up or the engine is about to wait."""
+        FLUSH_INTERVAL of the last one: at a batch of one an iteration takes a fraction of
+        that, and each message costs the child, the server and the client more CPU than
+        a model step of the int8 model, whatever it carries. A request's first character
+        never waits (time to first character is what an interactive client feels), nor
+        does anything else (an acceptance, a finish), nor anything when the engine is about
+        to wait (`force`). Observations alone wait (a prompt being consumed makes one per
+        step and no events) until OBSERVATIONS_HELD have piled up or the engine is about to wait."""
         events = self.scheduler.events
         stats = (self.cache.bytes, self.cache.entries) if self.cache is not None else None
         if not events and stats == self._sent_stats and (
@@ -204,10 +209,22 @@ class ChildLoop:
         # Held only if they will still go within FLUSH_INTERVAL of the last message, taking the
         # next iteration to last as long as the last one: a long step never holds characters.
         if (not force and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
-                and all(event.is_plain_text for _, event in events)):
+                and all(event.is_plain_text for _, event in events)
+                and not (self._awaiting_first and any(rid in self._awaiting_first for rid, _ in events))):
             return
         self.scheduler.events = []
         observed, self.observations.pending = self.observations.pending, []
         self._sent_stats, self._sent_at = stats, now
+        self._note_first_characters(events)
         wire = [(request_id, event.text if event.is_plain_text else event) for request_id, event in events]
         self.pipe.send(("events", wire, observed, stats))
+
+    def _note_first_characters(self, events: list[tuple[int, StreamEvent]]) -> None:
+        """Track the accepted requests still waiting for their first character (a short set:
+        a request leaves it with its first text or its end, so steady streams cost nothing)."""
+        awaiting = self._awaiting_first
+        for request_id, event in events:
+            if event.accepted:
+                awaiting.add(request_id)
+            elif awaiting and (event.text or event.ends_stream):
+                awaiting.discard(request_id)
