@@ -208,20 +208,22 @@ class ChildLoop:
         now = time.perf_counter()
         # Held only if they will still go within FLUSH_INTERVAL of the last message, taking the
         # next iteration to last as long as the last one: a long step never holds characters.
-        if (not force and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
-                and all(event.is_plain_text for _, event in events)
-                and not (self._awaiting_first and any(rid in self._awaiting_first for rid, _ in events))):
+        plain = all(event.is_plain_text for _, event in events)
+        awaiting = self._awaiting_first
+        if (not force and plain and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
+                and not (awaiting and any(rid in awaiting for rid, _ in events))):
             return
         self.scheduler.events = []
         observed, self.observations.pending = self.observations.pending, []
         self._sent_stats, self._sent_at = stats, now
-        self._note_first_characters(events)
+        if awaiting or not plain:  # plain characters alone start no request: steady streams skip this
+            self._note_first_characters(events)
         wire = [(request_id, event.text if event.is_plain_text else event) for request_id, event in events]
         self.pipe.send(("events", wire, observed, stats))
 
     def _note_first_characters(self, events: list[tuple[int, StreamEvent]]) -> None:
         """Track the accepted requests still waiting for their first character (a short set:
-        a request leaves it with its first text or its end, so steady streams cost nothing)."""
+        a request leaves it with its first text or its end)."""
         awaiting = self._awaiting_first
         for request_id, event in events:
             if event.accepted:
