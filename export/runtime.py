@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from server.engine.model_contract import CPU, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.providers import provider_entry
 
 
 def make_session(
@@ -26,7 +27,7 @@ def make_session(
     if threads is not None:
         options.intra_op_num_threads = threads
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    session = ort.InferenceSession(source, options, providers=[provider])
+    session = ort.InferenceSession(source, options, providers=[provider_entry(provider)])
     if session.get_providers()[0] != provider:
         raise RuntimeError(f"ONNX Runtime could not start the {provider}")
     return session

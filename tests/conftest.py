@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.devices import SERVING_DEVICES
+
 TINY_TEXT = (
     "To be, or not to be, that is the question:\n"
     "Whether 'tis nobler in the mind to suffer\n"
@@ -42,6 +44,12 @@ def tiny_model_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     directory = tmp_path_factory.mktemp("tiny_model")
     export_checkpoint(tiny_checkpoint, directory, variants=("fp32",))
     return directory
+
+
+@pytest.fixture(scope="module", params=SERVING_DEVICES)
+def serving_device(request: pytest.FixtureRequest) -> str:
+    """"cpu", and "cuda" where it can run: the --device of a test module's server."""
+    return request.param
 
 
 @pytest.fixture(scope="module")

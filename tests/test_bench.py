@@ -124,7 +124,10 @@ def test_every_row_against_the_tiny_model(full_run: dict[str, Any], tiny_model_d
         assert row["streams"] == streams and row["total_chars"] == streams * CHARS
         assert row["chars_per_s"] > 0 and 1 <= row["chars_per_message"] <= CHARS
         assert 0 < row["first_char_ms_p50"] <= row["first_char_ms_p99"] < 60_000
-        assert 0 < row["gap_ms_p50"] <= row["gap_ms_p99"] < 60_000
+        if row["messages"] > streams:  # a gap needs a stream with two messages; a fast machine may send one
+            assert 0 < row["gap_ms_p50"] <= row["gap_ms_p99"] < 60_000
+        else:
+            assert row["gap_ms_p50"] is None and row["gap_ms_p99"] is None
         assert row["chars_per_message"] == pytest.approx(row["total_chars"] / row["messages"])
     assert rows["server_streams"]["server_flags"] == ["--device", "cpu"]
     assert rows["server_streams_max_batch_1"]["server_flags"] == ["--device", "cpu", "--max-batch", "1"]

@@ -14,12 +14,13 @@ from server.engine.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest, 
 from server.engine.loop import Engine
 from server.engine.model_runner import StepOutput, load_runner
 from server.engine.sampling import SamplingSettings
+from tests.devices import SERVING_DEVICES
 from tests.plain_loop import onnx_loop
 
 
-@pytest.fixture()
-def engine(tiny_model_dir: Path) -> Iterator[Engine]:
-    engine = Engine(load_runner(tiny_model_dir, device="cpu", num_slots=16), max_batch=4)
+@pytest.fixture(params=SERVING_DEVICES)
+def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    engine = Engine(load_runner(tiny_model_dir, device=request.param, num_slots=16), max_batch=4)
     engine.start()
     yield engine
     engine.stop()

@@ -120,6 +120,7 @@ def test_cuda_keeps_states_on_device_and_matches_cpu(tiny_model_dir: Path) -> No
     cuda = load_runner(tiny_model_dir, device="cuda", num_slots=8)
     cpu = load_runner(tiny_model_dir, device="cpu", num_slots=8)
     assert cuda.info.provider == CUDA and cuda.info.states_on_device
+    assert cuda.session.get_provider_options()[CUDA]["use_tf32"] == "0"  # fp32 maths, not TF32
     rng = np.random.default_rng(2)
     for _ in range(30):
         slots = rng.choice(8, 4, replace=False)

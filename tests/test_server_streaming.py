@@ -29,8 +29,8 @@ CHARS = 300
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[BackgroundServer]:
-    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=128, lookahead=LOOKAHEAD,
+def server(tiny_model_dir: Path, serving_device: str) -> Iterator[BackgroundServer]:
+    config = ServerConfig(model=str(tiny_model_dir), port=0, device=serving_device, max_sessions=128, lookahead=LOOKAHEAD,
                           metrics_port=0, max_chars=20_000)
     with BackgroundServer(config) as running:
         yield running

@@ -30,8 +30,8 @@ def config(model_dir: Path, **overrides: object) -> ServerConfig:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[BackgroundServer]:
-    with BackgroundServer(config(tiny_model_dir)) as running:
+def server(tiny_model_dir: Path, serving_device: str) -> Iterator[BackgroundServer]:
+    with BackgroundServer(config(tiny_model_dir, device=serving_device)) as running:
         yield running
 
 

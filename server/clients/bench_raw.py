@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from server.clients.bench_results import RawResult, TorchResult
 from server.engine.model_contract import CPU, CUDA, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.providers import provider_entry
 
 WARMUP_STEPS = 5
 
@@ -39,7 +40,8 @@ def session_options(settings: dict[str, Any]) -> ort.SessionOptions:
 
 def load_cell(path: Path, provider: str, settings: dict[str, Any]) -> ort.InferenceSession:
     """The .onnx cell on `provider` (the one the server reported), with the server's thread settings."""
-    providers = [CUDA, CPU] if provider == CUDA else [provider]
+    # The server's provider options (fp32 without TF32 on CUDA): the raw loop runs the same maths.
+    providers = [provider_entry(CUDA), CPU] if provider == CUDA else [provider]
     if provider == CUDA:
         try:
             ort.preload_dlls()

@@ -28,6 +28,10 @@ from server.structured_log import log_event
 
 DEVICES = ("auto", "cuda", "cpu")
 ALLOW_SPINNING_KEY = "session.intra_op.allow_spinning"
+# ONNX Runtime's CUDA provider computes fp32 MatMul in TF32 by default on Ampere and newer
+# GPUs: inputs rounded to a 10-bit mantissa, which put an H200's fp32 logits 1e-3 of their
+# scale away from PyTorch's (10x the fp32 tolerance). fp32 means fp32; fp16 is the fast variant.
+CUDA_PROVIDER_OPTIONS = {"use_tf32": "0"}
 
 logger = logging.getLogger("charstream.server")
 
@@ -124,6 +128,11 @@ def _probe_cuda_session() -> str:
     return ""
 
 
+def provider_entry(provider: str) -> str | tuple[str, dict[str, str]]:
+    """`provider` as an entry of InferenceSession's `providers` list (CUDA with CUDA_PROVIDER_OPTIONS)."""
+    return (CUDA, dict(CUDA_PROVIDER_OPTIONS)) if provider == CUDA else provider
+
+
 def cuda_available() -> bool:
     """True when ONNX Runtime can run on a CUDA device here (see cuda_unavailable_reason)."""
     return not cuda_unavailable_reason()
@@ -169,7 +178,7 @@ def _try_cuda(model: Path | bytes, threads: ThreadSettings) -> tuple[ort.Inferen
         return None, reason
     source = str(model) if isinstance(model, Path) else model
     try:
-        session = ort.InferenceSession(source, session_options(threads), providers=[CUDA, CPU])
+        session = ort.InferenceSession(source, session_options(threads), providers=[provider_entry(CUDA), CPU])
     except MODEL_LOAD_ERRORS:
         raise  # the file is at fault, not CUDA: the caller reports it as a bad model
     except Exception as exc:  # noqa: BLE001 - ORT raises plain RuntimeError/Fail here
