@@ -4,6 +4,7 @@
     out = runner.step(token_ids, slots, start_mask)   # [B] int64, [B] int64, [B] bool
     out.logits                                         # [B, V]
     out.inputs                                         # [L, B, H]: the states each row started from
+    runner.prefill(tokens, start, slot)                # [T] int64 -> [L, H]: the state after T known characters
 
 Each call feeds token_ids[i] to the session in slots[i] and stores the new
 state back in that slot. A row starts from the slot's pooled state, or, where
@@ -27,6 +28,7 @@ import onnxruntime as ort
 
 from server.engine.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_LOGITS
 from server.engine.model_dir import AUTO, ModelDirError, ModelFile, ModelSpec, choose_model_file, read_spec
+from server.engine.prefill_graph import INPUT_CHUNK, INPUT_CHUNK_START, build_prefill
 from server.engine.pooled_graph import (
     INPUT_KEEP,
     INPUT_POOL,
@@ -63,6 +65,18 @@ class ModelRunner:
     """Base: one batched step over pooled session states."""
 
     info: RunnerInfo
+    # The Loop graph that consumes known characters in one call (prefill_graph.py); None: not built.
+    prefill_session: ort.InferenceSession | None = None
+
+    def prefill(self, tokens: np.ndarray, start: np.ndarray | None, slot: int) -> np.ndarray:
+        """The state [L, H] after feeding tokens [T] to the session in `slot`, starting from `start`
+        [L, H] (None: the slot's pooled state). The pool is left as it was: the caller makes the
+        result the slot's next start state."""
+        assert self.prefill_session is not None, "prefill() without a prefill graph"
+        hidden = self.read_states(np.array([slot]))[:, 0, :] if start is None else start  # [L, H]
+        (final,) = self.prefill_session.run(None, {INPUT_CHUNK: np.ascontiguousarray(tokens, dtype=np.int64),
+                                                   INPUT_CHUNK_START: np.ascontiguousarray(hidden[:, None, :])})
+        return final[:, 0, :]  # [L, 1, H] -> [L, H]
 
     def step(
         self, token_ids: np.ndarray, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None
@@ -157,6 +171,20 @@ def build_device_runner(
     return DeviceStateRunner(session, info, device_type="cuda" if provider == CUDA else "cpu")
 
 
+def _prefill_session(model_file: ModelFile, spec: ModelSpec, device: str,
+                     threads: ThreadSettings) -> ort.InferenceSession | None:
+    """The prefill Loop around the served cell on the same provider, or None (prompts then go one
+    step per character, as every character did before)."""
+    import onnx  # only graph building needs it
+
+    try:
+        graph = build_prefill(onnx.load(str(model_file.path)), spec.num_layers, spec.hidden_size)
+        return create_session(graph.SerializeToString(), device, threads)
+    except Exception as exc:  # noqa: BLE001 - an optional speed-up: serve without it
+        log_event(logger, "prefill_unavailable", logging.WARNING, reason=str(exc).splitlines()[0])
+        return None
+
+
 def _open(path: Path, device: str, threads: ThreadSettings) -> ort.InferenceSession:
     """create_session, with a file ONNX Runtime cannot load reported as a bad model directory."""
     try:
@@ -225,6 +253,7 @@ def load_runner(
         runner = HostStateRunner(session, RunnerInfo(spec, model_file, provider, num_slots, states_on_device=False))
     else:
         del session  # replaced by the pooled graph on the same provider
+    runner.prefill_session = _prefill_session(model_file, spec, "cuda" if provider == CUDA else "cpu", threads)
     log_event(
         logger,
         "model_loaded",

@@ -40,8 +40,9 @@ if TYPE_CHECKING:
     import onnx
 
 
-def _check_wrappable(cell: onnx.ModelProto) -> None:
-    """Refuse a model the wrapper cannot extend: another interface, an old opset, clashing names."""
+def check_wrappable(cell: onnx.ModelProto, prefix: str = PREFIX) -> None:
+    """Refuse a model a wrapper cannot extend: another interface, an old opset, names clashing with
+    the wrapper's `prefix`."""
     graph = cell.graph
     if tuple(i.name for i in graph.input) != INPUT_NAMES:
         raise ModelDirError(f"the model's inputs are not {INPUT_NAMES}: cannot wrap it")
@@ -49,8 +50,8 @@ def _check_wrappable(cell: onnx.ModelProto) -> None:
     if opset < 13:
         raise ModelDirError(f"the model uses ONNX opset {opset}; wrapping it needs opset 13 or newer")
     taken = {n.name for n in graph.node} | {o for n in graph.node for o in n.output}
-    if any(name.startswith(PREFIX) for name in taken):
-        raise ModelDirError(f"the model already uses names starting with {PREFIX!r}")
+    if any(name.startswith(prefix) for name in taken):
+        raise ModelDirError(f"the model already uses names starting with {prefix!r}")
 
 
 def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hidden_size: int) -> onnx.ModelProto:
@@ -61,7 +62,7 @@ def build_pooled_step(cell: onnx.ModelProto, num_slots: int, num_layers: int, hi
     from onnx import TensorProto, helper
 
     graph = cell.graph
-    _check_wrappable(cell)
+    check_wrappable(cell)
 
     def name(suffix: str) -> str:
         return PREFIX + suffix
