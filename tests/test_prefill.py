@@ -101,7 +101,15 @@ def test_a_failed_prefill_fails_only_its_request(tiny_model_dir: Path) -> None:
     def failing(*args: object) -> np.ndarray:
         raise RuntimeError("simulated prefill failure")
 
-    engine.scheduler.runner.prefill = failing  # type: ignore[method-assign]
+    runner = engine.scheduler.runner
+    runner.prefill = failing  # type: ignore[method-assign]
+    real_step, step_sizes = runner.step, []
+
+    def recording_step(tokens: np.ndarray, *args: object) -> object:
+        step_sizes.append(len(tokens))
+        return real_step(tokens, *args)  # type: ignore[arg-type]
+
+    runner.step = recording_step  # type: ignore[method-assign]
     engine.start()
     try:
         async def scenario() -> tuple[str, str]:
@@ -118,3 +126,4 @@ def test_a_failed_prefill_fails_only_its_request(tiny_model_dir: Path) -> None:
     finally:
         engine.stop()
     assert other == onnx_loop(tiny_model_dir, "To be", 30, SamplingSettings(), seed=2)
+    assert step_sizes and 0 not in step_sizes  # the failed slot left no step of zero rows behind

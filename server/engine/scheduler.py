@@ -275,6 +275,8 @@ class Scheduler:
             return
         if len(ready) <= PREFILL_MAX_BATCH and self.runner.prefill_session is not None:
             ready = self._prefill(ready)
+            if not ready:  # its only slots failed in prefill: no step of zero rows
+                return
         if len(ready) > self.max_batch:
             ready.sort(key=lambda item: item[1].last_step)
             ready = ready[: self.max_batch]
