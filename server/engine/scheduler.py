@@ -44,7 +44,7 @@ logger = logging.getLogger("charstream.server")
 # (a prompt, nothing generated yet) consumes up to PREFILL_CHUNK of them in one Loop call, but only
 # while the step has at most PREFILL_MAX_BATCH rows. A Loop runs at batch 1: with many sessions
 # ingesting at once, their shared batched steps cost less per character. The chunk bounds how long
-# the other rows of the step wait (64 characters: ~4 ms int8, ~11 ms fp32 on a 2-core CPU).
+# the other rows of the step wait (64 characters: ~5 ms int8, ~13 ms fp32 on a 2-core CPU).
 PREFILL_MIN_CHARS = 16
 PREFILL_CHUNK = 64
 PREFILL_MAX_BATCH = 4
