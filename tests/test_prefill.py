@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from server.engine import scheduler as scheduler_module
+from server.engine import prefill as prefill_policy
 from server.engine.loop import Engine
 from server.engine.model_runner import load_runner
 from server.engine.prefill_graph import PREFIX, build_prefill
@@ -91,8 +91,8 @@ def test_text_after_a_prefilled_prompt_is_exactly_the_plain_loops(tiny_model_dir
     assert texts[1] == onnx_loop(tiny_model_dir, LONG_PROMPT[7:], 120, sampling, seed=12)
     if sampling.greedy:  # the third call continues session 0: its prompt follows the first call's text
         assert texts[2] == onnx_loop(tiny_model_dir, LONG_PROMPT + first + LONG_PROMPT, 80, sampling)
-    assert calls and max(calls) == scheduler_module.PREFILL_CHUNK
-    assert sum(calls) >= 3 * (len(LONG_PROMPT) - 1 - scheduler_module.PREFILL_CHUNK)
+    assert calls and max(calls) == prefill_policy.PREFILL_CHUNK
+    assert sum(calls) >= 3 * (len(LONG_PROMPT) - 1 - prefill_policy.PREFILL_CHUNK)
 
 
 def test_a_failed_prefill_fails_only_its_request(tiny_model_dir: Path) -> None:

@@ -32,22 +32,15 @@ import numpy as np
 from server.engine.generation import (CANCELLED, FINISHED_BY_REASON, LENGTH, SHUTDOWN, STOP, GenerationRequest,
                                       RequestStatus, StopMatcher, StreamEvent, recent_tail)
 from server.engine.model_runner import ModelRunner
+from server.engine.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.prefix_states import PrefixStates
 from server.engine.sampling import sample_batch, stream_key
 from server.sessions.prefix_cache import PrefixCache
-from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, refusal_of, restored,
+from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, prompt_progress, refusal_of,
+                                      restored,
                                       rewind, snapshot_of)
 
 logger = logging.getLogger("charstream.server")
-
-# Prefill (model_runner.prefill): a session with more than PREFILL_MIN_CHARS known characters queued
-# (a prompt, nothing generated yet) consumes up to PREFILL_CHUNK of them in one Loop call, but only
-# while the step has at most PREFILL_MAX_BATCH rows. A Loop runs at batch 1: with many sessions
-# ingesting at once, their shared batched steps cost less per character. The chunk bounds how long
-# the other rows of the step wait (64 characters: ~5 ms int8, ~13 ms fp32 on a 2-core CPU).
-PREFILL_MIN_CHARS = 16
-PREFILL_CHUNK = 64
-PREFILL_MAX_BATCH = 4
 
 
 class StepObserver(Protocol):
@@ -274,7 +267,7 @@ class Scheduler:
         if not ready:
             return
         if len(ready) <= PREFILL_MAX_BATCH and self.runner.prefill_session is not None:
-            ready = self._prefill(ready)
+            ready = prefill(self.runner, ready, lambda state, exc: self._fail([state], exc))
             if not ready:  # its only slots failed in prefill: no step of zero rows
                 return
         if len(ready) > self.max_batch:
@@ -315,41 +308,10 @@ class Scheduler:
                     if request.stepped - request.delivered >= lookahead or request.status is not generating:
                         own_window(request)
                 if request.status is not generating:
-                    self._prompt_progress(request, state)
+                    prompt_progress(request, state)
             if not state.pending:
                 state.logits = logits[row]  # [V]
         self.prefixes.capture(ready)
-
-    def _prefill(self, ready: list[tuple[int, SlotState]]) -> list[tuple[int, SlotState]]:
-        """Consume all but the last of a long run of known characters in one call per slot; the
-        last goes through the ordinary step below, which yields the logits and the prefix-cache
-        capture as for any prompt. Returns the slots still ready for that step."""
-        generating = RequestStatus.GENERATING
-        for slot, state in ready:
-            request = state.request
-            if len(state.pending) <= PREFILL_MIN_CHARS or (request is not None and request.status is generating):
-                continue  # a generating request's queue holds a sampled character: it steps with its window
-            count = min(len(state.pending) - 1, PREFILL_CHUNK)
-            tokens = np.fromiter((state.pending[i] for i in range(count)), np.int64, count)  # [T]
-            try:
-                state.start = self.runner.prefill(tokens, state.start, slot)  # [L, H]
-            except Exception as exc:  # noqa: BLE001 - as a failed step: this slot only
-                logger.exception("prefill failed")
-                self._fail([state], exc)
-                continue
-            for _ in range(count):
-                state.pending.popleft()
-            if request is not None:
-                self._prompt_progress(request, state)
-        return [(slot, state) for slot, state in ready if state.pending]
-
-    @staticmethod
-    def _prompt_progress(request: Request, state: SlotState) -> None:
-        """A step consumed one of the request's prompt characters (its status moves on)."""
-        if request.status is RequestStatus.WAITING:
-            request.status = RequestStatus.CONSUMING_PROMPT
-        if not state.pending and request.status is RequestStatus.CONSUMING_PROMPT:
-            request.status = RequestStatus.GENERATING
 
     def fail_running(self, exc: Exception) -> None:
         """An iteration failed outside the model step: end every running generation (their states

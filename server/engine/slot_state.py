@@ -73,6 +73,14 @@ class SlotState:
     capture: str | None = None  # prompt text whose state goes to the prefix cache once consumed
 
 
+def prompt_progress(request: Request, state: SlotState) -> None:
+    """A step (or a prefill) consumed some of the request's prompt characters: its status moves on."""
+    if request.status is RequestStatus.WAITING:
+        request.status = RequestStatus.CONSUMING_PROMPT
+    if not state.pending and request.status is RequestStatus.CONSUMING_PROMPT:
+        request.status = RequestStatus.GENERATING
+
+
 def rewind(state: SlotState, request: Request, m: int) -> None:
     """Return the session to the state after the first m generated characters."""
     state.position = request.start_position + (0 if request.spec.settings.greedy else m)
