@@ -28,7 +28,6 @@ import onnxruntime as ort
 
 from server.engine.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_LOGITS
 from server.engine.model_dir import AUTO, ModelDirError, ModelFile, ModelSpec, choose_model_file, read_spec
-from server.engine.prefill_graph import INPUT_CHUNK, INPUT_CHUNK_START, build_prefill
 from server.engine.pooled_graph import (
     INPUT_KEEP,
     INPUT_POOL,
@@ -38,6 +37,7 @@ from server.engine.pooled_graph import (
     OUTPUT_START_STATE,
     build_pooled_step,
 )
+from server.engine.prefill_graph import INPUT_CHUNK, INPUT_CHUNK_START, build_prefill
 from server.engine.providers import CPU, CUDA, MODEL_LOAD_ERRORS, ThreadSettings, create_session, expected_provider
 from server.engine.state_pool import DeviceStatePool, HostStatePool
 from server.structured_log import log_event

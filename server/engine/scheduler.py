@@ -37,8 +37,7 @@ from server.engine.prefix_states import PrefixStates
 from server.engine.sampling import sample_batch, stream_key
 from server.sessions.prefix_cache import PrefixCache
 from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, prompt_progress, refusal_of,
-                                      restored,
-                                      rewind, snapshot_of)
+                                      restored, rewind, snapshot_of)
 
 logger = logging.getLogger("charstream.server")
 
