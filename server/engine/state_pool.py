@@ -100,5 +100,7 @@ class DeviceStatePool:
         self.current, self.spare = self.spare, self.current
 
     def read(self, slots: np.ndarray) -> np.ndarray:
-        """States of `slots` copied to the host as [L, B, H] (tests and diagnostics only)."""
+        """States of `slots` copied to the host as [L, B, H]. Copies the whole pool: used for
+        snapshots, for the first prefill chunk of a session continuing from its pooled state (once
+        per new prompt, 4 MiB at 1024 default-size sessions), and by tests."""
         return np.ascontiguousarray(self.current.numpy()[slots].transpose(1, 0, 2))
