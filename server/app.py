@@ -166,7 +166,8 @@ def build_engine(config: ServerConfig, runner: ModelRunner | None,
     prefix_cache = PrefixCache(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
     if prefix_cache is not None:
         metrics.track_prefix_cache(prefix_cache)
-    engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead, prefix_cache=prefix_cache)
+    engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead, prefix_cache=prefix_cache,
+                    stretch=config.stretch)
     return engine, runner.info
 
 

@@ -37,7 +37,8 @@ class ServerConfig:
     # The thread defaults live in ThreadSettings (one place for the server and library callers).
     intra_op_threads: int = ThreadSettings.intra_op_threads
     allow_spinning: bool = ThreadSettings.allow_spinning
-    lookahead: int = 32
+    lookahead: int = 64
+    stretch: bool = True
     engine_process: bool = True
     coalesce_streams: int = 4
     prefix_cache_bytes: int = 64 * 1024 * 1024
@@ -69,7 +70,8 @@ class ServerConfig:
         from server.engine.process_child import EngineParams
 
         return EngineParams(self.model, self.variant, self.device, self.max_sessions, self.thread_settings(),
-                            self.max_batch, self.lookahead, self.prefix_cache_bytes, self.log_format, self.log_level)
+                            self.max_batch, self.lookahead, self.prefix_cache_bytes, self.log_format, self.log_level,
+                            self.stretch)
 
     def thread_settings(self) -> ThreadSettings:
         """The ONNX Runtime threading this configuration asks for (for load_runner)."""
@@ -101,6 +103,9 @@ HELP = {
     "--no-allow-spinning suits a shared machine",
     "lookahead": "most characters a stream is generated ahead of what was handed to its client; "
     "bounds each stream's memory",
+    "stretch": "a session stepping alone consumes its queued characters and, sampling with a plain temperature, "
+    "samples up to half the lookahead more in one model call, checked against the server's sampler; --no-stretch "
+    "steps it one character per call",
     "coalesce_streams": "under load, a stream's messages after its first wait for one character per this many "
     "running streams (at most half the lookahead): fewer, larger messages as load grows; 0 = send whatever is "
     "ready",
@@ -136,7 +141,7 @@ INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars"
             "lookahead", "coalesce_streams", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key",
             "max_streams_per_key", "max_message_bytes")
 FLOATS = ("session_ttl", "shutdown_grace", "lease_seconds")
-BOOLEANS = ("allow_spinning", "engine_process")
+BOOLEANS = ("allow_spinning", "engine_process", "stretch")
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
            "metrics_port": 0, "shutdown_grace": 0, "coalesce_streams": 0, "intra_op_threads": 0, "lookahead": 1,
            "prefix_cache_bytes": 0, "write_back_chars": 1, "max_sessions_per_key": 0, "max_streams_per_key": 0, "max_message_bytes": 4096}

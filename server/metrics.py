@@ -66,6 +66,11 @@ class ServerMetrics:
         self.prefix_cache_entries = Gauge(
             "charstream_prefix_cache_entries", "Texts held by the prefix-state cache.", registry=self.registry
         )
+        self.stretch_chars = Counter(
+            "charstream_stretch_chars", "Characters a lone stream's stretches sampled in one model call, by result "
+            "(kept; discarded: after a disagreement with the server's sampler, or past a stop string).",
+            ["result"], registry=self.registry,
+        )
         self.rpc_errors = Counter(
             "charstream_rpc_errors", "RPCs that ended with an error status, by method and code.",
             ["method", "code"], registry=self.registry,
@@ -89,6 +94,11 @@ class ServerMetrics:
         """Called on the engine thread after each prefix-cache lookup."""
         self.prefix_cache_lookups.labels(result="hit" if hit else "miss").inc()
         self.prefix_cache_skipped_chars.inc(skipped_chars)
+
+    def observe_stretch(self, sampled: int, kept: int) -> None:
+        """Called on the engine thread after each stretch (stretch.py)."""
+        self.stretch_chars.labels(result="kept").inc(kept)
+        self.stretch_chars.labels(result="discarded").inc(sampled - kept)
 
     def track_prefix_cache(self, cache: "PrefixCache") -> None:
         """Read the cache's size at scrape time (plain int reads: safe beside the engine thread)."""

@@ -155,7 +155,9 @@ def test_metrics_endpoint_exposes_the_counters(small_server: BackgroundServer, c
 
     assert grown("charstream_generated_chars_total") == 25
     assert grown(r'charstream_rpc_errors_total\{code="INVALID_ARGUMENT",method="Generate"\}') == 1
-    assert grown("charstream_step_seconds_count") >= 25  # one step per character, and the prompt's
+    # Every character is consumed by a step or inside a stretch (a lone stream's run of them in one call).
+    stretched = grown(r'charstream_stretch_chars_total\{result="kept"\}')
+    assert stretched > 0 and grown("charstream_step_seconds_count") + stretched >= 25
     assert grown("charstream_batch_size_count") == grown("charstream_step_seconds_count")
     assert grown(r'charstream_generations_finished_total\{reason="length"\}') == 1
     assert value(after, "charstream_active_streams") == 0

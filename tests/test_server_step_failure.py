@@ -33,7 +33,8 @@ def _server_whose_first_step_fails(tiny_model_dir: Path, message: str) -> Iterat
         return real_step(*args)
 
     runner.step = failing_step  # type: ignore[method-assign]
-    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2)
+    # Without stretches: a lone session's calls would go through the Loop graph, not the step.
+    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=2, stretch=False)
     with BackgroundServer(config, runner=runner) as server, grpc.insecure_channel(server.address) as channel:
         yield server, pb_grpc.GeneratorStub(channel)
 

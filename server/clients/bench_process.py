@@ -25,7 +25,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 
 # Log fields that describe how the server runs the model: copied into row 8 and
 # used for the raw loop's ONNX Runtime session options.
-SETTING_WORDS = ("thread", "spinning", "lookahead", "max_batch", "variant", "device", "engine", "coalesce")
+SETTING_WORDS = ("thread", "spinning", "lookahead", "max_batch", "variant", "device", "engine", "coalesce", "stretch")
 REDIS_SERVER = "redis-server"
 REDIS_START_SECONDS = 10.0
 REDIS_STOP_SECONDS = 5.0

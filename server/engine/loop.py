@@ -29,15 +29,15 @@ from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")
 
-DEFAULT_LOOKAHEAD = 32
+DEFAULT_LOOKAHEAD = 64
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, max_batch: int = 256, observer: StepObserver | None = None,
-                 lookahead: int = DEFAULT_LOOKAHEAD, prefix_cache: PrefixCache | None = None):
+                 lookahead: int = DEFAULT_LOOKAHEAD, prefix_cache: PrefixCache | None = None, stretch: bool = True):
         self.runner = runner
         self.vocab = Vocabulary(runner.info.spec.vocab)
-        self.scheduler = Scheduler(runner, max_batch, lookahead, observer, prefix_cache)  # engine thread only
+        self.scheduler = Scheduler(runner, max_batch, lookahead, observer, prefix_cache, stretch)  # engine thread only
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._ids = itertools.count(1)

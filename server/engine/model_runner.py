@@ -5,6 +5,7 @@
     out.logits                                         # [B, V]
     out.inputs                                         # [L, B, H]: the states each row started from
     runner.prefill(tokens, start, slot)                # [T] int64 -> [L, H]: the state after T known characters
+    runner.stretch_session                             # samples and steps K characters per call (stretch.py)
 
 Each call feeds token_ids[i] to the session in slots[i] and stores the new
 state back in that slot. A row starts from the slot's pooled state, or, where
@@ -21,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -38,9 +39,13 @@ from server.engine.pooled_graph import (
     build_pooled_step,
 )
 from server.engine.prefill_graph import INPUT_CHUNK, INPUT_CHUNK_START, build_prefill
+from server.engine.stretch_graph import build_stretch
 from server.engine.providers import CPU, CUDA, MODEL_LOAD_ERRORS, ThreadSettings, create_session, expected_provider
 from server.engine.state_pool import DeviceStatePool, HostStatePool
 from server.structured_log import log_event
+
+if TYPE_CHECKING:
+    import onnx
 
 logger = logging.getLogger("charstream.server")
 
@@ -67,6 +72,8 @@ class ModelRunner:
     info: RunnerInfo
     # The Loop graph that consumes known characters in one call (prefill_graph.py); None: not built.
     prefill_session: ort.InferenceSession | None = None
+    # The Loop graph that samples and consumes a lone stream's characters (stretch_graph.py); None: not built.
+    stretch_session: ort.InferenceSession | None = None
 
     def prefill(self, tokens: np.ndarray, start: np.ndarray | None, slot: int) -> np.ndarray:
         """The state [L, H] after feeding tokens [T] to the session in `slot`, starting from `start`
@@ -171,17 +178,17 @@ def build_device_runner(
     return DeviceStateRunner(session, info, device_type="cuda" if provider == CUDA else "cpu")
 
 
-def _prefill_session(model_file: ModelFile, spec: ModelSpec, device: str,
-                     threads: ThreadSettings) -> ort.InferenceSession | None:
-    """The prefill Loop around the served cell on the same provider, or None (prompts then go one
-    step per character, as every character did before)."""
+def _loop_session(what: str, build: Callable[[onnx.ModelProto], onnx.ModelProto], model_file: ModelFile,
+                  device: str, threads: ThreadSettings) -> ort.InferenceSession | None:
+    """A Loop graph around the served cell (prefill or stretch) on the same provider, or None: both
+    are optional speed-ups, and without them every character takes an ordinary step."""
     import onnx  # only graph building needs it
 
     try:
-        graph = build_prefill(onnx.load(str(model_file.path)), spec.num_layers, spec.hidden_size)
+        graph = build(onnx.load(str(model_file.path)))
         return create_session(graph.SerializeToString(), device, threads)
     except Exception as exc:  # noqa: BLE001 - an optional speed-up: serve without it
-        log_event(logger, "prefill_unavailable", logging.WARNING, reason=str(exc).splitlines()[0])
+        log_event(logger, f"{what}_unavailable", logging.WARNING, reason=str(exc).splitlines()[0])
         return None
 
 
@@ -253,7 +260,12 @@ def load_runner(
         runner = HostStateRunner(session, RunnerInfo(spec, model_file, provider, num_slots, states_on_device=False))
     else:
         del session  # replaced by the pooled graph on the same provider
-    runner.prefill_session = _prefill_session(model_file, spec, "cuda" if provider == CUDA else "cpu", threads)
+    loop_device = "cuda" if provider == CUDA else "cpu"
+    runner.prefill_session = _loop_session(
+        "prefill", lambda cell: build_prefill(cell, spec.num_layers, spec.hidden_size), model_file, loop_device, threads)
+    runner.stretch_session = _loop_session(
+        "stretch", lambda cell: build_stretch(cell, spec.num_layers, spec.hidden_size, spec.vocab_size), model_file,
+        loop_device, threads)
     log_event(
         logger,
         "model_loaded",

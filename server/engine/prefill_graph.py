@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from server.engine.loop_graph import copied_nodes, finished_model, loop_body
 from server.engine.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN
 from server.engine.pooled_graph import check_wrappable
 
@@ -47,7 +48,6 @@ def _needed_nodes(nodes: list, wanted: set[str]) -> list:
 
 def build_prefill(cell: onnx.ModelProto, num_layers: int, hidden_size: int) -> onnx.ModelProto:
     """The Loop graph around `cell` (the charstream step model): T known characters, one call."""
-    import onnx
     from onnx import TensorProto, helper
 
     check_wrappable(cell, PREFIX)
@@ -62,27 +62,12 @@ def build_prefill(cell: onnx.ModelProto, num_layers: int, hidden_size: int) -> o
         helper.make_node("Gather", [INPUT_CHUNK, name("iteration")], [name("token_scalar")], name=name("gather"), axis=0),
         helper.make_node("Unsqueeze", [name("token_scalar"), name("axis0")], [token], name=name("token")),  # [1]
     ]
-    for node in _needed_nodes(list(graph.node), {OUTPUT_HIDDEN}):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.input[:] = [renamed.get(value, value) for value in node.input]
-        body_nodes.append(copy)
-    body_nodes.append(helper.make_node("Identity", [name("cond_in")], [name("cond_out")], name=name("cond")))
+    body_nodes += copied_nodes(_needed_nodes(list(graph.node), {OUTPUT_HIDDEN}), renamed)
     state_shape = [num_layers, 1, hidden_size]
-    body = helper.make_graph(
-        body_nodes,
-        name("body"),
-        inputs=[
-            helper.make_tensor_value_info(name("iteration"), TensorProto.INT64, []),
-            helper.make_tensor_value_info(name("cond_in"), TensorProto.BOOL, []),
-            helper.make_tensor_value_info(hidden_in, TensorProto.FLOAT, state_shape),
-        ],
-        outputs=[
-            helper.make_tensor_value_info(name("cond_out"), TensorProto.BOOL, []),
-            helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, state_shape),
-        ],
-        initializer=[helper.make_tensor(name("axis0"), TensorProto.INT64, [1], [0])],
-    )
+    body = loop_body(name, body_nodes,
+                     carried=[helper.make_tensor_value_info(hidden_in, TensorProto.FLOAT, state_shape)],
+                     outputs=[helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, state_shape)],
+                     initializer=[helper.make_tensor(name("axis0"), TensorProto.INT64, [1], [0])])
     used = {value for node in body_nodes for value in node.input}
     outer = [
         helper.make_node("Shape", [INPUT_CHUNK], [name("length1")], name=name("length1")),  # [1]
@@ -101,8 +86,4 @@ def build_prefill(cell: onnx.ModelProto, num_layers: int, hidden_size: int) -> o
         initializer=[i for i in graph.initializer if i.name in used]  # the head's weights stay out
         + [helper.make_tensor(name("true"), TensorProto.BOOL, [], [True])],
     )
-    model = helper.make_model(wrapped, opset_imports=cell.opset_import, producer_name="charstream-server")
-    model.ir_version = cell.ir_version
-    model.functions.extend(cell.functions)
-    onnx.checker.check_model(model)
-    return model
+    return finished_model(wrapped, cell)

@@ -57,8 +57,11 @@ class PrefixStates:
         done = [(slot, state) for slot, state in stepped if state.capture is not None and not state.pending]
         if not done:
             return
-        hidden = self._runner.read_states(np.array([slot for slot, _ in done]))  # [L, C, H]
-        for column, (_, state) in enumerate(done):
+        # A state consumed outside the pool (a lone session's Loop call, stretch.py) is its start state.
+        columns = {slot: column for column, slot in enumerate(slot for slot, state in done if state.start is None)}
+        hidden = self._runner.read_states(np.array(list(columns))) if columns else None  # [L, C, H]
+        for slot, state in done:
             assert state.capture is not None and state.logits is not None
-            self.cache.insert(state.capture, hidden[:, column, :], state.logits)
+            kept = state.start if state.start is not None else hidden[:, columns[slot], :]  # type: ignore[index]
+            self.cache.insert(state.capture, kept, state.logits)
             state.capture = None

@@ -253,6 +253,8 @@ class EngineProcess:
                 self._observer.observe_lookahead(*values)
             elif kind == "prefix":
                 self._observer.observe_prefix_cache(*values, self.prefix_cache)  # type: ignore[arg-type]
+            elif kind == "stretch":
+                self._observer.observe_stretch(*values)
 
     def _settle_snapshot(self, token: int, result: SlotSnapshot | None,
                          error: tuple[str, str] | Exception | None) -> None:

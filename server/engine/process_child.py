@@ -73,6 +73,7 @@ class EngineParams:
     prefix_cache_bytes: int
     log_format: str = "kv"
     log_level: str = "info"
+    stretch: bool = True
 
 
 class Observations:
@@ -90,6 +91,9 @@ class Observations:
     def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: PrefixCache) -> None:
         self.pending.append(("prefix", hit, skipped_chars))
 
+    def observe_stretch(self, sampled: int, kept: int) -> None:
+        self.pending.append(("stretch", sampled, kept))
+
 
 def engine_main(sock: socket.socket, params: EngineParams) -> None:
     """The child process's entry point."""
@@ -103,7 +107,7 @@ def engine_main(sock: socket.socket, params: EngineParams) -> None:
         return
     cache = PrefixCache(params.prefix_cache_bytes) if params.prefix_cache_bytes > 0 else None
     observations = Observations()
-    scheduler = Scheduler(runner, params.max_batch, params.lookahead, observations, cache)
+    scheduler = Scheduler(runner, params.max_batch, params.lookahead, observations, cache, params.stretch)
     pipe.send(("ready", runner.info))
     ChildLoop(pipe, scheduler, observations, cache).run()
 
@@ -210,7 +214,9 @@ class ChildLoop:
         # next iteration to last as long as the last one: a long step never holds characters.
         plain = all(event.is_plain_text for _, event in events)
         awaiting = self._awaiting_first
-        if (not force and plain and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
+        # A stretch's event (several characters from one call) is as large as holding would make it.
+        single = plain and all(len(event.text) == 1 for _, event in events)
+        if (not force and single and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
                 and not (awaiting and any(rid in awaiting for rid, _ in events))):
             return
         self.scheduler.events = []

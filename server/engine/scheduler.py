@@ -38,6 +38,7 @@ from server.engine.sampling import sample_batch, stream_key
 from server.sessions.prefix_cache import PrefixCache
 from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, prompt_progress, refusal_of,
                                       restored, rewind, snapshot_of)
+from server.engine.stretch import step_alone
 
 logger = logging.getLogger("charstream.server")
 
@@ -46,17 +47,20 @@ class StepObserver(Protocol):
     def observe_step(self, batch_size: int, seconds: float) -> None: ...
     def observe_lookahead(self, total: int, most: int) -> None: ...
     def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: PrefixCache) -> None: ...
+    def observe_stretch(self, sampled: int, kept: int) -> None: ...
 
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, max_batch: int, lookahead: int, observer: StepObserver | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, stretch: bool = True):
         if max_batch <= 0 or lookahead <= 0:
             raise ValueError(f"max_batch and lookahead must be positive, got {max_batch} and {lookahead}")
         self.runner = runner
         self.chars = runner.info.spec.vocab
         self.max_batch = max_batch
         self.lookahead = lookahead
+        # A lone session consumes its queue, and samples ahead, in one model call (stretch.py).
+        self.stretch = stretch and runner.stretch_session is not None
         self._observer = observer
         self.prefixes = PrefixStates(prefix_cache, runner, observer)
         spec = runner.info.spec
@@ -246,6 +250,9 @@ class Scheduler:
                 events.append((request.id, self._finishing_event(request, token)))
             else:
                 events.append((request.id, text_events[token]))  # one shared immutable event per character
+        self._observe_lookahead()
+
+    def _observe_lookahead(self) -> None:
         if self._observer is not None:
             ahead = [len(r.tokens) - r.delivered for r in self.requests.values()]
             self._observer.observe_lookahead(sum(ahead), max(ahead, default=0))
@@ -269,6 +276,8 @@ class Scheduler:
             ready = prefill(self.runner, ready, lambda state, exc: self._fail([state], exc))
             if not ready:  # its only slots failed in prefill: no step of zero rows
                 return
+        if len(ready) == 1 and self.stretch and self._stepped_alone(*ready[0]):
+            return
         if len(ready) > self.max_batch:
             ready.sort(key=lambda item: item[1].last_step)
             ready = ready[: self.max_batch]
@@ -311,6 +320,24 @@ class Scheduler:
             if not state.pending:
                 state.logits = logits[row]  # [V]
         self.prefixes.capture(ready)
+
+    def _stepped_alone(self, slot: int, state: SlotState) -> bool:
+        """The lone ready session's call through the Loop graph (stretch.step_alone); False leaves it
+        to the ordinary step."""
+        request = state.request
+        try:
+            stepped, event = step_alone(self.runner, slot, state, self.lookahead, self.chars, self._observer)
+        except Exception as exc:  # noqa: BLE001 - as a failed step: this session only
+            logger.exception("model step failed")
+            self._fail([state], exc)
+            return True
+        if not stepped:
+            return False
+        state.last_step = self._iteration
+        if event is not None and request is not None:
+            self.events.append((request.id, event))
+        self.prefixes.capture([(slot, state)])
+        return True
 
     def fail_running(self, exc: Exception) -> None:
         """An iteration failed outside the model step: end every running generation (their states

@@ -1,0 +1,193 @@
+"""A lone session's model calls: its queued characters, then a stretch of sampled ones, in one call.
+
+With one session stepping and nothing else waiting, every character used to
+cost an engine iteration: sample one row in NumPy, one model call,
+bookkeeping. On a fast CPU that Python costs half as much again as the model
+step. So a lone session's step goes through the Loop graph of
+stretch_graph.py instead: one ONNX Runtime call consumes the F characters it
+has queued (its prompt, or the character just sampled) and then, for a
+request sampling with a plain temperature, K more that the graph samples with
+the session's own random numbers, so the text is the one single steps give:
+
+  - the graph returns the logits each character was drawn from; NumPy
+    re-samples all K rows in one pass (sampling.sample_uncut, the server's
+    sampler) and the stretch is kept only up to the first disagreement (ONNX
+    Runtime's Exp may round differently from NumPy's). The session is left
+    with the logits of the disputed character, which the ordinary sampler
+    then draws;
+  - every consumed generated character's input state goes to the request's
+    undo window, as a step's would: undoing undelivered characters works
+    unchanged;
+  - stop strings and max_chars are checked on the kept characters; the
+    session's state is the one after the last character kept.
+
+All of a lone session's calls going to one graph also keeps one copy of the
+weights warm in the caches (each ONNX Runtime session packs its own).
+
+K is at most half the lookahead, so one stretch is written to the client
+while the next is computed, and grows 1, 1, 2, 4, ... with the characters
+generated, so the first ones leave as soon as single steps would send them.
+A prompt is consumed without sampling (K = 0): its first character is drawn
+by the ordinary sampler and sent before anything else runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import TYPE_CHECKING, NamedTuple, Sequence
+
+import numpy as np
+
+from server.engine.generation import FINISHED_BY_REASON, LENGTH, STOP, RequestStatus, StreamEvent
+from server.engine.model_runner import ModelRunner
+from server.engine.sampling import sample_uncut, uniforms_at
+from server.engine.slot_state import Request, SlotState, own_window, prompt_progress
+from server.engine.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
+                                         INPUT_UNIFORMS)
+
+if TYPE_CHECKING:
+    from server.engine.scheduler import StepObserver
+
+FORCED_MAX = 64  # most queued characters one call consumes (bounds how long a newly arriving session waits)
+
+
+class LoopOutput(NamedTuple):
+    forced_inputs: np.ndarray  # [F, L, H]: the state before each queued character
+    tokens: np.ndarray  # [K] int64: the characters the graph sampled
+    inputs: np.ndarray  # [K, L, H]: the state before consuming each
+    drawn: np.ndarray  # [K, V]: the logits each was drawn from
+    final_logits: np.ndarray  # [V] after the last character
+    final: np.ndarray  # [L, H] after the last character
+
+
+def stretch_length(request: Request, lookahead: int) -> int:
+    """How many characters the request's next stretch may sample: within its lookahead room, no
+    further than max_chars, at most as many as it has generated (a ramp: 1, 1, 2, 4, ...), and
+    with the generated character it consumes first, at most half the lookahead: then the call
+    after this one has room as soon as the client took the characters of the call before, while
+    this call's are still being written (a full lookahead per call would wait for every ack)."""
+    generated = len(request.tokens)
+    room = lookahead - (generated - request.delivered)
+    unconsumed = generated - request.stepped  # sampled, consumed first by the same call
+    return max(0, min(room, lookahead // 2 - unconsumed, request.spec.max_chars - generated, max(1, generated)))
+
+
+def plan(state: SlotState, lookahead: int) -> tuple[list[int], int]:
+    """(queued characters to consume, characters to sample after them) for a lone session's call.
+    Sampling needs a request generating with a plain temperature whose queue holds only its
+    sampled character (a prompt's first character is drawn outside, and sent first)."""
+    forced = list(itertools.islice(state.pending, FORCED_MAX))
+    request = state.request
+    if (request is None or not request.plain or request.status is not RequestStatus.GENERATING
+            or len(forced) != len(state.pending)):
+        return forced, 0
+    return forced, stretch_length(request, lookahead)
+
+
+def stretch_uniforms(state: SlotState, count: int) -> np.ndarray:
+    """The session's next `count` random numbers: [K] float64."""
+    return uniforms_at(np.full(count, state.key, np.uint64), state.position + np.arange(count, dtype=np.uint64))
+
+
+def run_loop(runner: ModelRunner, slot: int, state: SlotState, forced: list[int], uniforms: np.ndarray,
+             temperature: float) -> LoopOutput:
+    """Consume `forced` and then sample and consume len(uniforms) characters, in one call."""
+    assert runner.stretch_session is not None
+    spec = runner.info.spec
+    hidden = runner.read_states(np.array([slot]))[:, 0, :] if state.start is None else state.start  # [L, H]
+    logits = state.logits if state.logits is not None and not forced else np.zeros(spec.vocab_size, np.float32)
+    tokens, inputs, drawn, final_logits, final = runner.stretch_session.run(None, {
+        INPUT_FORCED: np.array(forced, np.int64),  # [F]
+        INPUT_STRETCH_LOGITS: np.ascontiguousarray(logits[None, :], dtype=np.float32),  # [1, V]
+        INPUT_STRETCH_START: np.ascontiguousarray(hidden[:, None, :], dtype=np.float32),  # [L, 1, H]
+        INPUT_UNIFORMS: uniforms,  # [K] float64
+        INPUT_TEMPERATURE: np.array([temperature], np.float64),  # [1]
+    })
+    # [F + K, 1], [F + K, L, 1, H], [F + K, 1, V], [1, V], [L, 1, H]: batch axis dropped, split at F
+    f = len(forced)
+    return LoopOutput(inputs[:f, :, 0, :], tokens[f:, 0], inputs[f:, :, 0, :], drawn[f:, 0, :], final_logits[0],
+                      final[:, 0, :])
+
+
+def agreed_length(output: LoopOutput, uniforms: np.ndarray, temperature: float) -> int:
+    """How many of the sampled characters, from the first, the server's NumPy sampler picks too."""
+    expected = sample_uncut(output.drawn, np.full(len(uniforms), temperature), uniforms)  # [K]
+    disagree = np.flatnonzero(expected != output.tokens)
+    return int(disagree[0]) if disagree.size else len(uniforms)
+
+
+def take_forced(state: SlotState, output: LoopOutput, lookahead: int) -> None:
+    """The queued characters were consumed, as ordinary steps would have: generated ones keep
+    their input states for undoing, prompts move their request on."""
+    request = state.request
+    for k in range(len(output.forced_inputs)):
+        state.pending.popleft()
+        if request is not None and request.stepped < len(request.tokens):
+            request.stepped += 1
+            request.window[request.stepped] = output.forced_inputs[k]  # [L, H], a view of the call's output
+            if request.stepped - request.delivered >= lookahead or request.status is not RequestStatus.GENERATING:
+                own_window(request)  # as after a step: a stalled or finished request pins only its own rows
+    if request is not None and request.status is not RequestStatus.GENERATING:
+        prompt_progress(request, state)
+    state.start = output.final  # the pool is not written: this state overrides it
+    state.logits = None if state.pending else output.final_logits
+
+
+def keep_stretch(request: Request, state: SlotState, output: LoopOutput, agreed: int, chars: Sequence[str],
+                 lookahead: int) -> StreamEvent | None:
+    """Make the first `agreed` sampled characters the request's (fewer if one completes a stop
+    string), as if each had been sampled and stepped singly; the session's state becomes the one
+    after the last kept. Returns their event (None when none is kept)."""
+    text, finish, matched = [], None, None
+    for token in output.tokens[:agreed].tolist():
+        text.append(chars[token])
+        matched = request.matcher.push(chars[token]) if request.matcher.stops else None
+        if matched is not None:
+            finish = STOP
+            break
+    kept = len(text)
+    if kept < len(output.tokens):  # the state after the last kept character is the next one's input
+        state.start, state.logits = output.inputs[kept], output.drawn[kept]
+    if kept == 0:
+        return None
+    generated = request.tokens
+    assert request.stepped == len(generated), "a stretch starts with every generated character consumed"
+    for k in range(kept):  # window[j] = the state before consuming generated char j (1-based)
+        request.window[len(generated) + k + 1] = output.inputs[k]  # [L, H], a view of the call's output
+    generated.extend(output.tokens[:kept].tolist())
+    request.stepped = len(generated)
+    state.position += kept
+    if finish is None and len(generated) >= request.spec.max_chars:
+        finish = LENGTH
+    if finish is not None:
+        request.status = FINISHED_BY_REASON[finish]
+    if request.stepped - request.delivered >= lookahead or finish is not None:
+        own_window(request)
+    return StreamEvent(text="".join(text), finish=finish, matched_stop=matched or "")
+
+
+def step_alone(runner: ModelRunner, slot: int, state: SlotState, lookahead: int, chars: Sequence[str],
+               observer: StepObserver | None) -> tuple[bool, StreamEvent | None]:
+    """The lone ready session's call: its queued characters and, when it may, a stretch. Returns
+    (whether it ran, the event of the characters it kept); (False, None) when there are fewer than
+    two characters to consume or sample (a step call costs less than a Loop call). Raises what the
+    model call raised, the session untouched."""
+    forced, count = plan(state, lookahead)
+    if len(forced) + count < 2:
+        return False, None
+    request = state.request
+    temperature = request.spec.settings.temperature if count and request is not None else 1.0
+    uniforms = stretch_uniforms(state, count)  # [K]
+    started = time.perf_counter()
+    output = run_loop(runner, slot, state, forced, uniforms, temperature)
+    if observer is not None:
+        observer.observe_step(1, time.perf_counter() - started)
+    take_forced(state, output, lookahead)
+    if not count:
+        return True, None
+    assert request is not None
+    event = keep_stretch(request, state, output, agreed_length(output, uniforms, temperature), chars, lookahead)
+    if observer is not None:
+        observer.observe_stretch(count, len(event.text) if event is not None else 0)
+    return True, event

@@ -1,0 +1,177 @@
+"""Wrap the single-step cell in a Loop that consumes known characters, then samples and consumes more.
+
+A lone stream spends more time per character in the engine's Python (sampling
+one row, bookkeeping, a model call) than in the model step itself on a fast
+CPU. One call of this graph consumes the F characters already queued (a prompt,
+or the character just sampled) and then K more it samples itself:
+
+    inputs:  charstream_stretch.forced int64 [F]          known characters, consumed first
+             charstream_stretch.logits float32 [1, V]   the logits to draw from when F = 0
+             charstream_stretch.start float32 [L, 1, H]   the state before the first character
+             charstream_stretch.uniforms float64 [K]      the session's random numbers, one per sampled character
+             charstream_stretch.temperature float64 [1]
+    outputs: charstream_stretch.tokens int64 [F + K, 1]        every character consumed (forced, then sampled)
+             charstream_stretch.inputs float32 [F + K, L, 1, H] the state before consuming each (undo window)
+             charstream_stretch.drawn float32 [F + K, 1, V]    the logits before each (a sampled one's were drawn from)
+             charstream_stretch.final_logits float32 [1, V], charstream_stretch.final float32 [L, 1, H]
+
+    logits, h = logits0, start
+    for i in range(F + K):                                # an ONNX Loop; the body holds the cell's nodes
+        if i < F:
+            token = forced[i]
+        else:                                             # float64, as sampling.choose_token's plain branch
+            w = exp(logits / T - max(logits / T))
+            token = min(count(cumsum(w) <= uniforms[i - F] * sum(w)), V - 1)
+        logits, h = cell(token, h)
+
+The sampling is choose_token's plain branch, operation for operation, in
+float64. ONNX Runtime's Exp need not round exactly as NumPy's does, so the
+engine does not trust these tokens: it re-samples every sampled row of `drawn`
+with the NumPy sampler in one pass and keeps the stretch only up to the first
+disagreement (stretch.py). The cell runs on exactly the shapes of a batch-1
+step, so the states equal those of single steps. (The sampling nodes run on
+forced iterations too, their result unused: a few small ops, cheaper than a
+second graph.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.engine.loop_graph import copied_nodes, finished_model, loop_body
+from server.engine.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.pooled_graph import check_wrappable
+
+if TYPE_CHECKING:
+    import onnx
+
+PREFIX = "charstream_stretch."
+INPUT_FORCED = PREFIX + "forced"
+INPUT_STRETCH_LOGITS = PREFIX + "logits"
+INPUT_STRETCH_START = PREFIX + "start"
+INPUT_UNIFORMS = PREFIX + "uniforms"
+INPUT_TEMPERATURE = PREFIX + "temperature"
+OUTPUT_TOKENS = PREFIX + "tokens"
+OUTPUT_INPUTS = PREFIX + "inputs"
+OUTPUT_DRAWN = PREFIX + "drawn"
+OUTPUT_FINAL_LOGITS = PREFIX + "final_logits"
+OUTPUT_FINAL = PREFIX + "final"
+
+
+def _choosing_nodes(name, helper, vocab_size: int) -> tuple[list, list]:  # noqa: ANN001 - onnx helpers, lazily imported
+    """Nodes giving token [1] int64 for iteration i: forced[i] while i < F, else drawn from logits_in [1, V]
+    with uniforms[i - F] as choose_token's plain branch. Forced and uniforms are padded with one entry
+    so that both gathers are valid whichever branch is taken (F or K may be 0)."""
+    node = helper.make_node
+    return [
+        # Which character: forced[min(i, F)] of the padded forced list, or the sampled one.
+        node("Less", [name("iteration"), name("forced_count")], [name("is_forced")], name=name("is_forced")),  # []
+        node("Min", [name("iteration"), name("forced_count")], [name("forced_index")], name=name("forced_index")),
+        node("Gather", [name("forced_padded"), name("forced_index")], [name("forced_scalar")], name=name("forced_at"),
+             axis=0),  # []
+        node("Sub", [name("iteration"), name("forced_count")], [name("sample_offset")], name=name("sample_offset")),
+        node("Max", [name("sample_offset"), name("zero")], [name("sample_index")], name=name("sample_index")),
+        node("Gather", [name("uniforms_padded"), name("sample_index")], [name("u")], name=name("u"), axis=0),  # []
+        # The draw: softmax(logits / T) in float64, inverse CDF in token-id order.
+        node("Cast", [name("logits_in")], [name("logits64")], name=name("logits64"), to=11),  # [1, V] float64
+        node("Div", [name("logits64"), INPUT_TEMPERATURE], [name("scaled")], name=name("scaled")),
+        node("ReduceMax", [name("scaled")], [name("max")], name=name("max"), axes=[1], keepdims=1),  # [1, 1]
+        node("Sub", [name("scaled"), name("max")], [name("shifted")], name=name("shifted")),
+        node("Exp", [name("shifted")], [name("weights")], name=name("weights")),  # [1, V], max = 1
+        node("CumSum", [name("weights"), name("axis1")], [name("cdf")], name=name("cdf")),  # [1, V]
+        # The cdf never decreases, so its max is its last entry: the total, as choose_token's cdf[-1].
+        node("ReduceMax", [name("cdf")], [name("total")], name=name("total"), axes=[1], keepdims=1),  # [1, 1]
+        node("Mul", [name("u"), name("total")], [name("target")], name=name("target")),  # [1, 1]
+        node("LessOrEqual", [name("cdf"), name("target")], [name("below")], name=name("below")),  # [1, V]
+        node("Cast", [name("below")], [name("below64")], name=name("below64"), to=7),
+        node("ReduceSum", [name("below64"), name("axis1")], [name("count")], name=name("count"), keepdims=0),  # [1]
+        node("Min", [name("count"), name("last")], [name("sampled")], name=name("sampled")),  # [1] int64
+        node("Unsqueeze", [name("forced_scalar"), name("axis0")], [name("forced_token")], name=name("forced_token")),
+        node("Where", [name("is_forced"), name("forced_token"), name("sampled")], [name("token")], name=name("token")),
+    ], [
+        helper.make_tensor(name("axis0"), 7, [1], [0]),
+        helper.make_tensor(name("axis1"), 7, [1], [1]),
+        helper.make_tensor(name("zero"), 7, [], [0]),
+        helper.make_tensor(name("last"), 7, [1], [vocab_size - 1]),
+    ]
+
+
+def build_stretch(cell: onnx.ModelProto, num_layers: int, hidden_size: int, vocab_size: int) -> onnx.ModelProto:
+    """The Loop around `cell` (the charstream step model): F known and K sampled characters, one call."""
+    from onnx import TensorProto, helper
+
+    check_wrappable(cell, PREFIX)
+    graph = cell.graph
+
+    def name(suffix: str) -> str:
+        return PREFIX + suffix
+
+    hidden_in = name("hidden_in")
+    renamed = {INPUT_TOKENS: name("token"), INPUT_HIDDEN: hidden_in}
+    body_nodes, constants = _choosing_nodes(name, helper, vocab_size)
+    body_nodes += copied_nodes(list(graph.node), renamed)
+    body_nodes += [
+        # Scan outputs: what this iteration started from, kept for the engine's check and undo.
+        helper.make_node("Identity", [hidden_in], [name("input_state")], name=name("input_state")),
+        helper.make_node("Identity", [name("logits_in")], [name("drawn")], name=name("drawn")),
+    ]
+    state_shape = [num_layers, 1, hidden_size]
+    logits_shape = [1, vocab_size]
+    body = loop_body(
+        name,
+        body_nodes,
+        carried=[
+            helper.make_tensor_value_info(hidden_in, TensorProto.FLOAT, state_shape),
+            helper.make_tensor_value_info(name("logits_in"), TensorProto.FLOAT, logits_shape),
+        ],
+        outputs=[
+            helper.make_tensor_value_info(OUTPUT_HIDDEN, TensorProto.FLOAT, state_shape),
+            helper.make_tensor_value_info(OUTPUT_LOGITS, TensorProto.FLOAT, logits_shape),
+            helper.make_tensor_value_info(name("token"), TensorProto.INT64, [1]),
+            helper.make_tensor_value_info(name("input_state"), TensorProto.FLOAT, state_shape),
+            helper.make_tensor_value_info(name("drawn"), TensorProto.FLOAT, logits_shape),
+        ],
+        initializer=constants,
+    )
+    outer = [
+        helper.make_node("Shape", [INPUT_FORCED], [name("forced_count1")], name=name("forced_count1")),  # [1]
+        helper.make_node("Squeeze", [name("forced_count1")], [name("forced_count")], name=name("forced_count")),
+        helper.make_node("Shape", [INPUT_UNIFORMS], [name("sampled_count1")], name=name("sampled_count1")),  # [1]
+        helper.make_node("Add", [name("forced_count1"), name("sampled_count1")], [name("length1")], name=name("length1")),
+        helper.make_node("Squeeze", [name("length1")], [name("length")], name=name("length")),  # [] = F + K
+        helper.make_node("Concat", [INPUT_FORCED, name("pad_token")], [name("forced_padded")], name=name("forced_pad"),
+                         axis=0),  # [F + 1]
+        helper.make_node("Concat", [INPUT_UNIFORMS, name("pad_uniform")], [name("uniforms_padded")],
+                         name=name("uniforms_pad"), axis=0),  # [K + 1]
+        helper.make_node(
+            "Loop",
+            [name("length"), name("true"), INPUT_STRETCH_START, INPUT_STRETCH_LOGITS],
+            [OUTPUT_FINAL, OUTPUT_FINAL_LOGITS, OUTPUT_TOKENS, OUTPUT_INPUTS, OUTPUT_DRAWN],
+            name=name("loop"),
+            body=body,
+        ),
+    ]
+    wrapped = helper.make_graph(
+        outer,
+        graph.name + "_stretch",
+        inputs=[
+            helper.make_tensor_value_info(INPUT_FORCED, TensorProto.INT64, ["forced"]),
+            helper.make_tensor_value_info(INPUT_STRETCH_LOGITS, TensorProto.FLOAT, logits_shape),
+            helper.make_tensor_value_info(INPUT_STRETCH_START, TensorProto.FLOAT, state_shape),
+            helper.make_tensor_value_info(INPUT_UNIFORMS, TensorProto.DOUBLE, ["stretch"]),
+            helper.make_tensor_value_info(INPUT_TEMPERATURE, TensorProto.DOUBLE, [1]),
+        ],
+        outputs=[
+            helper.make_tensor_value_info(OUTPUT_TOKENS, TensorProto.INT64, ["steps", 1]),
+            helper.make_tensor_value_info(OUTPUT_INPUTS, TensorProto.FLOAT, ["steps", *state_shape]),
+            helper.make_tensor_value_info(OUTPUT_DRAWN, TensorProto.FLOAT, ["steps", *logits_shape]),
+            helper.make_tensor_value_info(OUTPUT_FINAL_LOGITS, TensorProto.FLOAT, logits_shape),
+            helper.make_tensor_value_info(OUTPUT_FINAL, TensorProto.FLOAT, state_shape),
+        ],
+        initializer=list(graph.initializer) + [
+            helper.make_tensor(name("true"), TensorProto.BOOL, [], [True]),
+            helper.make_tensor(name("pad_token"), TensorProto.INT64, [1], [0]),
+            helper.make_tensor(name("pad_uniform"), TensorProto.DOUBLE, [1], [0.0]),
+        ],
+    )
+    return finished_model(wrapped, cell)

@@ -1,0 +1,261 @@
+"""Stretches: a lone stream's characters sampled and consumed in one model call (server/engine/stretch.py).
+
+A stretch must be invisible: the same text as single steps (tests/plain_loop.py),
+the same states bit for bit, exact undo of what was never delivered, stop
+strings and max_chars where single steps put them, and a disagreement between
+the graph's sampler and NumPy's redrawn by NumPy. Each test also checks that
+stretches really ran (the observer counts their characters), so none of them
+passes by falling back to single steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from server.engine.generation import LENGTH, STOP, GenerationRequest
+from server.engine.loop import Engine
+from server.engine.model_runner import ModelRunner, load_runner
+from server.engine.sampling import SamplingSettings, sample_uncut, stream_key
+from server.engine.slot_state import Request, SlotState
+from server.engine.stretch_graph import INPUT_FORCED
+from server.engine.stretch import agreed_length, run_loop, stretch_length, stretch_uniforms
+from tests.devices import SERVING_DEVICES
+from tests.plain_loop import onnx_loop
+from tests.test_server_engine import collect, request
+
+
+class StretchCounts:
+    """A StepObserver that counts the characters stretches sampled and kept."""
+
+    def __init__(self) -> None:
+        self.sampled = self.kept = self.stretches = 0
+
+    def observe_step(self, batch_size: int, seconds: float) -> None:
+        pass
+
+    def observe_lookahead(self, total: int, most: int) -> None:
+        pass
+
+    def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: object) -> None:
+        pass
+
+    def observe_stretch(self, sampled: int, kept: int) -> None:
+        self.stretches += 1
+        self.sampled += sampled
+        self.kept += kept
+
+
+def start_engine(runner: ModelRunner, lookahead: int = 32, stretch: bool = True) -> tuple[Engine, StretchCounts]:
+    counts = StretchCounts()
+    engine = Engine(runner, max_batch=4, observer=counts, lookahead=lookahead, stretch=stretch)
+    engine.start()
+    return engine, counts
+
+
+@pytest.fixture(params=SERVING_DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def engine(tiny_model_dir: Path, device: str) -> Iterator[tuple[Engine, StretchCounts]]:
+    engine, counts = start_engine(load_runner(tiny_model_dir, device=device, num_slots=8))
+    yield engine, counts
+    engine.stop()
+
+
+def test_a_loop_call_equals_single_steps_bit_for_bit(tiny_model_dir: Path, device: str) -> None:
+    """Queued characters, then sampled ones: the graph's characters are the NumPy sampler's, and every
+    state and logits it returns are the single steps'."""
+    runner = load_runner(tiny_model_dir, device=device, num_slots=2)
+    assert runner.stretch_session is not None
+    spec = runner.info.spec
+    zeros = np.zeros((spec.num_layers, spec.hidden_size), np.float32)
+    forced = [3, 1, 4, 1, 5]
+    state = SlotState(key=stream_key(11), start=zeros)
+    uniforms = stretch_uniforms(state, 24)  # [K]
+    output = run_loop(runner, 0, state, forced, uniforms, 0.8)
+    assert np.array_equal(output.tokens, sample_uncut(output.drawn, np.full(24, 0.8), uniforms))
+    assert agreed_length(output, uniforms, 0.8) == 24
+    first = True
+    for k, token in enumerate(forced + output.tokens.tolist()):  # the same characters, stepped singly
+        before = runner.read_states(np.array([0]))[:, 0, :] if not first else zeros
+        if k < len(forced):
+            assert np.array_equal(output.forced_inputs[k], before)
+        else:
+            assert np.array_equal(output.inputs[k - len(forced)], before)
+            assert np.array_equal(output.drawn[k - len(forced)], logits)
+        logits = runner.step(np.array([token]), np.array([0]), np.array([first]), zeros[:, None, :]).logits[0]
+        first = False
+    assert np.array_equal(output.final_logits, logits)
+    assert np.array_equal(output.final, runner.read_states(np.array([0]))[:, 0, :])
+
+
+@pytest.mark.parametrize("lookahead", [4, 32])
+def test_a_lone_stream_gives_the_plain_loops_text(tiny_model_dir: Path, device: str, lookahead: int) -> None:
+    engine, counts = start_engine(load_runner(tiny_model_dir, device=device, num_slots=4), lookahead=lookahead)
+    try:
+        engine.open_slot(0, seed=21, prompt_tokens=[])
+        text, finish = asyncio.run(collect(engine, 0, request(engine, "To be", 300, temperature=0.7)))
+    finally:
+        engine.stop()
+    assert (text, finish) == (onnx_loop(tiny_model_dir, "To be", 300, SamplingSettings(0.7), seed=21), LENGTH)
+    # Each call consumes the character drawn by NumPy and samples the rest of half the lookahead.
+    half = lookahead // 2
+    assert counts.kept > 0.8 * 300 * (half - 1) / half and counts.sampled == counts.kept  # none redrawn
+
+
+def test_state_after_a_stretched_generation_equals_single_steps(tiny_model_dir: Path) -> None:
+    """Snapshots (hidden state, logits, random position) with stretches and without are identical."""
+    snapshots, counts = [], []
+    for stretch in (True, False):
+        engine, count = start_engine(load_runner(tiny_model_dir, device="cpu", num_slots=4), stretch=stretch)
+        try:
+            engine.open_slot(0, seed=3, prompt_tokens=[])
+            asyncio.run(collect(engine, 0, request(engine, "To be", 97, temperature=1.1)))
+
+            async def snapshot():  # noqa: ANN202
+                return await engine.snapshot(0)
+
+            snapshots.append(asyncio.run(snapshot()))
+            counts.append(count.kept)
+        finally:
+            engine.stop()
+    with_stretch, without = snapshots
+    assert counts[0] > 80 and counts[1] == 0
+    assert np.array_equal(with_stretch.hidden, without.hidden)
+    assert np.array_equal(with_stretch.logits, without.logits)
+    assert (with_stretch.position, with_stretch.consumed_chars, with_stretch.recent_text) == (
+        without.position, without.consumed_chars, without.recent_text)
+
+
+def test_a_disagreement_is_redrawn_by_the_numpy_sampler(tiny_model_dir: Path) -> None:
+    """A stretch whose graph picked another character than NumPy would keep only what came before;
+    the disputed character is drawn again, and the text stays the plain loop's."""
+    runner = load_runner(tiny_model_dir, device="cpu", num_slots=4)
+    real = runner.stretch_session
+    assert real is not None
+    vocab_size = runner.info.spec.vocab_size
+
+    class Corrupting:
+        """The real graph, with its third character of every stretch replaced (as if Exp rounded otherwise)."""
+
+        def run(self, names, feeds):  # noqa: ANN001, ANN202
+            outputs = real.run(names, feeds)
+            tokens, forced = outputs[0], len(feeds[INPUT_FORCED])
+            if len(tokens) > forced + 2:  # the third sampled character
+                tokens[forced + 2, 0] = (tokens[forced + 2, 0] + 1) % vocab_size
+            return outputs
+
+    runner.stretch_session = Corrupting()  # type: ignore[assignment]
+    engine, counts = start_engine(runner)
+    try:
+        engine.open_slot(0, seed=8, prompt_tokens=[])
+        text, _ = asyncio.run(collect(engine, 0, request(engine, "The", 200, temperature=0.9)))
+    finally:
+        engine.stop()
+    assert text == onnx_loop(tiny_model_dir, "The", 200, SamplingSettings(0.9), seed=8)
+    assert counts.sampled > counts.kept > 0  # stretches ran, and characters were discarded
+
+
+def test_cancel_and_continue_a_lone_stream_gives_the_uninterrupted_text(engine: tuple[Engine, StretchCounts],
+                                                                        tiny_model_dir: Path) -> None:
+    """Stretches run up to the lookahead ahead; whatever was never taken is undone exactly."""
+    engine_, counts = engine
+    reference = onnx_loop(tiny_model_dir, "To be", 400, SamplingSettings(1.0), seed=5)
+
+    async def cancel_after(at_least: int) -> tuple[str, str, int, str]:
+        engine_.open_slot(1, seed=5, prompt_tokens=engine_.vocab.encode("To be"))
+        stream = engine_.submit(1, request(engine_, "", 400, temperature=1.0))
+        await stream.opening()
+        delivered = ""
+        while len(delivered) < at_least:
+            delivered += (await stream.next_chunk()).text
+        await asyncio.sleep(0.05)  # the engine runs ahead of delivery meanwhile
+        stream.abort()
+        rest, _ = await collect(engine_, 1, request(engine_, "", 400 - len(delivered), temperature=1.0))
+        return delivered, rest, stream.consumed_chars, stream.recent_text
+
+    for at_least in (1, 7, 40, 150):
+        delivered, rest, consumed, recent = asyncio.run(cancel_after(at_least))
+        assert delivered + rest == reference
+        assert consumed == len("To be") + len(delivered) and recent == ("To be" + delivered)[-256:]
+    assert counts.kept > 0
+
+
+def test_stops_and_max_chars_end_where_single_steps_end(engine: tuple[Engine, StretchCounts],
+                                                        tiny_model_dir: Path) -> None:
+    engine_, counts = engine
+    reference = onnx_loop(tiny_model_dir, "Or ", 300, SamplingSettings(1.0), seed=9)
+    stop = reference[150:153]
+    end = reference.index(stop) + len(stop)
+
+    async def scenario() -> tuple[tuple[str, str], str, tuple[str, str]]:
+        engine_.open_slot(0, seed=9, prompt_tokens=engine_.vocab.encode("Or "))
+        stopped = await collect(engine_, 0, GenerationRequest((), 300, SamplingSettings(1.0), None, (stop,)))
+        after, _ = await collect(engine_, 0, request(engine_, "", 37, temperature=1.0))
+        limited = await collect(engine_, 0, request(engine_, "", 300 - end - 37, temperature=1.0))
+        return stopped, after, limited
+
+    (text, finish), after, (limited, limited_finish) = asyncio.run(scenario())
+    assert (text, finish) == (reference[:end], STOP)
+    assert after == reference[end:end + 37]  # the stop text is in the state; what followed it is not
+    assert (limited, limited_finish) == (reference[end + 37:], LENGTH)
+    assert counts.kept > 100
+
+
+def test_stretch_length_ramps_and_stays_within_bounds() -> None:
+    def length(generated: int, delivered: int, lookahead: int = 32, max_chars: int = 1000) -> int:
+        """With the last generated character sampled and queued (a call consumes it first)."""
+        spec = GenerationRequest((), max_chars, SamplingSettings(1.0))
+        req = Request(1, 0, spec, None, None, 0, tokens=[0] * generated, delivered=delivered,  # type: ignore[arg-type]
+                      stepped=max(0, generated - 1))
+        return stretch_length(req, lookahead)
+
+    # The ramp; then a call (the queued character and the stretch) is at most half the lookahead.
+    assert [length(g, 0) for g in (0, 1, 2, 4, 8)] == [1, 1, 2, 4, 8]
+    assert [length(g, g) for g in (16, 64)] == [15, 15]
+    assert length(100, 90) == 15 and length(100, 80) == 12 and length(100, 68) == 0  # room left in the lookahead
+    assert length(990, 990) == 10  # no further than max_chars
+    assert length(40, 40, lookahead=1) == 0  # a lookahead of one leaves single steps
+
+
+def test_a_failed_loop_call_fails_only_its_request(tiny_model_dir: Path) -> None:
+    """As a failed step: the request fails, the session must be reset, the engine serves on."""
+    runner = load_runner(tiny_model_dir, device="cpu", num_slots=4)
+    real, failures = runner.stretch_session, [1]
+    assert real is not None
+
+    class FailingOnce:
+        def run(self, names, feeds):  # noqa: ANN001, ANN202
+            if failures:
+                failures.pop()
+                raise RuntimeError("simulated loop failure")
+            return real.run(names, feeds)
+
+    runner.stretch_session = FailingOnce()  # type: ignore[assignment]
+    engine, counts = start_engine(runner)
+    try:
+        async def scenario() -> tuple[str | None, tuple[str, str], tuple[str, str]]:
+            engine.open_slot(0, seed=1, prompt_tokens=[])
+            stream = engine.submit(0, request(engine, "To be", 50, temperature=1.0))
+            await stream.opening()
+            end = (await stream.next_chunk()).end
+            engine.open_slot(1, seed=2, prompt_tokens=[])
+            other = await collect(engine, 1, request(engine, "To be", 50, temperature=1.0))
+            engine.reset_slot(0, seed=1, prompt_tokens=[])
+            again = await collect(engine, 0, request(engine, "To be", 50, temperature=1.0))
+            return (end.error if end is not None else None), other, again
+
+        error, other, again = asyncio.run(scenario())
+    finally:
+        engine.stop()
+    assert error is not None and "simulated loop failure" in error
+    assert other == (onnx_loop(tiny_model_dir, "To be", 50, SamplingSettings(1.0), seed=2), LENGTH)
+    assert again == (onnx_loop(tiny_model_dir, "To be", 50, SamplingSettings(1.0), seed=1), LENGTH)
+    assert counts.kept > 0
