@@ -27,13 +27,14 @@ weights warm in the caches (each ONNX Runtime session packs its own).
 K is at most half the lookahead, so one stretch is written to the client
 while the next is computed, and grows 1, 1, 2, 4, ... with the characters
 generated, so the first ones leave as soon as single steps would send them.
-A prompt is consumed without sampling (K = 0): its first character is drawn
-by the ordinary sampler and sent before anything else runs.
+A short prompt is consumed without sampling (K = 0): its first character is
+drawn by the ordinary sampler and sent before anything else runs. A long one
+is prefill's (prefill.py): its Loop runs no head or sampler per character,
+which on a GPU costs a Loop iteration about twice a prefill iteration.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
@@ -41,6 +42,7 @@ import numpy as np
 
 from server.engine.generation import FINISHED_BY_REASON, LENGTH, STOP, RequestStatus, StreamEvent
 from server.engine.model_runner import ModelRunner
+from server.engine.prefill import PREFILL_MIN_CHARS
 from server.engine.sampling import sample_uncut, uniforms_at
 from server.engine.slot_state import Request, SlotState, own_window, prompt_progress
 from server.engine.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
@@ -49,7 +51,9 @@ from server.engine.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INP
 if TYPE_CHECKING:
     from server.engine.scheduler import StepObserver
 
-FORCED_MAX = 64  # most queued characters one call consumes (bounds how long a newly arriving session waits)
+# Most queued characters a Loop call consumes: longer queues (long prompts) are prefill's, whose graph
+# has no head or sampler to run per character (prefill.py), or else single steps'.
+FORCED_MAX = PREFILL_MIN_CHARS
 
 
 class LoopOutput(NamedTuple):
@@ -77,10 +81,11 @@ def plan(state: SlotState, lookahead: int) -> tuple[list[int], int]:
     """(queued characters to consume, characters to sample after them) for a lone session's call.
     Sampling needs a request generating with a plain temperature whose queue holds only its
     sampled character (a prompt's first character is drawn outside, and sent first)."""
-    forced = list(itertools.islice(state.pending, FORCED_MAX))
+    if len(state.pending) > FORCED_MAX:
+        return [], 0
+    forced = list(state.pending)
     request = state.request
-    if (request is None or not request.plain or request.status is not RequestStatus.GENERATING
-            or len(forced) != len(state.pending)):
+    if request is None or not request.plain or request.status is not RequestStatus.GENERATING:
         return forced, 0
     return forced, stretch_length(request, lookahead)
 
