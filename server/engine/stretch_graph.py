@@ -30,8 +30,7 @@ engine does not trust these tokens: it re-samples every sampled row of `drawn`
 with the NumPy sampler in one pass and keeps the stretch only up to the first
 disagreement (stretch.py). The cell runs on exactly the shapes of a batch-1
 step, so the states equal those of single steps. (The sampling nodes run on
-forced iterations too, their result unused: a few small ops, cheaper than a
-second graph.)
+forced iterations too, their result unused: a dozen small ops on [1, V].)
 """
 
 from __future__ import annotations
@@ -60,18 +59,14 @@ OUTPUT_FINAL = PREFIX + "final"
 
 def _choosing_nodes(name, helper, vocab_size: int) -> tuple[list, list]:  # noqa: ANN001 - onnx helpers, lazily imported
     """Nodes giving token [1] int64 for iteration i: forced[i] while i < F, else drawn from logits_in [1, V]
-    with uniforms[i - F] as choose_token's plain branch. Forced and uniforms are padded with one entry
-    so that both gathers are valid whichever branch is taken (F or K may be 0)."""
+    with uniforms[i - F] as choose_token's plain branch. The outer graph lays both out over all F + K
+    iterations (forced_all: the forced tokens then -1s; uniforms_all: 0s then the uniforms), so that
+    choosing costs each iteration two gathers and a Where."""
     node = helper.make_node
     return [
-        # Which character: forced[min(i, F)] of the padded forced list, or the sampled one.
-        node("Less", [name("iteration"), name("forced_count")], [name("is_forced")], name=name("is_forced")),  # []
-        node("Min", [name("iteration"), name("forced_count")], [name("forced_index")], name=name("forced_index")),
-        node("Gather", [name("forced_padded"), name("forced_index")], [name("forced_scalar")], name=name("forced_at"),
-             axis=0),  # []
-        node("Sub", [name("iteration"), name("forced_count")], [name("sample_offset")], name=name("sample_offset")),
-        node("Max", [name("sample_offset"), name("zero")], [name("sample_index")], name=name("sample_index")),
-        node("Gather", [name("uniforms_padded"), name("sample_index")], [name("u")], name=name("u"), axis=0),  # []
+        node("Gather", [name("forced_all"), name("iteration")], [name("forced_scalar")], name=name("forced_at"),
+             axis=0),  # [], -1 past the forced tokens
+        node("Gather", [name("uniforms_all"), name("iteration")], [name("u")], name=name("u"), axis=0),  # []
         # The draw: softmax(logits / T) in float64, inverse CDF in token-id order.
         node("Cast", [name("logits_in")], [name("logits64")], name=name("logits64"), to=11),  # [1, V] float64
         node("Div", [name("logits64"), INPUT_TEMPERATURE], [name("scaled")], name=name("scaled")),
@@ -86,10 +81,10 @@ def _choosing_nodes(name, helper, vocab_size: int) -> tuple[list, list]:  # noqa
         node("Cast", [name("below")], [name("below64")], name=name("below64"), to=7),
         node("ReduceSum", [name("below64"), name("axis1")], [name("count")], name=name("count"), keepdims=0),  # [1]
         node("Min", [name("count"), name("last")], [name("sampled")], name=name("sampled")),  # [1] int64
-        node("Unsqueeze", [name("forced_scalar"), name("axis0")], [name("forced_token")], name=name("forced_token")),
-        node("Where", [name("is_forced"), name("forced_token"), name("sampled")], [name("token")], name=name("token")),
+        node("Less", [name("forced_scalar"), name("zero")], [name("is_sampled")], name=name("is_sampled")),  # []
+        node("Where", [name("is_sampled"), name("sampled"), name("forced_scalar")], [name("token")],
+             name=name("token")),  # [1]
     ], [
-        helper.make_tensor(name("axis0"), 7, [1], [0]),
         helper.make_tensor(name("axis1"), 7, [1], [1]),
         helper.make_tensor(name("zero"), 7, [], [0]),
         helper.make_tensor(name("last"), 7, [1], [vocab_size - 1]),
@@ -135,14 +130,18 @@ def build_stretch(cell: onnx.ModelProto, num_layers: int, hidden_size: int, voca
     )
     outer = [
         helper.make_node("Shape", [INPUT_FORCED], [name("forced_count1")], name=name("forced_count1")),  # [1]
-        helper.make_node("Squeeze", [name("forced_count1")], [name("forced_count")], name=name("forced_count")),
         helper.make_node("Shape", [INPUT_UNIFORMS], [name("sampled_count1")], name=name("sampled_count1")),  # [1]
         helper.make_node("Add", [name("forced_count1"), name("sampled_count1")], [name("length1")], name=name("length1")),
         helper.make_node("Squeeze", [name("length1")], [name("length")], name=name("length")),  # [] = F + K
-        helper.make_node("Concat", [INPUT_FORCED, name("pad_token")], [name("forced_padded")], name=name("forced_pad"),
-                         axis=0),  # [F + 1]
-        helper.make_node("Concat", [INPUT_UNIFORMS, name("pad_uniform")], [name("uniforms_padded")],
-                         name=name("uniforms_pad"), axis=0),  # [K + 1]
+        # forced_all = forced ++ [-1] * K and uniforms_all = [0] * F ++ uniforms: [F + K] each.
+        helper.make_node("Expand", [name("minus_one"), name("sampled_count1")], [name("unforced")],
+                         name=name("unforced")),  # [K]
+        helper.make_node("Concat", [INPUT_FORCED, name("unforced")], [name("forced_all")], name=name("forced_all"),
+                         axis=0),
+        helper.make_node("Expand", [name("no_uniform"), name("forced_count1")], [name("unsampled")],
+                         name=name("unsampled")),  # [F]
+        helper.make_node("Concat", [name("unsampled"), INPUT_UNIFORMS], [name("uniforms_all")],
+                         name=name("uniforms_all"), axis=0),
         helper.make_node(
             "Loop",
             [name("length"), name("true"), INPUT_STRETCH_START, INPUT_STRETCH_LOGITS],
@@ -170,8 +169,8 @@ def build_stretch(cell: onnx.ModelProto, num_layers: int, hidden_size: int, voca
         ],
         initializer=list(graph.initializer) + [
             helper.make_tensor(name("true"), TensorProto.BOOL, [], [True]),
-            helper.make_tensor(name("pad_token"), TensorProto.INT64, [1], [0]),
-            helper.make_tensor(name("pad_uniform"), TensorProto.DOUBLE, [1], [0.0]),
+            helper.make_tensor(name("minus_one"), TensorProto.INT64, [1], [-1]),
+            helper.make_tensor(name("no_uniform"), TensorProto.DOUBLE, [1], [0.0]),
         ],
     )
     return finished_model(wrapped, cell)
