@@ -15,17 +15,18 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from server.engine.generation import LENGTH, STOP, GenerationRequest
 from server.engine.loop import Engine
 from server.engine.model_runner import ModelRunner, load_runner
 from server.engine.sampling import SamplingSettings, sample_uncut, stream_key
-from server.engine.slot_state import Request, SlotState
-from server.engine.stretch_graph import INPUT_FORCED
+from server.engine.slot_state import Request, SlotSnapshot, SlotState
+from server.engine.stretch_graph import INPUT_FORCED, INPUT_UNIFORMS
 from server.engine.stretch import agreed_length, run_loop, stretch_length, stretch_uniforms
 from tests.devices import SERVING_DEVICES
-from tests.plain_loop import onnx_loop
+from tests.plain_loop import onnx_loop, plain_step
 from tests.test_server_engine import collect, request
 
 
@@ -34,12 +35,13 @@ class StretchCounts:
 
     def __init__(self) -> None:
         self.sampled = self.kept = self.stretches = 0
+        self.most_ahead = 0  # the largest charstream_most_undelivered_chars reported
 
     def observe_step(self, batch_size: int, seconds: float) -> None:
         pass
 
     def observe_lookahead(self, total: int, most: int) -> None:
-        pass
+        self.most_ahead = max(self.most_ahead, most)
 
     def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: object) -> None:
         pass
@@ -140,17 +142,16 @@ def test_a_disagreement_is_redrawn_by_the_numpy_sampler(tiny_model_dir: Path) ->
     runner = load_runner(tiny_model_dir, device="cpu", num_slots=4)
     real = runner.stretch_session
     assert real is not None
-    vocab_size = runner.info.spec.vocab_size
 
     class Corrupting:
-        """The real graph, with its third character of every stretch replaced (as if Exp rounded otherwise)."""
+        """The real graph, fed another random number for the third character of every stretch (as
+        if its Exp rounded otherwise): from there on it samples, and steps, another path."""
 
         def run(self, names, feeds):  # noqa: ANN001, ANN202
-            outputs = real.run(names, feeds)
-            tokens, forced = outputs[0], len(feeds[INPUT_FORCED])
-            if len(tokens) > forced + 2:  # the third sampled character
-                tokens[forced + 2, 0] = (tokens[forced + 2, 0] + 1) % vocab_size
-            return outputs
+            uniforms = np.array(feeds[INPUT_UNIFORMS])
+            if len(uniforms) > 2:
+                uniforms[2] = (uniforms[2] + 0.5) % 1.0
+            return real.run(names, {**feeds, INPUT_UNIFORMS: uniforms})
 
     runner.stretch_session = Corrupting()  # type: ignore[assignment]
     engine, counts = start_engine(runner)
@@ -163,29 +164,76 @@ def test_a_disagreement_is_redrawn_by_the_numpy_sampler(tiny_model_dir: Path) ->
     assert counts.sampled > counts.kept > 0  # stretches ran, and characters were discarded
 
 
+def same_state(cell: ort.InferenceSession, one: SlotSnapshot, other: SlotSnapshot) -> bool:
+    """Whether two snapshots hold the same model state: bit for bit when both hold the same queue;
+    else (one may hold the last delivered character queued, the other consumed) after single steps
+    of the queued characters on the CPU, within fp32 rounding of another device's step."""
+    if one.pending == other.pending:
+        logits_equal = (one.logits is None and other.logits is None) or (
+            one.logits is not None and other.logits is not None and np.array_equal(one.logits, other.logits))
+        return bool(np.array_equal(one.hidden, other.hidden)) and logits_equal
+    consumed = []
+    for snapshot in (one, other):
+        hidden, logits = snapshot.hidden[:, None, :], snapshot.logits  # [L, 1, H], [V]
+        for token in snapshot.pending:
+            logits, hidden = plain_step(cell, token, hidden)
+        consumed.append((hidden, logits))
+    (h1, l1), (h2, l2) = consumed
+    return bool(np.allclose(h1, h2, rtol=0, atol=1e-5) and np.allclose(l1, l2, rtol=0, atol=1e-4))
+
+
 def test_cancel_and_continue_a_lone_stream_gives_the_uninterrupted_text(engine: tuple[Engine, StretchCounts],
                                                                         tiny_model_dir: Path) -> None:
-    """Stretches run up to the lookahead ahead; whatever was never taken is undone exactly."""
+    """Stretches run up to the lookahead ahead; whatever was never taken is undone exactly: at once
+    (the undo window still views of the Loop's outputs) or after a pause (the request stalled at its
+    lookahead and copied its window), from nothing delivered (m = 0) on. A snapshot taken while the
+    stream runs already holds the state the abort leaves."""
     engine_, counts = engine
     reference = onnx_loop(tiny_model_dir, "To be", 400, SamplingSettings(1.0), seed=5)
+    cell = ort.InferenceSession(str(tiny_model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
 
-    async def cancel_after(at_least: int) -> tuple[str, str, int, str]:
+    async def cancel_after(at_least: int, pause: float) -> tuple[str, str, int, str, SlotSnapshot, SlotSnapshot]:
         engine_.open_slot(1, seed=5, prompt_tokens=engine_.vocab.encode("To be"))
         stream = engine_.submit(1, request(engine_, "", 400, temperature=1.0))
         await stream.opening()
         delivered = ""
         while len(delivered) < at_least:
             delivered += (await stream.next_chunk()).text
-        await asyncio.sleep(0.05)  # the engine runs ahead of delivery meanwhile
+        await asyncio.sleep(pause)  # the engine runs ahead of delivery meanwhile
+        running = await engine_.snapshot(1)
         stream.abort()
+        settled = await engine_.snapshot(1)
         rest, _ = await collect(engine_, 1, request(engine_, "", 400 - len(delivered), temperature=1.0))
-        return delivered, rest, stream.consumed_chars, stream.recent_text
+        return delivered, rest, stream.consumed_chars, stream.recent_text, running, settled
 
-    for at_least in (1, 7, 40, 150):
-        delivered, rest, consumed, recent = asyncio.run(cancel_after(at_least))
+    for at_least, pause in ((0, 0.0), (1, 0.0), (7, 0.05), (40, 0.0), (150, 0.05)):
+        delivered, rest, consumed, recent, running, settled = asyncio.run(cancel_after(at_least, pause))
         assert delivered + rest == reference
         assert consumed == len("To be") + len(delivered) and recent == ("To be" + delivered)[-256:]
+        assert same_state(cell, running, settled)
+        assert (running.position, running.consumed_chars, running.recent_text) == (
+            settled.position, settled.consumed_chars, settled.recent_text)
     assert counts.kept > 0
+
+
+def test_a_stalled_lone_stream_runs_exactly_its_lookahead_ahead(tiny_model_dir: Path) -> None:
+    """Stretches never take a stream past its lookahead, and the gauge sees how far they went."""
+    engine, counts = start_engine(load_runner(tiny_model_dir, device="cpu", num_slots=2), lookahead=20)
+    try:
+        async def stall() -> tuple[int, str]:
+            engine.open_slot(0, seed=4, prompt_tokens=[])
+            stream = engine.submit(0, request(engine, "To be", 300, temperature=1.0))
+            await stream.opening()
+            await asyncio.sleep(0.2)  # nobody reads: the engine runs ahead, then waits
+            chunk = await stream.next_chunk()
+            stream.abort()
+            return counts.most_ahead, chunk.text
+
+        most, text = asyncio.run(stall())
+    finally:
+        engine.stop()
+    assert most == 20 and len(text) == 20 and counts.kept > 0
+    assert text == onnx_loop(tiny_model_dir, "To be", 20, SamplingSettings(1.0), seed=4)
 
 
 def test_stops_and_max_chars_end_where_single_steps_end(engine: tuple[Engine, StretchCounts],
@@ -225,16 +273,19 @@ def test_stretch_length_ramps_and_stays_within_bounds() -> None:
     assert length(40, 40, lookahead=1) == 0  # a lookahead of one leaves single steps
 
 
-def test_a_failed_loop_call_fails_only_its_request(tiny_model_dir: Path) -> None:
+def test_a_failed_loop_call_fails_its_request_and_the_engine_serves_on(tiny_model_dir: Path) -> None:
     """As a failed step: the request fails, the session must be reset, the engine serves on."""
     runner = load_runner(tiny_model_dir, device="cpu", num_slots=4)
-    real, failures = runner.stretch_session, [1]
+    real, calls = runner.stretch_session, []
     assert real is not None
 
     class FailingOnce:
+        """Fails the third call: after the prompt's and a first stretch, one consuming a generated
+        character and sampling more."""
+
         def run(self, names, feeds):  # noqa: ANN001, ANN202
-            if failures:
-                failures.pop()
+            calls.append(len(feeds[INPUT_UNIFORMS]))
+            if len(calls) == 3:
                 raise RuntimeError("simulated loop failure")
             return real.run(names, feeds)
 
@@ -245,7 +296,9 @@ def test_a_failed_loop_call_fails_only_its_request(tiny_model_dir: Path) -> None
             engine.open_slot(0, seed=1, prompt_tokens=[])
             stream = engine.submit(0, request(engine, "To be", 50, temperature=1.0))
             await stream.opening()
-            end = (await stream.next_chunk()).end
+            while (chunk := await stream.next_chunk()).end is None:
+                pass
+            end = chunk.end
             engine.open_slot(1, seed=2, prompt_tokens=[])
             other = await collect(engine, 1, request(engine, "To be", 50, temperature=1.0))
             engine.reset_slot(0, seed=1, prompt_tokens=[])
@@ -255,7 +308,30 @@ def test_a_failed_loop_call_fails_only_its_request(tiny_model_dir: Path) -> None
         error, other, again = asyncio.run(scenario())
     finally:
         engine.stop()
-    assert error is not None and "simulated loop failure" in error
+    assert error is not None and "simulated loop failure" in error and calls[2] > 0  # it was sampling
     assert other == (onnx_loop(tiny_model_dir, "To be", 50, SamplingSettings(1.0), seed=2), LENGTH)
     assert again == (onnx_loop(tiny_model_dir, "To be", 50, SamplingSettings(1.0), seed=1), LENGTH)
     assert counts.kept > 0
+
+
+def test_the_graph_builds_for_newer_opsets(tiny_model_dir: Path) -> None:
+    """ReduceMax takes its axes as an input from opset 18: the graph of a cell converted to 18
+    gives exactly the outputs of the opset-17 one."""
+    import onnx
+    from onnx import version_converter
+
+    from server.engine.stretch_graph import INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE, build_stretch
+
+    cell = onnx.load(str(tiny_model_dir / "model.onnx"))
+    spec = load_runner(tiny_model_dir, device="cpu", num_slots=1).info.spec
+    sizes = (spec.num_layers, spec.hidden_size, spec.vocab_size)
+    feeds = {INPUT_FORCED: np.array([3, 4], np.int64), INPUT_STRETCH_LOGITS: np.zeros((1, spec.vocab_size), np.float32),
+             INPUT_STRETCH_START: np.zeros((spec.num_layers, 1, spec.hidden_size), np.float32),
+             INPUT_UNIFORMS: np.linspace(0.01, 0.99, 20), INPUT_TEMPERATURE: np.array([0.8])}
+    outputs = []
+    for model in (cell, version_converter.convert_version(cell, 18)):
+        graph = build_stretch(model, *sizes)
+        session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, feeds))
+    assert max(o.version for o in version_converter.convert_version(cell, 18).opset_import) == 18
+    assert all(np.array_equal(a, b) for a, b in zip(*outputs))

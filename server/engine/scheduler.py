@@ -277,6 +277,7 @@ class Scheduler:
             if not ready:  # its only slots failed in prefill: no step of zero rows
                 return
         if len(ready) == 1 and self.stretch and self._stepped_alone(*ready[0]):
+            self._observe_lookahead()  # a stretch ran ahead: the gauges must say how far
             return
         if len(ready) > self.max_batch:
             ready.sort(key=lambda item: item[1].last_step)

@@ -25,8 +25,10 @@ All of a lone session's calls going to one graph also keeps one copy of the
 weights warm in the caches (each ONNX Runtime session packs its own).
 
 K is at most half the lookahead, so one stretch is written to the client
-while the next is computed, and grows 1, 1, 2, 4, ... with the characters
-generated, so the first ones leave as soon as single steps would send them.
+while the next is computed; a request's calls take 2, 4, 8, 16, then 32
+characters (the one NumPy drew, then K = 1, 3, 7, 15, 31 at the default
+lookahead of 64), so the first ones leave as soon as single steps would send
+them.
 A short prompt is consumed without sampling (K = 0): its first character is
 drawn by the ordinary sampler and sent before anything else runs. A long one
 is prefill's (prefill.py): its Loop runs no head or sampler per character,
@@ -67,7 +69,7 @@ class LoopOutput(NamedTuple):
 
 def stretch_length(request: Request, lookahead: int) -> int:
     """How many characters the request's next stretch may sample: within its lookahead room, no
-    further than max_chars, at most as many as it has generated (a ramp: 1, 1, 2, 4, ...), and
+    further than max_chars, at most as many as it has generated (a ramp: calls of 2, 4, 8, ...), and
     with the generated character it consumes first, at most half the lookahead: then the call
     after this one has room as soon as the client took the characters of the call before, while
     this call's are still being written (a full lookahead per call would wait for every ack)."""
@@ -153,7 +155,8 @@ def keep_stretch(request: Request, state: SlotState, output: LoopOutput, agreed:
             break
     kept = len(text)
     if kept < len(output.tokens):  # the state after the last kept character is the next one's input
-        state.start, state.logits = output.inputs[kept], output.drawn[kept]
+        # Copies: views would keep the whole call's outputs alive while the session idles.
+        state.start, state.logits = output.inputs[kept].copy(), output.drawn[kept].copy()
     if kept == 0:
         return None
     generated = request.tokens

@@ -57,12 +57,18 @@ OUTPUT_FINAL_LOGITS = PREFIX + "final_logits"
 OUTPUT_FINAL = PREFIX + "final"
 
 
-def _choosing_nodes(name, helper, vocab_size: int) -> tuple[list, list]:  # noqa: ANN001 - onnx helpers, lazily imported
+def _choosing_nodes(name, helper, vocab_size: int, opset: int) -> tuple[list, list]:  # noqa: ANN001 - onnx helpers, lazily imported
     """Nodes giving token [1] int64 for iteration i: forced[i] while i < F, else drawn from logits_in [1, V]
     with uniforms[i - F] as choose_token's plain branch. The outer graph lays both out over all F + K
     iterations (forced_all: the forced tokens then -1s; uniforms_all: 0s then the uniforms), so that
     choosing costs each iteration two gathers and a Where."""
     node = helper.make_node
+
+    def row_max(x: str, out: str):  # noqa: ANN202 - [1, V] -> [1, 1]; ReduceMax's axes became an input in opset 18
+        if opset >= 18:
+            return node("ReduceMax", [name(x), name("axis1")], [name(out)], name=name(out), keepdims=1)
+        return node("ReduceMax", [name(x)], [name(out)], name=name(out), axes=[1], keepdims=1)
+
     return [
         node("Gather", [name("forced_all"), name("iteration")], [name("forced_scalar")], name=name("forced_at"),
              axis=0),  # [], -1 past the forced tokens
@@ -70,12 +76,12 @@ def _choosing_nodes(name, helper, vocab_size: int) -> tuple[list, list]:  # noqa
         # The draw: softmax(logits / T) in float64, inverse CDF in token-id order.
         node("Cast", [name("logits_in")], [name("logits64")], name=name("logits64"), to=11),  # [1, V] float64
         node("Div", [name("logits64"), INPUT_TEMPERATURE], [name("scaled")], name=name("scaled")),
-        node("ReduceMax", [name("scaled")], [name("max")], name=name("max"), axes=[1], keepdims=1),  # [1, 1]
+        row_max("scaled", "max"),  # [1, 1]
         node("Sub", [name("scaled"), name("max")], [name("shifted")], name=name("shifted")),
         node("Exp", [name("shifted")], [name("weights")], name=name("weights")),  # [1, V], max = 1
         node("CumSum", [name("weights"), name("axis1")], [name("cdf")], name=name("cdf")),  # [1, V]
         # The cdf never decreases, so its max is its last entry: the total, as choose_token's cdf[-1].
-        node("ReduceMax", [name("cdf")], [name("total")], name=name("total"), axes=[1], keepdims=1),  # [1, 1]
+        row_max("cdf", "total"),  # [1, 1]
         node("Mul", [name("u"), name("total")], [name("target")], name=name("target")),  # [1, 1]
         node("LessOrEqual", [name("cdf"), name("target")], [name("below")], name=name("below")),  # [1, V]
         node("Cast", [name("below")], [name("below64")], name=name("below64"), to=7),
@@ -103,7 +109,8 @@ def build_stretch(cell: onnx.ModelProto, num_layers: int, hidden_size: int, voca
 
     hidden_in = name("hidden_in")
     renamed = {INPUT_TOKENS: name("token"), INPUT_HIDDEN: hidden_in}
-    body_nodes, constants = _choosing_nodes(name, helper, vocab_size)
+    opset = next(o.version for o in cell.opset_import if o.domain in ("", "ai.onnx"))  # >= 13: check_wrappable
+    body_nodes, constants = _choosing_nodes(name, helper, vocab_size, opset)
     body_nodes += copied_nodes(list(graph.node), renamed)
     body_nodes += [
         # Scan outputs: what this iteration started from, kept for the engine's check and undo.
