@@ -3,7 +3,8 @@
 Names and file names are the model-directory contract (VARIANT_FILES):
 fp32  the reference graph; must match PyTorch to float32 rounding.
 fp16  fp16 weights and maths inside, fp32 inputs/outputs (for GPUs).
-int8  dynamic int8 quantization of the fp32 graph's MatMuls (for CPUs).
+int8  int8 quantization of the fp32 graph's MatMuls, weights per output column and
+      states with a fixed scale (for CPUs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnx
 from onnx import helper
 
 from export.onnx_cell import IR_VERSION, build_cell, model_metadata
+from export.state_quantization import quantize_states_statically
 from server.engine.model_contract import FP16, FP32, INT8, VARIANT_FILES
 
 
@@ -70,11 +72,13 @@ def _build_fp16(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[
 
 
 def _build_int8(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[str], path: Path) -> None:
-    """quantize_dynamic over the fp32 cell: MatMul weights to int8 per output column.
+    """quantize_dynamic over the fp32 cell: MatMul weights to int8 per output column; then the
+    activations, all GRU states in (-1, 1), quantized with a fixed scale instead of one computed
+    per call for the whole batch (state_quantization.py: a row's result must not depend on the
+    rows beside it).
 
     The folded layer-0 table stays fp32: it is a lookup (Gather), tiny, and
-    quantizing it would only add error. Activations are quantized per call by
-    DynamicQuantizeLinear, so nothing needs calibrating.
+    quantizing it would only add error. Nothing needs calibrating.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -98,6 +102,7 @@ def _build_int8(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[
     quantized = onnx.load(str(path))
     # The quantizer rewrites the model proto: restore the pinned IR version and
     # make sure the file still describes itself.
+    quantized = quantize_states_statically(quantized)
     quantized.ir_version = IR_VERSION
     del quantized.metadata_props[:]
     helper.set_model_props(quantized, model_metadata(config, vocab))

@@ -223,3 +223,24 @@ def test_model_info_reports_the_variant_reason_and_lookahead(int8_model_dir: Pat
     assert message.variant_reason == runner.info.model_file.reason
     assert message.variant_reason.startswith("auto: int8 verified on CPUExecutionProvider")
     assert message.lookahead_chars == 7
+
+
+def test_an_int8_row_steps_alone_as_in_a_batch(int8_model_dir: Path) -> None:
+    """int8 quantizes its states with a fixed scale (export/state_quantization.py), so a batch's
+    rows do not depend on one another: seeded text cannot depend on the sessions sharing a step."""
+    import onnx
+
+    model = onnx.load(str(int8_model_dir / "model.int8.onnx"))
+    ops = {node.op_type for node in model.graph.node}
+    assert "DynamicQuantizeLinear" not in ops and {"QuantizeLinear", "MatMulInteger"} <= ops
+    runner = load_runner(int8_model_dir, "int8", device="cpu", num_slots=8)
+    spec = runner.info.spec
+    rng = np.random.default_rng(3)
+    states = rng.uniform(-1, 1, (spec.num_layers, 8, spec.hidden_size)).astype(np.float32)  # [L, 8, H]
+    tokens = rng.integers(0, spec.vocab_size, 8)
+    together = runner.step(tokens, np.arange(8), np.ones(8, bool), states)
+    together_states = runner.read_states(np.arange(8))
+    for row in range(8):
+        alone = runner.step(tokens[row:row + 1], np.array([row]), np.ones(1, bool), states[:, row:row + 1])
+        assert np.array_equal(alone.logits[0], together.logits[row])
+        assert np.array_equal(runner.read_states(np.array([row]))[:, 0], together_states[:, row])
