@@ -35,7 +35,8 @@ class ServerMetrics:
             "charstream_sessions_removed", "Sessions removed, by reason.", ["reason"], registry=self.registry
         )
         self.step_seconds = Histogram(
-            "charstream_step_seconds", "Wall time of one batched model step.", buckets=STEP_BUCKETS, registry=self.registry
+            "charstream_step_seconds", "Wall time of one batched model step (a lone session's Loop call, its "
+            "queue and a stretch, counts as one).", buckets=STEP_BUCKETS, registry=self.registry
         )
         self.batch_size = Histogram(
             "charstream_batch_size", "Sessions in one batched model step.", buckets=BATCH_BUCKETS, registry=self.registry

@@ -11,8 +11,9 @@ the session's own random numbers, so the text is the one single steps give:
 
   - the graph returns the logits each character was drawn from; NumPy
     re-samples all K rows in one pass (sampling.sample_uncut, the server's
-    sampler) and the stretch is kept only up to the first disagreement (ONNX
-    Runtime's Exp may round differently from NumPy's). The session is left
+    sampler, in float64) and the stretch is kept only up to the first
+    disagreement (the graph draws in float32: a random number within its
+    rounding of a boundary may land on the other side). The session is left
     with the logits of the disputed character, which the ordinary sampler
     then draws;
   - every consumed generated character's input state goes to the request's
@@ -31,8 +32,9 @@ lookahead of 64), so the first ones leave as soon as single steps would send
 them.
 A short prompt is consumed without sampling (K = 0): its first character is
 drawn by the ordinary sampler and sent before anything else runs. A long one
-is prefill's (prefill.py): its Loop runs no head or sampler per character,
-which on a GPU costs a Loop iteration about twice a prefill iteration.
+is prefill's (prefill.py): its Loop runs no head or sampler per character
+(through this Loop a 2,000-character prompt took 1.36x the raw ingestion
+time on an H200, through prefill 1.01x).
 """
 
 from __future__ import annotations
