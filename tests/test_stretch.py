@@ -315,8 +315,8 @@ def test_a_failed_loop_call_fails_its_request_and_the_engine_serves_on(tiny_mode
 
 
 def test_the_graph_builds_for_newer_opsets(tiny_model_dir: Path) -> None:
-    """ReduceMax takes its axes as an input from opset 18: the graph of a cell converted to 18
-    gives exactly the outputs of the opset-17 one."""
+    """Several operators changed their signatures in opset 18 (reductions take their axes as an
+    input): the graph of a cell converted to 18 gives exactly the outputs of the opset-17 one."""
     import onnx
     from onnx import version_converter
 

@@ -15,15 +15,23 @@ if TYPE_CHECKING:
     import onnx
 
 
-def copied_nodes(nodes: list, renamed: dict[str, str]) -> list:
-    """Copies of the cell's `nodes`, reading renamed[value] wherever they read a renamed value."""
+def copied_nodes(nodes: list, renamed: dict[str, str], scope: str = "") -> list:
+    """Copies of the cell's `nodes`, reading and writing renamed[value] wherever they read or write a
+    renamed value; with a `scope`, every other value they write is scope + its name (two bodies of
+    one model then share no value names)."""
     import onnx
 
+    produced = {value for node in nodes for value in node.output}
+    names = {value: scope + value for value in produced} if scope else {}
+    names.update(renamed)
     copies = []
     for node in nodes:
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.input[:] = [renamed.get(value, value) for value in node.input]
+        copy.input[:] = [names.get(value, value) for value in node.input]
+        copy.output[:] = [names.get(value, value) for value in node.output]
+        if scope and copy.name:
+            copy.name = scope + copy.name
         copies.append(copy)
     return copies
 

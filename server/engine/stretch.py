@@ -106,16 +106,15 @@ def run_loop(runner: ModelRunner, slot: int, state: SlotState, forced: list[int]
     spec = runner.info.spec
     hidden = runner.read_states(np.array([slot]))[:, 0, :] if state.start is None else state.start  # [L, H]
     logits = state.logits if state.logits is not None and not forced else np.zeros(spec.vocab_size, np.float32)
-    tokens, inputs, drawn, final_logits, final = runner.stretch_session.run(None, {
+    forced_inputs, tokens, inputs, drawn, final_logits, final = runner.stretch_session.run(None, {
         INPUT_FORCED: np.array(forced, np.int64),  # [F]
         INPUT_STRETCH_LOGITS: np.ascontiguousarray(logits[None, :], dtype=np.float32),  # [1, V]
         INPUT_STRETCH_START: np.ascontiguousarray(hidden[:, None, :], dtype=np.float32),  # [L, 1, H]
         INPUT_UNIFORMS: uniforms,  # [K] float64
         INPUT_TEMPERATURE: np.array([temperature], np.float64),  # [1]
     })
-    # [F + K, 1], [F + K, L, 1, H], [F + K, 1, V], [1, V], [L, 1, H]: batch axis dropped, split at F
-    f = len(forced)
-    return LoopOutput(inputs[:f, :, 0, :], tokens[f:, 0], inputs[f:, :, 0, :], drawn[f:, 0, :], final_logits[0],
+    # [F, L, 1, H], [K, 1], [K, L, 1, H], [K, 1, V], [1, V], [L, 1, H]: the batch axis dropped
+    return LoopOutput(forced_inputs[:, :, 0, :], tokens[:, 0], inputs[:, :, 0, :], drawn[:, 0, :], final_logits[0],
                       final[:, 0, :])
 
 
