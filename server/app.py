@@ -167,7 +167,7 @@ def build_engine(config: ServerConfig, runner: ModelRunner | None,
     if prefix_cache is not None:
         metrics.track_prefix_cache(prefix_cache)
     engine = Engine(runner, config.max_batch, observer=metrics, lookahead=config.lookahead, prefix_cache=prefix_cache,
-                    stretch=config.stretch)
+                    stretch=config.stretch, batch_stretch=config.batch_stretch)
     return engine, runner.info
 
 

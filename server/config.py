@@ -39,6 +39,7 @@ class ServerConfig:
     allow_spinning: bool = ThreadSettings.allow_spinning
     lookahead: int = 64
     stretch: bool = True
+    batch_stretch: int = 16
     engine_process: bool = True
     coalesce_streams: int = 4
     prefix_cache_bytes: int = 64 * 1024 * 1024
@@ -71,7 +72,7 @@ class ServerConfig:
 
         return EngineParams(self.model, self.variant, self.device, self.max_sessions, self.thread_settings(),
                             self.max_batch, self.lookahead, self.prefix_cache_bytes, self.log_format, self.log_level,
-                            self.stretch)
+                            self.stretch, self.batch_stretch)
 
     def thread_settings(self) -> ThreadSettings:
         """The ONNX Runtime threading this configuration asks for (for load_runner)."""
@@ -105,7 +106,10 @@ HELP = {
     "bounds each stream's memory",
     "stretch": "a session stepping alone consumes its queued characters and, sampling with a plain temperature, "
     "samples up to half the lookahead more in one model call, checked against the server's sampler; --no-stretch "
-    "steps it one character per call",
+    "steps it one character per call, and batches too",
+    "batch_stretch": "with --stretch, when every session ready to step samples with a plain temperature, one "
+    "model call samples up to this many characters per session (calls grow 2, 4, 8, ... with the youngest "
+    "request; whatever arrives meanwhile waits for the call); below 2: batches take ordinary steps",
     "coalesce_streams": "under load, a stream's messages after its first wait for one character per this many "
     "running streams (at most half the lookahead): fewer, larger messages as load grows; 0 = send whatever is "
     "ready",
@@ -138,12 +142,13 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads",
-            "lookahead", "coalesce_streams", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key",
+            "lookahead", "batch_stretch", "coalesce_streams", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key",
             "max_streams_per_key", "max_message_bytes")
 FLOATS = ("session_ttl", "shutdown_grace", "lease_seconds")
 BOOLEANS = ("allow_spinning", "engine_process", "stretch")
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
            "metrics_port": 0, "shutdown_grace": 0, "coalesce_streams": 0, "intra_op_threads": 0, "lookahead": 1,
+           "batch_stretch": 0,
            "prefix_cache_bytes": 0, "write_back_chars": 1, "max_sessions_per_key": 0, "max_streams_per_key": 0, "max_message_bytes": 4096}
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")

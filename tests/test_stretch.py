@@ -325,9 +325,9 @@ def test_the_graph_builds_for_newer_opsets(tiny_model_dir: Path) -> None:
     cell = onnx.load(str(tiny_model_dir / "model.onnx"))
     spec = load_runner(tiny_model_dir, device="cpu", num_slots=1).info.spec
     sizes = (spec.num_layers, spec.hidden_size, spec.vocab_size)
-    feeds = {INPUT_FORCED: np.array([3, 4], np.int64), INPUT_STRETCH_LOGITS: np.zeros((1, spec.vocab_size), np.float32),
+    feeds = {INPUT_FORCED: np.array([[3], [4]], np.int64), INPUT_STRETCH_LOGITS: np.zeros((1, spec.vocab_size), np.float32),
              INPUT_STRETCH_START: np.zeros((spec.num_layers, 1, spec.hidden_size), np.float32),
-             INPUT_UNIFORMS: np.linspace(0.01, 0.99, 20), INPUT_TEMPERATURE: np.array([0.8])}
+             INPUT_UNIFORMS: np.linspace(0.01, 0.99, 20)[:, None], INPUT_TEMPERATURE: np.array([0.8])}
     outputs = []
     for model in (cell, version_converter.convert_version(cell, 18)):
         graph = build_stretch(model, *sizes)

@@ -49,7 +49,7 @@ DEFAULT_JSON = "charstream-bench.json"
 PROMPT_CHARS = 16
 # Flags handed to the server processes only when given here, so the server's own defaults apply otherwise.
 PASS_THROUGH = ("device", "variant", "intra_op_threads", "allow_spinning", "lookahead", "max_batch", "coalesce_streams",
-                "engine_process", "stretch")
+                "engine_process", "stretch", "batch_stretch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--coalesce-streams", type=int, metavar="N")
     server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None)
     server.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None)
+    server.add_argument("--batch-stretch", type=int, metavar="N")
     server.add_argument("--max-batch", type=int, metavar="N", help="for rows 4, 5, 7; row 6's server always gets 1")
     sessions.add_arguments(parser)
     return parser

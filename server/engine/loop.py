@@ -18,6 +18,7 @@ import logging
 import threading
 from typing import Callable
 
+from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.engine.generation import GenerationRequest, StreamEvent
 from server.engine.model_runner import ModelRunner
 from server.engine.scheduler import Scheduler, StepObserver
@@ -34,10 +35,12 @@ DEFAULT_LOOKAHEAD = 64
 
 class Engine:
     def __init__(self, runner: ModelRunner, max_batch: int = 256, observer: StepObserver | None = None,
-                 lookahead: int = DEFAULT_LOOKAHEAD, prefix_cache: PrefixCache | None = None, stretch: bool = True):
+                 lookahead: int = DEFAULT_LOOKAHEAD, prefix_cache: PrefixCache | None = None, stretch: bool = True,
+                 batch_stretch: int = DEFAULT_BATCH_STRETCH):
         self.runner = runner
         self.vocab = Vocabulary(runner.info.spec.vocab)
-        self.scheduler = Scheduler(runner, max_batch, lookahead, observer, prefix_cache, stretch)  # engine thread only
+        # Engine thread only:
+        self.scheduler = Scheduler(runner, max_batch, lookahead, observer, prefix_cache, stretch, batch_stretch)
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._ids = itertools.count(1)

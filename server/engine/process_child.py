@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.engine.generation import StreamEvent
 from server.engine.loop import command_failed, run_iteration
 from server.engine.model_dir import ModelDirError
@@ -74,6 +75,7 @@ class EngineParams:
     log_format: str = "kv"
     log_level: str = "info"
     stretch: bool = True
+    batch_stretch: int = DEFAULT_BATCH_STRETCH
 
 
 class Observations:
@@ -107,7 +109,8 @@ def engine_main(sock: socket.socket, params: EngineParams) -> None:
         return
     cache = PrefixCache(params.prefix_cache_bytes) if params.prefix_cache_bytes > 0 else None
     observations = Observations()
-    scheduler = Scheduler(runner, params.max_batch, params.lookahead, observations, cache, params.stretch)
+    scheduler = Scheduler(runner, params.max_batch, params.lookahead, observations, cache, params.stretch,
+                          params.batch_stretch)
     pipe.send(("ready", runner.info))
     ChildLoop(pipe, scheduler, observations, cache).run()
 

@@ -9,7 +9,10 @@ collects to the callers. One iteration (the engine calls `sample()`, then `step(
      caller has handed to the client (one vectorised pass for the batch);
   2. runs ONE model step for every slot with a token waiting (prompt
      characters and the characters just sampled), up to max_batch, least
-     recently stepped first.
+     recently stepped first; or, when the ready sessions all sample with a
+     plain temperature, one call of the stretch graph that also samples and
+     consumes several more characters for each (stretch.py for a lone
+     session, batch_stretch.py for a batch).
 
 Generation runs ahead of delivery, so a request can end (cancel, deadline,
 disconnect) with characters generated that its client never got. Those are
@@ -38,6 +41,7 @@ from server.engine.sampling import sample_batch, stream_key
 from server.sessions.prefix_cache import PrefixCache
 from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, prompt_progress, refusal_of,
                                       restored, rewind, snapshot_of)
+from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
 from server.engine.stretch import step_alone
 
 logger = logging.getLogger("charstream.server")
@@ -52,7 +56,8 @@ class StepObserver(Protocol):
 
 class Scheduler:
     def __init__(self, runner: ModelRunner, max_batch: int, lookahead: int, observer: StepObserver | None = None,
-                 prefix_cache: PrefixCache | None = None, stretch: bool = True):
+                 prefix_cache: PrefixCache | None = None, stretch: bool = True,
+                 batch_stretch: int = DEFAULT_BATCH_STRETCH):
         if max_batch <= 0 or lookahead <= 0:
             raise ValueError(f"max_batch and lookahead must be positive, got {max_batch} and {lookahead}")
         self.runner = runner
@@ -61,6 +66,7 @@ class Scheduler:
         self.lookahead = lookahead
         # A lone session consumes its queue, and samples ahead, in one model call (stretch.py).
         self.stretch = stretch and runner.stretch_session is not None
+        self.batch_stretch = batch_stretch  # most characters a batch's call samples per row; < 2: none
         self._observer = observer
         self.prefixes = PrefixStates(prefix_cache, runner, observer)
         spec = runner.info.spec
@@ -276,7 +282,7 @@ class Scheduler:
             ready = prefill(self.runner, ready, lambda state, exc: self._fail([state], exc))
             if not ready:  # its only slots failed in prefill: no step of zero rows
                 return
-        if len(ready) == 1 and self.stretch and self._stepped_alone(*ready[0]):
+        if self.stretch and self._stretched(ready):
             self._observe_lookahead()  # a stretch ran ahead: the gauges must say how far
             return
         if len(ready) > self.max_batch:
@@ -322,22 +328,31 @@ class Scheduler:
                 state.logits = logits[row]  # [V]
         self.prefixes.capture(ready)
 
-    def _stepped_alone(self, slot: int, state: SlotState) -> bool:
-        """The lone ready session's call through the Loop graph (stretch.step_alone); False leaves it
-        to the ordinary step."""
-        request = state.request
+    def _stretched(self, ready: list[tuple[int, SlotState]]) -> bool:
+        """The ready sessions' call through the stretch graph: a lone session's (stretch.step_alone)
+        or a batch's (batch_stretch.step_together). False leaves them to the ordinary step."""
         try:
-            stepped, event = step_alone(self.runner, slot, state, self.lookahead, self.chars, self._observer)
-        except Exception as exc:  # noqa: BLE001 - as a failed step: this session only
+            if len(ready) == 1:
+                slot, state = ready[0]
+                request = state.request
+                stepped, event = step_alone(self.runner, slot, state, self.lookahead, self.chars, self._observer)
+                events = [(request.id, event)] if event is not None and request is not None else []
+            elif len(ready) <= self.max_batch:
+                found = step_together(self.runner, ready, self.lookahead, self.chars, self._observer,
+                                      self.batch_stretch)
+                stepped, events = found is not None, found or []
+            else:
+                return False
+        except Exception as exc:  # noqa: BLE001 - as a failed step: these sessions only
             logger.exception("model step failed")
-            self._fail([state], exc)
+            self._fail([state for _, state in ready], exc)
             return True
         if not stepped:
             return False
-        state.last_step = self._iteration
-        if event is not None and request is not None:
-            self.events.append((request.id, event))
-        self.prefixes.capture([(slot, state)])
+        for _, state in ready:
+            state.last_step = self._iteration
+        self.events.extend(events)
+        self.prefixes.capture(ready)
         return True
 
     def fail_running(self, exc: Exception) -> None:

@@ -107,15 +107,17 @@ def run_loop(runner: ModelRunner, slot: int, state: SlotState, forced: list[int]
     hidden = runner.read_states(np.array([slot]))[:, 0, :] if state.start is None else state.start  # [L, H]
     logits = state.logits if state.logits is not None and not forced else np.zeros(spec.vocab_size, np.float32)
     forced_inputs, tokens, inputs, drawn, final_logits, final = runner.stretch_session.run(None, {
-        INPUT_FORCED: np.array(forced, np.int64),  # [F]
+        INPUT_FORCED: np.array(forced, np.int64)[:, None],  # [F, 1]
         INPUT_STRETCH_LOGITS: np.ascontiguousarray(logits[None, :], dtype=np.float32),  # [1, V]
         INPUT_STRETCH_START: np.ascontiguousarray(hidden[:, None, :], dtype=np.float32),  # [L, 1, H]
-        INPUT_UNIFORMS: uniforms,  # [K] float64
+        INPUT_UNIFORMS: uniforms[:, None],  # [K, 1] float64
         INPUT_TEMPERATURE: np.array([temperature], np.float64),  # [1]
     })
-    # [F, L, 1, H], [K, 1], [K, L, 1, H], [K, 1, V], [1, V], [L, 1, H]: the batch axis dropped
-    return LoopOutput(forced_inputs[:, :, 0, :], tokens[:, 0], inputs[:, :, 0, :], drawn[:, 0, :], final_logits[0],
-                      final[:, 0, :])
+    # [F, L, 1, H], [K, 1], [K, L, 1, H], [K, 1, V], [1, V], [L, 1, H]: the batch axis dropped. A Loop of
+    # no iterations gives its scan outputs as [0] with every other axis 0 too: reshaped to their sizes.
+    f, k, (layers, hidden_size), vocab = len(forced), len(uniforms), hidden.shape, len(logits)
+    return LoopOutput(forced_inputs.reshape(f, layers, hidden_size), tokens.reshape(k), inputs.reshape(k, layers, hidden_size),
+                      drawn.reshape(k, vocab), final_logits[0], final[:, 0, :])
 
 
 def agreed_length(output: LoopOutput, uniforms: np.ndarray, temperature: float) -> int:

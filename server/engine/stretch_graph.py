@@ -72,8 +72,8 @@ def name_of(suffix: str) -> str:
 
 
 def _loop(cell: onnx.ModelProto, scope: str, sampling: bool, shapes: tuple[list, list]) -> onnx.GraphProto:
-    """The body of one of the two Loops: (iteration, cond, state [L, 1, H], logits [1, V]) -> (cond,
-    state, logits, the state it started from[, the token, the logits it was drawn from])."""
+    """The body of one of the two Loops: (iteration, cond, state [L, B, H], logits [B, V]) -> (cond,
+    state, logits, the state it started from[, the tokens [B], the logits they were drawn from])."""
     from onnx import TensorProto, helper
 
     def name(suffix: str) -> str:
@@ -86,17 +86,17 @@ def _loop(cell: onnx.ModelProto, scope: str, sampling: bool, shapes: tuple[list,
     if sampling:
         nodes += [
             node("Identity", [logits_in], [name("drawn")], name=name("drawn")),  # scan output
-            node("Gather", [name_of("uniforms2"), name("iteration")], [name("u")], name=name("u"), axis=0),  # [1]
+            node("Gather", [name_of("uniforms3"), name("iteration")], [name("u")], name=name("u"), axis=0),  # [B, 1]
             # The draw (see the module docstring): the first token whose float32 cdf exceeds u.
-            node("Div", [logits_in, name_of("temperature32")], [name("scaled")], name=name("scaled")),  # [1, V]
-            node("Softmax", [name("scaled")], [name("p")], name=name("p"), axis=1),  # [1, V]
-            node("CumSum", [name("p"), name_of("axis1")], [name("cdf")], name=name("cdf")),  # [1, V]
-            node("Greater", [name("cdf"), name("u")], [name("above")], name=name("above")),  # [1, V] bool
+            node("Div", [logits_in, name_of("temperature2")], [name("scaled")], name=name("scaled")),  # [B, V]
+            node("Softmax", [name("scaled")], [name("p")], name=name("p"), axis=1),  # [B, V]
+            node("CumSum", [name("p"), name_of("axis1")], [name("cdf")], name=name("cdf")),  # [B, V]
+            node("Greater", [name("cdf"), name("u")], [name("above")], name=name("above")),  # [B, V] bool
             node("Cast", [name("above")], [name("above32")], name=name("above32"), to=TensorProto.FLOAT),
-            node("ArgMax", [name("above32")], [token], name=token, axis=1, keepdims=0),  # [1] int64
+            node("ArgMax", [name("above32")], [token], name=token, axis=1, keepdims=0),  # [B] int64
         ]
     else:
-        nodes.append(node("Gather", [name_of("forced2"), name("iteration")], [token], name=token, axis=0))  # [1]
+        nodes.append(node("Gather", [INPUT_FORCED, name("iteration")], [token], name=token, axis=0))  # [B]
     renamed = {INPUT_TOKENS: token, INPUT_HIDDEN: hidden_in, OUTPUT_HIDDEN: name("hidden_out"),
                OUTPUT_LOGITS: name("logits_out")}
     nodes += copied_nodes(list(cell.graph.node), renamed, scope=PREFIX + scope)
@@ -106,7 +106,7 @@ def _loop(cell: onnx.ModelProto, scope: str, sampling: bool, shapes: tuple[list,
         helper.make_tensor_value_info(name("input_state"), TensorProto.FLOAT, state_shape),
     ]
     if sampling:
-        outputs += [helper.make_tensor_value_info(token, TensorProto.INT64, [1]),
+        outputs += [helper.make_tensor_value_info(token, TensorProto.INT64, ["batch"]),
                     helper.make_tensor_value_info(name("drawn"), TensorProto.FLOAT, logits_shape)]
     carried = [helper.make_tensor_value_info(hidden_in, TensorProto.FLOAT, state_shape),
                helper.make_tensor_value_info(logits_in, TensorProto.FLOAT, logits_shape)]
@@ -114,23 +114,27 @@ def _loop(cell: onnx.ModelProto, scope: str, sampling: bool, shapes: tuple[list,
 
 
 def build_stretch(cell: onnx.ModelProto, num_layers: int, hidden_size: int, vocab_size: int) -> onnx.ModelProto:
-    """The two Loops around `cell` (the charstream step model): F known and K sampled characters, one call."""
+    """The two Loops around `cell` (the charstream step model): F known and K sampled characters for
+    each of B sessions, one call."""
     from onnx import TensorProto, helper
 
     check_wrappable(cell, PREFIX)
     name = name_of
-    shapes = ([num_layers, 1, hidden_size], [1, vocab_size])
+    shapes = ([num_layers, "batch", hidden_size], ["batch", vocab_size])
     state_shape, logits_shape = shapes
     node = helper.make_node
     outer = [
-        node("Shape", [INPUT_FORCED], [name("forced_count1")], name=name("forced_count1")),  # [1]
-        node("Squeeze", [name("forced_count1")], [name("forced_count")], name=name("forced_count")),  # [] = F
-        node("Shape", [INPUT_UNIFORMS], [name("sampled_count1")], name=name("sampled_count1")),  # [1]
-        node("Squeeze", [name("sampled_count1")], [name("sampled_count")], name=name("sampled_count")),  # [] = K
-        node("Unsqueeze", [INPUT_FORCED, name("axis1")], [name("forced2")], name=name("forced2")),  # [F, 1]
+        node("Shape", [INPUT_FORCED], [name("forced_shape")], name=name("forced_shape")),  # [2]
+        node("Gather", [name("forced_shape"), name("zero")], [name("forced_count")], name=name("forced_count"),
+             axis=0),  # [] = F
+        node("Shape", [INPUT_UNIFORMS], [name("sampled_shape")], name=name("sampled_shape")),  # [2]
+        node("Gather", [name("sampled_shape"), name("zero")], [name("sampled_count")], name=name("sampled_count"),
+             axis=0),  # [] = K
         node("Cast", [INPUT_UNIFORMS], [name("uniforms32")], name=name("uniforms32"), to=TensorProto.FLOAT),
-        node("Unsqueeze", [name("uniforms32"), name("axis1")], [name("uniforms2")], name=name("uniforms2")),  # [K, 1]
+        node("Unsqueeze", [name("uniforms32"), name("axis2")], [name("uniforms3")], name=name("uniforms3")),  # [K, B, 1]
         node("Cast", [INPUT_TEMPERATURE], [name("temperature32")], name=name("temperature32"), to=TensorProto.FLOAT),
+        node("Unsqueeze", [name("temperature32"), name("axis1")], [name("temperature2")],
+             name=name("temperature2")),  # [B, 1]
         node("Loop", [name("forced_count"), name("true"), INPUT_STRETCH_START, INPUT_STRETCH_LOGITS],
              [name("after_forced"), name("after_forced_logits"), OUTPUT_FORCED_INPUTS], name=name("forced_loop"),
              body=_loop(cell, "forced.", False, shapes)),
@@ -142,15 +146,15 @@ def build_stretch(cell: onnx.ModelProto, num_layers: int, hidden_size: int, voca
         outer,
         cell.graph.name + "_stretch",
         inputs=[
-            helper.make_tensor_value_info(INPUT_FORCED, TensorProto.INT64, ["forced"]),
+            helper.make_tensor_value_info(INPUT_FORCED, TensorProto.INT64, ["forced", "batch"]),
             helper.make_tensor_value_info(INPUT_STRETCH_LOGITS, TensorProto.FLOAT, logits_shape),
             helper.make_tensor_value_info(INPUT_STRETCH_START, TensorProto.FLOAT, state_shape),
-            helper.make_tensor_value_info(INPUT_UNIFORMS, TensorProto.DOUBLE, ["sampled"]),
-            helper.make_tensor_value_info(INPUT_TEMPERATURE, TensorProto.DOUBLE, [1]),
+            helper.make_tensor_value_info(INPUT_UNIFORMS, TensorProto.DOUBLE, ["sampled", "batch"]),
+            helper.make_tensor_value_info(INPUT_TEMPERATURE, TensorProto.DOUBLE, ["batch"]),
         ],
         outputs=[
             helper.make_tensor_value_info(OUTPUT_FORCED_INPUTS, TensorProto.FLOAT, ["forced", *state_shape]),
-            helper.make_tensor_value_info(OUTPUT_TOKENS, TensorProto.INT64, ["sampled", 1]),
+            helper.make_tensor_value_info(OUTPUT_TOKENS, TensorProto.INT64, ["sampled", "batch"]),
             helper.make_tensor_value_info(OUTPUT_INPUTS, TensorProto.FLOAT, ["sampled", *state_shape]),
             helper.make_tensor_value_info(OUTPUT_DRAWN, TensorProto.FLOAT, ["sampled", *logits_shape]),
             helper.make_tensor_value_info(OUTPUT_FINAL_LOGITS, TensorProto.FLOAT, logits_shape),
@@ -158,7 +162,9 @@ def build_stretch(cell: onnx.ModelProto, num_layers: int, hidden_size: int, voca
         ],
         initializer=list(cell.graph.initializer) + [
             helper.make_tensor(name("true"), TensorProto.BOOL, [], [True]),
+            helper.make_tensor(name("zero"), TensorProto.INT64, [], [0]),
             helper.make_tensor(name("axis1"), TensorProto.INT64, [1], [1]),
+            helper.make_tensor(name("axis2"), TensorProto.INT64, [1], [2]),
         ],
     )
     return finished_model(wrapped, cell)
