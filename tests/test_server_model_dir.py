@@ -116,6 +116,32 @@ def test_variant_auto_picks_int8_on_cpu_when_the_manifest_verified_it(
     np.testing.assert_allclose(logits[0], expected, rtol=0, atol=1e-6)  # the int8 file's own step
 
 
+def test_an_int8_file_whose_rows_share_a_scale_is_served_with_a_warning(
+    int8_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An int8 file from before the fixed-scale states (plain quantize_dynamic: one activation scale
+    per call for the whole batch) still serves, and the log says to export it again; today's does not."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    directory = tmp_path / "old_int8"
+    shutil.copytree(int8_model_dir, directory)
+    logging.disable(logging.WARNING)  # quantize_dynamic's generic advice on the root logger
+    try:
+        quantize_dynamic(directory / "model.onnx", directory / "model.int8.onnx", op_types_to_quantize=["MatMul"],
+                         per_channel=True, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    warnings = []
+    for model_dir in (int8_model_dir, directory):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="charstream.server"):
+            runner = load_runner(model_dir, "int8", device="cpu", num_slots=2)
+        assert runner.step(np.array([1]), np.array([0]), np.array([True])).logits.shape == (1, runner.info.spec.vocab_size)
+        warnings.append([r for r in caplog.records if r.getMessage() == "rows_depend_on_batch"])
+    assert warnings[0] == [] and len(warnings[1]) == 1
+    assert warnings[1][0].levelno == logging.WARNING and "export the model again" in warnings[1][0].event_fields["advice"]
+
+
 def test_explicit_variants_still_win_over_auto(int8_model_dir: Path) -> None:
     runner = load_runner(int8_model_dir, "fp32", device="cpu", num_slots=2)
     assert runner.info.model_file.variant == "fp32"

@@ -192,6 +192,23 @@ def _loop_session(what: str, build: Callable[[onnx.ModelProto], onnx.ModelProto]
         return None
 
 
+def warn_if_rows_share_a_scale(model_file: ModelFile) -> bool:
+    """Log a warning, and return True, when the served file quantizes each step's activations with
+    one scale for the whole batch (DynamicQuantizeLinear: int8 files exported before their states
+    were quantized with a fixed scale). A row's logits then move with the rows beside it, so a
+    seeded session's text can depend on the other sessions; the file still serves, and exporting
+    it again fixes it."""
+    import onnx  # only this check and graph building need it
+
+    cell = onnx.load(str(model_file.path), load_external_data=False)
+    if not any(node.op_type == "DynamicQuantizeLinear" for node in cell.graph.node):
+        return False
+    log_event(logger, "rows_depend_on_batch", logging.WARNING, file=str(model_file.path),
+              advice="this int8 file quantizes a whole batch's states with one scale, so seeded text can depend on "
+                     "the sessions sharing a step: export the model again with charstream-export")
+    return True
+
+
 def _open(path: Path, device: str, threads: ThreadSettings) -> ort.InferenceSession:
     """create_session, with a file ONNX Runtime cannot load reported as a bad model directory."""
     try:
@@ -247,6 +264,7 @@ def load_runner(
         threads = ThreadSettings(intra_op_threads=int(threads))
     model_file, session = _choose_and_open(model_dir, variant, device, threads)
     spec = _session_spec(session, str(model_file.path))
+    warn_if_rows_share_a_scale(model_file)
     provider = session.get_providers()[0]
     runner: ModelRunner | None = None
     if provider == CUDA:
