@@ -35,11 +35,12 @@ class ServerMetrics:
             "charstream_sessions_removed", "Sessions removed, by reason.", ["reason"], registry=self.registry
         )
         self.step_seconds = Histogram(
-            "charstream_step_seconds", "Wall time of one batched model step (a lone session's Loop call, its "
-            "queue and a stretch, counts as one).", buckets=STEP_BUCKETS, registry=self.registry
+            "charstream_step_seconds", "Wall time of one batched model step (a stretch's call, a lone session's "
+            "or a batch's, counts as one).", buckets=STEP_BUCKETS, registry=self.registry
         )
         self.batch_size = Histogram(
-            "charstream_batch_size", "Sessions in one batched model step.", buckets=BATCH_BUCKETS, registry=self.registry
+            "charstream_batch_size", "Sessions in one batched model step (or stretch call).", buckets=BATCH_BUCKETS,
+            registry=self.registry
         )
         self.stream_messages = Counter(
             "charstream_stream_messages", "Streamed messages that carried text (each holds every character ready "
