@@ -117,6 +117,13 @@ def test_batch_stretch_bounds_what_a_call_samples(tiny_model_dir: Path, most: in
     assert (max(recorder.sampled) == most) if most >= 2 else not recorder.sampled
 
 
+def test_more_sessions_than_max_batch_stretch_in_turns(tiny_model_dir: Path) -> None:
+    """Six sessions, batches of at most four: calls take the least recently stepped, every session
+    gets its text alone."""
+    recorder, counts = same_texts_together(tiny_model_dir, 6, 200, 1.0, max_batch=4)
+    assert recorder.batched_calls > 0 and max(recorder.batches) == 4 and counts.kept > 6 * 100
+
+
 def test_a_disagreement_in_a_batch_is_redrawn_for_its_row_only(tiny_model_dir: Path) -> None:
     recorder, counts = same_texts_together(tiny_model_dir, 4, 200, 1.0, perturb=True)
     assert recorder.batched_calls > 0 and counts.sampled > counts.kept > 0  # characters were discarded

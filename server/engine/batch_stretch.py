@@ -17,14 +17,16 @@ K is the most characters any row may keep: its lookahead room, half the
 lookahead (so the next call has room once the client took this call's
 characters), its max_chars, and at most `most` (--batch-stretch, default 16). A row that may keep
 fewer keeps fewer: the rest of its row is computed and dropped, and its random
-stream moves on only by what it kept. Unlike a lone stream's, a batch's calls
-do not ramp up from 2 characters: a call lasts K steps whatever each row keeps.
+stream moves on only by what it kept. A row's limit has no ramp (a call lasts
+K steps whatever each row keeps), but K grows 2, 4, 8, ... with the batch's
+youngest request: while requests keep arriving, each waits a few steps.
 
 The cost is latency for whatever arrives during a call: a new request's
 prompt, a cancel, an acknowledgement wait until it ends (at most
 `most` steps, about 21 ms for int8 at 64 streams on that CPU by default). A
 batch with a prompt queued, a greedy or top-k/top-p request, or a request
-that has not sampled yet takes ordinary steps.
+that has not sampled yet takes ordinary steps. With more sessions ready than
+max_batch, the scheduler hands this the max_batch least recently stepped.
 """
 
 from __future__ import annotations

@@ -330,14 +330,17 @@ class Scheduler:
 
     def _stretched(self, ready: list[tuple[int, SlotState]]) -> bool:
         """The ready sessions' call through the stretch graph: a lone session's (stretch.step_alone)
-        or a batch's (batch_stretch.step_together). False leaves them to the ordinary step."""
+        or a batch's (batch_stretch.step_together: the max_batch least recently stepped, as an
+        ordinary step takes). False leaves them to the ordinary step."""
         try:
             if len(ready) == 1:
                 slot, state = ready[0]
                 request = state.request
                 stepped, event = step_alone(self.runner, slot, state, self.lookahead, self.chars, self._observer)
                 events = [(request.id, event)] if event is not None and request is not None else []
-            elif len(ready) <= self.max_batch:
+            elif self.max_batch >= 2:
+                if len(ready) > self.max_batch:
+                    ready = sorted(ready, key=lambda item: item[1].last_step)[: self.max_batch]
                 found = step_together(self.runner, ready, self.lookahead, self.chars, self._observer,
                                       self.batch_stretch)
                 stepped, events = found is not None, found or []
