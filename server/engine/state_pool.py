@@ -102,7 +102,7 @@ class DeviceStatePool:
     def read(self, slots: np.ndarray) -> np.ndarray:
         """States of `slots` copied to the host as [L, B, H]. Copies the whole pool: used for
         snapshots, for the first prefill chunk of a session continuing from its pooled state (once
-        per new prompt, 4 MiB at 1024 default-size sessions), for a lone session's first Loop call
-        after a batched step it shared (stretch.py; later calls start from the state the last one
+        per new prompt, 4 MiB at 1024 default-size sessions), for a stretch's first call after an
+        ordinary step (stretch.py, batch_stretch.py; later calls start from the states the last one
         returned), and by tests."""
         return np.ascontiguousarray(self.current.numpy()[slots].transpose(1, 0, 2))
