@@ -124,6 +124,23 @@ def test_more_sessions_than_max_batch_stretch_in_turns(tiny_model_dir: Path) -> 
     assert recorder.batched_calls > 0 and max(recorder.batches) == 4 and counts.kept > 6 * 100
 
 
+def test_an_idle_session_after_a_batch_holds_only_its_own_state(tiny_model_dir: Path) -> None:
+    """What a session keeps once its request settled is its own [L, H] state and [V] logits, not views
+    of the batch's call outputs (which would keep every row's arrays alive while it idles)."""
+    engine, recorder, _ = start(tiny_model_dir)
+    try:
+        results = generate_together(engine, 4, 150, 1.0)
+    finally:
+        engine.stop()
+    assert results == [(text, LENGTH) for text in references(tiny_model_dir, 4, 150, 1.0)]
+    assert recorder.batched_calls > 0
+    for slot in range(4):
+        state = engine.scheduler.slots[slot]
+        assert state.request is None and state.start is not None and state.logits is not None
+        for kept in (state.start, state.logits):  # copies, or views of a lone call's one-row outputs
+            assert kept.base is None or kept.base.size == kept.size
+
+
 def test_a_disagreement_in_a_batch_is_redrawn_for_its_row_only(tiny_model_dir: Path) -> None:
     recorder, counts = same_texts_together(tiny_model_dir, 4, 200, 1.0, perturb=True)
     assert recorder.batched_calls > 0 and counts.sampled > counts.kept > 0  # characters were discarded

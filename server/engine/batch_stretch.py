@@ -112,8 +112,10 @@ def step_together(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]], l
     agreed = agreed_lengths(tokens, drawn, uniforms, temperature)  # [B]
     events, sampled, kept = [], 0, 0
     for row, (state, request) in enumerate(zip(states, requests)):
+        # The state after the call is copied: a view would keep the whole batch's [L, B, H] alive as long
+        # as this session idles. (Undo-window views are dropped or copied when the request settles.)
         output = LoopOutput(forced_inputs[:, :, row, :], tokens[:, row], inputs[:, :, row, :], drawn[:, row, :],
-                            final_logits[row], final[:, row, :])
+                            final_logits[row].copy(), final[:, row, :].copy())
         take_forced(state, output, lookahead)
         event = keep_stretch(request, state, output, min(int(agreed[row]), limits[row]), chars, lookahead)
         sampled += min(count, limits[row])
