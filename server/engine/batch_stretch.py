@@ -38,9 +38,9 @@ import numpy as np
 
 from server.engine.generation import RequestStatus, StreamEvent
 from server.engine.model_runner import ModelRunner
-from server.engine.sampling import sample_uncut, uniforms_at
+from server.engine.sampling import uniforms_at
 from server.engine.slot_state import Request, SlotState
-from server.engine.stretch import LoopOutput, keep_stretch, take_forced
+from server.engine.stretch import LoopOutput, agreed_lengths, keep_stretch, take_forced
 from server.engine.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
                                          INPUT_UNIFORMS)
 
@@ -138,13 +138,3 @@ def start_states(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]]) ->
         if state.start is not None:
             hidden[:, row, :] = state.start  # [L, H]
     return hidden
-
-
-def agreed_lengths(tokens: np.ndarray, drawn: np.ndarray, uniforms: np.ndarray, temperature: np.ndarray) -> np.ndarray:
-    """How many of each row's sampled characters, from the first, the server's NumPy sampler picks too:
-    tokens [K, B], drawn [K, B, V], uniforms [K, B], temperature [B] -> [B]. One pass over all K x B draws."""
-    count, batch, vocab = drawn.shape
-    expected = sample_uncut(drawn.reshape(count * batch, vocab), np.tile(temperature, count),
-                            uniforms.ravel()).reshape(count, batch)  # [K, B]
-    disagree = expected != tokens  # [K, B]
-    return np.where(disagree.any(axis=0), disagree.argmax(axis=0), count)  # [B]

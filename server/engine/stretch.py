@@ -122,9 +122,18 @@ def run_loop(runner: ModelRunner, slot: int, state: SlotState, forced: list[int]
 
 def agreed_length(output: LoopOutput, uniforms: np.ndarray, temperature: float) -> int:
     """How many of the sampled characters, from the first, the server's NumPy sampler picks too."""
-    expected = sample_uncut(output.drawn, np.full(len(uniforms), temperature), uniforms)  # [K]
-    disagree = np.flatnonzero(expected != output.tokens)
-    return int(disagree[0]) if disagree.size else len(uniforms)
+    return int(agreed_lengths(output.tokens[:, None], output.drawn[:, None, :], uniforms[:, None],
+                              np.array([temperature]))[0])
+
+
+def agreed_lengths(tokens: np.ndarray, drawn: np.ndarray, uniforms: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """How many of each row's sampled characters, from the first, the server's NumPy sampler picks too:
+    tokens [K, B], drawn [K, B, V], uniforms [K, B], temperature [B] -> [B]. One pass over all K x B draws."""
+    count, batch, vocab = drawn.shape
+    expected = sample_uncut(drawn.reshape(count * batch, vocab), np.tile(temperature, count),
+                            uniforms.ravel()).reshape(count, batch)  # [K, B]
+    disagree = expected != tokens  # [K, B]
+    return np.where(disagree.any(axis=0), disagree.argmax(axis=0), count)  # [B]
 
 
 def take_forced(state: SlotState, output: LoopOutput, lookahead: int) -> None:
