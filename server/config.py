@@ -37,7 +37,7 @@ class ServerConfig:
     # The thread defaults live in ThreadSettings (one place for the server and library callers).
     intra_op_threads: int = ThreadSettings.intra_op_threads
     allow_spinning: bool = ThreadSettings.allow_spinning
-    lookahead: int = 64
+    lookahead: int = 128
     stretch: bool = True
     batch_stretch: int = 16
     engine_process: bool = True

@@ -51,7 +51,7 @@ def test_thread_and_lookahead_defaults_come_from_one_place() -> None:
     config = parse_config(["--model", "m"], {})
     assert config.thread_settings() == ThreadSettings()  # the defaults live in ThreadSettings
     assert (config.intra_op_threads, config.allow_spinning) == (1, False)
-    assert config.lookahead == 64 == ServerConfig(model="m").lookahead == DEFAULT_LOOKAHEAD
+    assert config.lookahead == 128 == ServerConfig(model="m").lookahead == DEFAULT_LOOKAHEAD
     assert config.variant == "auto"
 
 

@@ -26,9 +26,9 @@ All of a lone session's calls going to one graph also keeps one copy of the
 weights warm in the caches (each ONNX Runtime session packs its own).
 
 K is at most half the lookahead, so one stretch is written to the client
-while the next is computed; a request's calls take 2, 4, 8, 16, then 32
-characters (the one NumPy drew, then K = 1, 3, 7, 15, 31 at the default
-lookahead of 64), so the first ones leave as soon as single steps would send
+while the next is computed; a request's calls take 2, 4, 8, 16, 32, then 64
+characters (the one NumPy drew, then K = 1, 3, 7, 15, 31, 63 at the default
+lookahead of 128), so the first ones leave as soon as single steps would send
 them.
 A short prompt is consumed without sampling (K = 0): its first character is
 drawn by the ordinary sampler and sent before anything else runs. A long one
