@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH
+from server.engine.loop import DEFAULT_LOOKAHEAD
 from server.engine.model_contract import MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
 from server.engine.model_dir import AUTO, AUTO_PREFERENCE
 from server.engine.providers import DEVICES, ThreadSettings
@@ -37,9 +39,9 @@ class ServerConfig:
     # The thread defaults live in ThreadSettings (one place for the server and library callers).
     intra_op_threads: int = ThreadSettings.intra_op_threads
     allow_spinning: bool = ThreadSettings.allow_spinning
-    lookahead: int = 128
+    lookahead: int = DEFAULT_LOOKAHEAD  # the engine's default, one place (loop.py says why)
     stretch: bool = True
-    batch_stretch: int = 16
+    batch_stretch: int = DEFAULT_BATCH_STRETCH
     engine_process: bool = True
     coalesce_streams: int = 4
     prefix_cache_bytes: int = 64 * 1024 * 1024

@@ -263,7 +263,7 @@ class GeneratorService(SessionRPCs):
         waits (time to first character); later ones wait for one character per
         `coalesce_streams` streams running, at most half the lookahead. One stream
         alone gets every character at once; 64 streams with --coalesce-streams 4 get
-        messages of 16 (half the default lookahead of 128 is 64). Event-driven: the wait ends
+        messages of 16 (below the cap, half the lookahead: 64 by default). Event-driven: the wait ends
         when the engine has handed over enough."""
         if delivered == 0 or self.coalesce_streams <= 0:
             return 1
