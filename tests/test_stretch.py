@@ -164,6 +164,41 @@ def test_a_disagreement_is_redrawn_by_the_numpy_sampler(tiny_model_dir: Path) ->
     assert counts.sampled > counts.kept > 0  # stretches ran, and characters were discarded
 
 
+def test_the_graph_draws_a_running_requests_next_character_and_numpy_a_disputed_one(tiny_model_dir: Path) -> None:
+    """Once a request runs, its calls queue nothing: the graph draws the next character from the
+    logits the call before ended with. When that very first draw is disputed (nothing kept),
+    NumPy draws the character, the next call consumes it, and the text stays the plain loop's."""
+    runner = load_runner(tiny_model_dir, device="cpu", num_slots=4)
+    real = runner.stretch_session
+    assert real is not None
+    calls: list[tuple[int, int]] = []  # (characters queued, characters sampled) of every call
+
+    class DisputingFirstDraws:
+        """The real graph, fed another random number for the first draw of every call that queues
+        nothing: the graph's first character is then (almost always) not NumPy's, and would be
+        again in a retry of the same call."""
+
+        def run(self, names, feeds):  # noqa: ANN001, ANN202
+            uniforms = np.array(feeds[INPUT_UNIFORMS])
+            calls.append((len(feeds[INPUT_FORCED]), len(uniforms)))
+            if len(feeds[INPUT_FORCED]) == 0 and len(uniforms):
+                uniforms[0] = (uniforms[0] + 0.5) % 1.0
+            return real.run(names, {**feeds, INPUT_UNIFORMS: uniforms})
+
+    runner.stretch_session = DisputingFirstDraws()  # type: ignore[assignment]
+    engine, counts = start_engine(runner)
+    try:
+        engine.open_slot(0, seed=3, prompt_tokens=[])
+        generation = collect(engine, 0, request(engine, "The", 300, temperature=1.1))
+        text, _ = asyncio.run(asyncio.wait_for(generation, 60))  # a retried draw would never end
+    finally:
+        engine.stop()
+    assert text == onnx_loop(tiny_model_dir, "The", 300, SamplingSettings(1.1), seed=3)
+    drawing = [sampled for queued, sampled in calls if queued == 0 and sampled]
+    assert len(drawing) >= 4  # calls that drew their first character ran, disputed or not
+    assert counts.sampled > counts.kept > 0
+
+
 def same_state(cell: ort.InferenceSession, one: SlotSnapshot, other: SlotSnapshot) -> bool:
     """Whether two snapshots hold the same model state: bit for bit when both hold the same queue;
     else (one may hold the last delivered character queued, the other consumed) after single steps
@@ -258,16 +293,18 @@ def test_stops_and_max_chars_end_where_single_steps_end(engine: tuple[Engine, St
 
 
 def test_stretch_length_ramps_and_stays_within_bounds() -> None:
-    def length(generated: int, delivered: int, lookahead: int = 32, max_chars: int = 1000) -> int:
-        """With the last generated character sampled and queued (a call consumes it first)."""
+    def length(generated: int, delivered: int, lookahead: int = 32, max_chars: int = 1000, queued: int = 1) -> int:
+        """With the last `queued` generated characters sampled by NumPy and queued (a call consumes them first)."""
         spec = GenerationRequest((), max_chars, SamplingSettings(1.0))
         req = Request(1, 0, spec, None, None, 0, tokens=[0] * generated, delivered=delivered,  # type: ignore[arg-type]
-                      stepped=max(0, generated - 1))
+                      stepped=max(0, generated - queued))
         return stretch_length(req, lookahead)
 
-    # The ramp; then a call (the queued character and the stretch) is at most half the lookahead.
-    assert [length(g, 0) for g in (0, 1, 2, 4, 8)] == [1, 1, 2, 4, 8]
+    # The ramp (RAMP = 3 times what was generated); then a call (the queued character and the
+    # stretch) is at most half the lookahead; with nothing queued the graph draws all of it.
+    assert [length(g, 0) for g in (0, 1, 2, 4, 8)] == [1, 3, 6, 12, 15]
     assert [length(g, g) for g in (16, 64)] == [15, 15]
+    assert [length(g, g, queued=0) for g in (4, 16, 64)] == [12, 16, 16]
     assert length(100, 90) == 15 and length(100, 80) == 12 and length(100, 68) == 0  # room left in the lookahead
     assert length(990, 990) == 10  # no further than max_chars
     assert length(40, 40, lookahead=1) == 0  # a lookahead of one leaves single steps

@@ -178,17 +178,24 @@ def sample_tokens(
 
 def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """sample_tokens for rows that all sample with a temperature alone (temperature > 0, no top-k
-    or top-p cut): logits [B, V], temperature [B], uniforms [B] -> token ids int64 [B].
+    or top-p cut): logits [..., V], temperature broadcasting to [...], uniforms [...] -> token ids
+    int64 [...] (a batch [B, V], or a stretch's draws [K, B, V] with the rows' temperatures [B]).
 
-    The scheduler's path for the common case: a dozen NumPy calls, where a batch of one
-    spends more time in call overhead than in arithmetic. The same operations as
-    sample_tokens, so the same tokens bit for bit."""
+    The scheduler's path for the common case, and the check of every character a stretch
+    graph drew (stretch.py): a few ufunc calls (no reduction wrappers, no reshapes), where
+    small arrays spend more time in call overhead than in arithmetic, and more still right
+    after a model call has pushed NumPy's code out of the caches. The same float64
+    operations as sample_tokens (maximum.reduce is max, add.accumulate is cumsum), so the
+    same tokens bit for bit."""
     # In place, one buffer: the same values as the expressions of sample_tokens, fewer allocations.
-    weights = np.asarray(logits).astype(np.float64)  # [B, V]
-    weights /= temperature[:, None]
-    weights -= weights.max(axis=1, keepdims=True)
-    np.exp(weights, out=weights)  # [B, V], max = 1
-    return _inverse_cdf(weights, uniforms[:, None])
+    weights = np.asarray(logits).astype(np.float64)  # [..., V]
+    weights /= np.asarray(temperature, np.float64)[..., None]
+    weights -= np.maximum.reduce(weights, axis=-1, keepdims=True)
+    np.exp(weights, out=weights)  # [..., V], max = 1
+    cdf = np.add.accumulate(weights, axis=-1)  # [..., V]; sequential per row, as the 1-D cumsum
+    # searchsorted(cdf, u * total, "right") = how many cdf entries are <= u * total (choose_token).
+    index = np.add.reduce(cdf <= uniforms[..., None] * cdf[..., -1:], axis=-1, dtype=np.int64)  # [...]
+    return np.minimum(index, weights.shape[-1] - 1, out=index)  # only u = 1.0 would overshoot
 
 
 def sample_plain_row(logits: np.ndarray, temperature: float, uniform: float) -> int:

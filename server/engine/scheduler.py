@@ -42,7 +42,7 @@ from server.sessions.prefix_cache import PrefixCache
 from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, prompt_progress, refusal_of,
                                       restored, rewind, snapshot_of)
 from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
-from server.engine.stretch import step_alone
+from server.engine.stretch import step_alone, stretch_length
 
 logger = logging.getLogger("charstream.server")
 
@@ -79,6 +79,7 @@ class Scheduler:
         self._text_events = [StreamEvent(text=char) for char in self.chars]  # token id -> its plain text event
         self.draining = False
         self._iteration = 0
+        self._graph_draws: int | None = None  # the slot whose next character the stretch graph draws
 
     # ---- commands ----
 
@@ -239,6 +240,9 @@ class Scheduler:
                     states.append(state)
         if not rows:
             return
+        if len(rows) == 1 and self._graph_may_draw(rows[0]):
+            self._graph_draws = rows[0].slot  # step() makes the call that draws it (and more)
+            return
         tokens, draws = sample_batch([s.logits for s in states], [r.spec.settings for r in rows],
                                      [(s.key, s.position) for s in states], all(r.plain for r in rows))
         # Per row only what must be per row: the hot loop of the server, kept to plain attribute work.
@@ -247,6 +251,7 @@ class Scheduler:
             generated = request.tokens
             if not generated:
                 request.start_logits = state.logits
+            request.numpy_draws = False
             state.position += draws
             state.pending.append(token)
             state.logits = None
@@ -257,6 +262,19 @@ class Scheduler:
             else:
                 events.append((request.id, text_events[token]))  # one shared immutable event per character
         self._observe_lookahead()
+
+    def _graph_may_draw(self, request: Request) -> bool:
+        """Whether the lone sampling request's next character is left to the stretch graph, which
+        draws it from the same logits with the same random number and then runs on (stretch.py):
+        one NumPy draw, one event and one message fewer per call. Not its first character (NumPy
+        sends that at once: time to first character), nor one the graph's draw disputed, nor when
+        the call could not sample two (a step costs less), nor while another slot has tokens
+        waiting (the step would not be a lone session's)."""
+        if not (self.stretch and request.plain and request.tokens and not request.numpy_draws
+                and stretch_length(request, self.lookahead) >= 2):
+            return False
+        slots = self.slots
+        return not any((state := slots.get(slot)) is not None and state.pending for slot in self._active)
 
     def _observe_lookahead(self) -> None:
         if self._observer is not None:
@@ -276,7 +294,13 @@ class Scheduler:
         """One batched model step over the slots with tokens waiting."""
         self._iteration += 1
         ready = self._ready_slots()
+        drawing, self._graph_draws = self._graph_draws, None
         if not ready:
+            if drawing is not None:
+                if self._stretched([(drawing, self.slots[drawing])]):
+                    self._observe_lookahead()
+                else:  # never: sample() checked the call's length; NumPy draws rather than none
+                    self.slots[drawing].request.numpy_draws = True  # type: ignore[union-attr]
             return
         if len(ready) <= PREFILL_MAX_BATCH and self.runner.prefill_session is not None:
             ready = prefill(self.runner, ready, lambda state, exc: self._fail([state], exc))

@@ -54,6 +54,7 @@ class Request:
     start_logits: np.ndarray | None = None  # [V] the first character was sampled from
     window: dict[int, np.ndarray] = field(default_factory=dict)  # k -> [L, H] state before consuming char k
     window_floor: int = 1  # the smallest k the window may still hold (acks drop the ones below)
+    numpy_draws: bool = False  # the stretch graph's draw of the next character was disputed: NumPy draws it
 
 
 @dataclass(eq=False)

@@ -5,9 +5,11 @@ cost an engine iteration: sample one row in NumPy, one model call,
 bookkeeping. On a fast CPU that Python costs half as much again as the model
 step. So a lone session's step goes through the Loop graph of
 stretch_graph.py instead: one ONNX Runtime call consumes the F characters it
-has queued (its prompt, or the character just sampled) and then, for a
+has queued (its prompt, or a character NumPy sampled) and then, for a
 request sampling with a plain temperature, K more that the graph samples with
-the session's own random numbers, so the text is the one single steps give:
+the session's own random numbers, so the text is the one single steps give.
+Once a request runs, its calls queue nothing (F = 0): the graph draws the
+next character too, from the logits the call before ended with.
 
   - the graph returns the logits each character was drawn from; NumPy
     re-samples all K rows in one pass (sampling.sample_uncut, the server's
@@ -15,7 +17,7 @@ the session's own random numbers, so the text is the one single steps give:
     disagreement (the graph draws in float32: a random number within its
     rounding of a boundary may land on the other side). The session is left
     with the logits of the disputed character, which the ordinary sampler
-    then draws;
+    then draws (Request.numpy_draws);
   - every consumed generated character's input state goes to the request's
     undo window, as a step's would: undoing undelivered characters works
     unchanged;
@@ -26,10 +28,10 @@ All of a lone session's calls going to one graph also keeps one copy of the
 weights warm in the caches (each ONNX Runtime session packs its own).
 
 K is at most half the lookahead, so one stretch is written to the client
-while the next is computed; a request's calls take 2, 4, 8, 16, 32, then 64
-characters (the one NumPy drew, then K = 1, 3, 7, 15, 31, 63 at the default
-lookahead of 128), so the first ones leave as soon as single steps would send
-them.
+while the next is computed; after the first character, which NumPy draws and
+sends at once, a request's calls take 4, 12, 48, then 64 characters at the
+default lookahead of 128 (stretch_length: a steep ramp, because every call
+costs the engine's Python ~0.4 ms besides the model).
 A short prompt is consumed without sampling (K = 0): its first character is
 drawn by the ordinary sampler and sent before anything else runs. A long one
 is prefill's (prefill.py): its Loop runs no head or sampler per character
@@ -58,6 +60,10 @@ if TYPE_CHECKING:
 # Most queued characters a Loop call consumes: longer queues (long prompts) are prefill's, whose graph
 # has no head or sampler to run per character (prefill.py), or else single steps'.
 FORCED_MAX = PREFILL_MIN_CHARS
+# A stretch samples at most RAMP times the characters its request has generated. Each call costs
+# ~0.4 ms of the engine's Python besides the model (a quarter of it checking the draws), so the
+# ramp is steep: a doubling ramp made six calls of the first 126 characters, this one three of 64.
+RAMP = 3
 
 
 class LoopOutput(NamedTuple):
@@ -71,20 +77,24 @@ class LoopOutput(NamedTuple):
 
 def stretch_length(request: Request, lookahead: int) -> int:
     """How many characters the request's next stretch may sample: within its lookahead room, no
-    further than max_chars, at most as many as it has generated (a ramp: calls of 2, 4, 8, ...), and
-    with the generated character it consumes first, at most half the lookahead: then the call
-    after this one has room as soon as the client took the characters of the call before, while
-    this call's are still being written (a full lookahead per call would wait for every ack)."""
+    further than max_chars, at most RAMP times as many as it has generated (calls of 4, 12, 48
+    characters: the first ones leave early), and with a generated character it consumes first, at
+    most half the lookahead: then the call after this one has room as soon as the client took the
+    characters of the call before, while this call's are still being written (a full lookahead per
+    call would wait for every ack)."""
     generated = len(request.tokens)
     room = lookahead - (generated - request.delivered)
     unconsumed = generated - request.stepped  # sampled, consumed first by the same call
-    return max(0, min(room, lookahead // 2 - unconsumed, request.spec.max_chars - generated, max(1, generated)))
+    return max(0, min(room, lookahead // 2 - unconsumed, request.spec.max_chars - generated,
+                      max(1, RAMP * generated)))
 
 
 def plan(state: SlotState, lookahead: int) -> tuple[list[int], int]:
     """(queued characters to consume, characters to sample after them) for a lone session's call.
-    Sampling needs a request generating with a plain temperature whose queue holds only its
-    sampled character (a prompt's first character is drawn outside, and sent first)."""
+    Sampling needs a request generating with a plain temperature whose queue holds at most a
+    character NumPy sampled (a prompt's first character is drawn outside, and sent first; so is
+    one the graph's draw disputed). With none queued the graph draws from the session's logits
+    (the scheduler leaves them to it: Scheduler.sample)."""
     if len(state.pending) > FORCED_MAX:
         return [], 0
     forced = list(state.pending)
@@ -122,18 +132,16 @@ def run_loop(runner: ModelRunner, slot: int, state: SlotState, forced: list[int]
 
 def agreed_length(output: LoopOutput, uniforms: np.ndarray, temperature: float) -> int:
     """How many of the sampled characters, from the first, the server's NumPy sampler picks too."""
-    return int(agreed_lengths(output.tokens[:, None], output.drawn[:, None, :], uniforms[:, None],
-                              np.array([temperature]))[0])
+    disagree = sample_uncut(output.drawn, np.float64(temperature), uniforms) != output.tokens  # [K]
+    first = int(disagree.argmax()) if len(disagree) else 0
+    return first if len(disagree) and disagree[first] else len(disagree)
 
 
 def agreed_lengths(tokens: np.ndarray, drawn: np.ndarray, uniforms: np.ndarray, temperature: np.ndarray) -> np.ndarray:
     """How many of each row's sampled characters, from the first, the server's NumPy sampler picks too:
     tokens [K, B], drawn [K, B, V], uniforms [K, B], temperature [B] -> [B]. One pass over all K x B draws."""
-    count, batch, vocab = drawn.shape
-    expected = sample_uncut(drawn.reshape(count * batch, vocab), np.tile(temperature, count),
-                            uniforms.ravel()).reshape(count, batch)  # [K, B]
-    disagree = expected != tokens  # [K, B]
-    return np.where(disagree.any(axis=0), disagree.argmax(axis=0), count)  # [B]
+    disagree = sample_uncut(drawn, temperature, uniforms) != tokens  # [K, B]
+    return np.where(disagree.any(axis=0), disagree.argmax(axis=0), len(disagree))  # [B]
 
 
 def take_forced(state: SlotState, output: LoopOutput, lookahead: int) -> None:
@@ -169,6 +177,7 @@ def keep_stretch(request: Request, state: SlotState, output: LoopOutput, agreed:
     if kept < len(output.tokens):  # the state after the last kept character is the next one's input
         # Copies: views would keep the whole call's outputs alive while the session idles.
         state.start, state.logits = output.inputs[kept].copy(), output.drawn[kept].copy()
+        request.numpy_draws = kept == agreed  # disputed (not cut by a stop string): NumPy decides it
     if kept == 0:
         return None
     generated = request.tokens
