@@ -77,7 +77,7 @@ def _server_pids(model_dir: Path) -> list[int]:
 def _argv(model_dir: Path, json_path: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--streams", str(STREAMS), "--chars", str(CHARS), "--long-prompt",
             str(LONG_PROMPT), "--batch", str(BATCH), "--device", "cpu", "--timeout", "60", "--json", str(json_path),
-            "--store-calls", str(STORE_CALLS), "--repeats", "3", *extra]
+            "--store-calls", str(STORE_CALLS), "--repeats", "3", "--streams-repeats", "2", *extra]
 
 
 def _assert_servers_gone(servers: list[bench_process.ServerProcess], model_dir: Path, redises: list = ()) -> None:
@@ -115,6 +115,8 @@ def test_every_row_against_the_tiny_model(full_run: dict[str, Any], tiny_model_d
     assert {row_id: row["status"] for row_id, row in rows.items()} == wanted, rows
     assert "median of 3 runs, in turns with row 4" in rows["raw_batch_1"]["note"]
     assert "median of 3 runs, in turns with row 1" in rows["server_1_stream"]["note"]
+    assert "median of 2 runs, in turns with row 5" in rows["raw_batch_4"]["note"]  # --streams is one of --batch
+    assert "median of 2 runs, in turns with row 2" in rows["server_streams"]["note"]
     for row_id, batch in (("raw_batch_1", 1), ("raw_batch_4", BATCH)):
         assert rows[row_id]["batch"] == batch and rows[row_id]["steps"] == CHARS
         assert rows[row_id]["chars_per_s"] > 0 and rows[row_id]["provider"] == CPU
@@ -184,13 +186,14 @@ def test_rows_measured_before_a_failure_are_kept(tiny_model_dir: Path, tmp_path:
 
     monkeypatch.setattr(bench.Bench, "warm_up", broken)
     json_path = tmp_path / "bench.json"
-    argv = _argv(tiny_model_dir, json_path)
+    argv = _argv(tiny_model_dir, json_path, "--batch", f"{BATCH},2")
     assert bench.main(argv) == 1
     data = json.loads(json_path.read_text(encoding="utf-8"))
     statuses = {row["id"]: (row["status"], row["note"]) for row in data["rows"]}
-    assert statuses["raw_batch_4"][0] == "ok"
+    assert statuses["raw_batch_2"][0] == "ok"  # a raw batch no server row is read against: measured first
     assert statuses["torch_eager"] == ("skipped", "no --checkpoint given")
-    for row_id in ["raw_batch_1", *ROW_IDS[3:9]]:  # row 1 is measured in turns with row 4, after the warm-up
+    # Rows 1 and 2 are measured in turns with rows 4 and 5, after the warm-up.
+    for row_id in ["raw_batch_1", "raw_batch_4", *ROW_IDS[3:9]]:
         assert statuses[row_id] == ("failed", "RuntimeError: warm-up broke")
     # The Redis-backed server needs no warm-up: its row is measured all the same.
     assert statuses["session_store_redis"][0] == ("ok" if HAVE_REDIS else "skipped")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.clients import bench, bench_single
+from server.clients import bench, bench_turns
 from server.clients.bench_raw import CPU, WARMUP_STEPS, load_cell, raw_ingest_seconds, raw_loop, session_options
 from server.clients.bench_results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
 
@@ -28,7 +28,7 @@ def test_only_the_flags_given_are_passed_to_the_server() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    for argv in (["--batch", "x"], ["--streams", "0"], ["--long-prompt", "-1"]):
+    for argv in (["--batch", "x"], ["--streams", "0"], ["--long-prompt", "-1"], ["--streams-repeats", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(["--model", "m", *argv])
         assert exit_info.value.code == 2
@@ -117,16 +117,16 @@ def _raw(chars_per_s: float) -> RawResult:
                      chars_per_s=chars_per_s, step_ms=1000 / chars_per_s, provider=CPU)
 
 
-def test_rows_1_and_4_report_their_median_runs_or_fail_together(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rows_in_turns_report_their_median_runs_or_fail_together(monkeypatch: pytest.MonkeyPatch) -> None:
     """Measured in turns; each row is the run in the middle, its note the spread. A failure in
     any turn fails both rows with it."""
     speeds = iter([300.0, 100.0, 200.0])
-    monkeypatch.setattr(bench_single, "raw_loop", lambda *args, **kwargs: _raw(next(speeds)))
+    monkeypatch.setattr(bench_turns, "raw_loop", lambda *args, **kwargs: _raw(next(speeds)))
     streamed = iter([_raw(9.0), _raw(7.0), _raw(8.0)])  # stand-ins: only chars_per_s is read
     args = bench.build_parser().parse_args(["--model", "m", "--repeats", "3"])
     runner = bench.Bench(args, io.StringIO())
     monkeypatch.setattr(runner, "streams_result", lambda *args: next(streamed))
-    bench_single.single_stream_rows(runner, server=None)  # type: ignore[arg-type]
+    bench_turns.rows_in_turns(runner, None, 1, 1, 3, "raw_batch_1", "server_1_stream")  # type: ignore[arg-type]
     by_id = {row.id: row for row in runner.rows}
     assert by_id["raw_batch_1"].chars_per_s == 200.0 and by_id["server_1_stream"].chars_per_s == 8.0
     assert (by_id["server_1_stream"].row, by_id["server_1_stream"].title) == (4, "server, 1 stream")
@@ -137,7 +137,7 @@ def test_rows_1_and_4_report_their_median_runs_or_fail_together(monkeypatch: pyt
 
     failing = bench.Bench(args, io.StringIO())
     monkeypatch.setattr(failing, "streams_result", broken)
-    monkeypatch.setattr(bench_single, "raw_loop", lambda *args, **kwargs: _raw(1.0))
-    bench_single.single_stream_rows(failing, server=None)  # type: ignore[arg-type]
+    monkeypatch.setattr(bench_turns, "raw_loop", lambda *args, **kwargs: _raw(1.0))
+    bench_turns.rows_in_turns(failing, None, 1, 1, 3, "raw_batch_1", "server_1_stream")  # type: ignore[arg-type]
     assert [(row.id, row.status) for row in failing.rows] == [("raw_batch_1", "failed"), ("server_1_stream", "failed")]
     assert all("stopped answering" in row.note for row in failing.rows)

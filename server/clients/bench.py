@@ -8,7 +8,8 @@ this one, over grpc.aio), reads GetModelInfo, and measures:
 
   1  raw ONNX Runtime step loop at batch 1, on the file, provider and thread settings the server uses
      (rows 1 and 4 are measured alternately, --repeats times, and report their median runs)
-  2  the same raw loop at each --batch
+  2  the same raw loop at each --batch (the batch row 5 is read against: alternately with row 5,
+     --streams-repeats times, medians; bench_turns.py)
   3  a naive PyTorch eager loop, one stream (needs --checkpoint and torch; skipped otherwise)
   4  the server, 1 streaming client: chars/s, time to first character
   5  the server, --streams streaming clients: chars/s, chars per message, gaps, first character
@@ -40,74 +41,13 @@ from server.clients import bench_clients as clients
 from server.clients import bench_sessions as sessions
 from server.clients.bench_process import ServerProcess, batch_totals, describe_server, machine_info, running_server
 from server.clients.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
-from server.clients.bench_single import add_repeats_argument, single_stream_rows
+from server.clients.bench_args import batches, build_parser, expected_rows, paired_batch, server_flags
+from server.clients.bench_turns import rows_in_turns
 from server.clients.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
                                   print_report, ratio_of, write_json)
 from server.engine.model_contract import CUDA
 
-DEFAULT_JSON = "charstream-bench.json"
 PROMPT_CHARS = 16
-# Flags handed to the server processes only when given here, so the server's own defaults apply otherwise.
-PASS_THROUGH = ("device", "variant", "intra_op_threads", "allow_spinning", "lookahead", "max_batch", "coalesce_streams",
-                "engine_process", "stretch", "batch_stretch")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="charstream-bench", description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--model", required=True, metavar="DIR", help="model directory to serve (from charstream-export)")
-    add("--checkpoint", metavar="DIR", help="training checkpoint of the same model, for row 3 (default: skip row 3)")
-    add("--json", default=DEFAULT_JSON, metavar="PATH", help=f"results file, overwritten (default: ./{DEFAULT_JSON})")
-    add("--streams", type=int, default=64, metavar="N", help="concurrent streams in rows 5 and 6 (default: 64)")
-    add("--chars", type=int, default=400, metavar="N",
-        help="characters per stream, and steps of each raw loop (default: 400)")
-    add("--batch", default="64", metavar="B[,B...]", help="raw-loop batch sizes of row 2 (default: 64)")
-    add("--long-prompt", type=int, default=2000, metavar="N", help="prompt of rows 7 and 9; 0: skip (default: 2000)")
-    add("--timeout", type=float, default=120.0, metavar="S", help="seconds allowed per row (default: 120)")
-    add_repeats_argument(parser)
-    server = parser.add_argument_group("passed to both server processes only when given (else the server's defaults)")
-    server.add_argument("--device", choices=("auto", "cuda", "cpu"))
-    server.add_argument("--variant", metavar="NAME", help="model variant: fp32, fp16, int8, auto, ...")
-    server.add_argument("--intra-op-threads", type=int, metavar="N")
-    server.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction, default=None)
-    server.add_argument("--lookahead", type=int, metavar="N")
-    server.add_argument("--coalesce-streams", type=int, metavar="N")
-    server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None)
-    server.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None)
-    server.add_argument("--batch-stretch", type=int, metavar="N")
-    server.add_argument("--max-batch", type=int, metavar="N", help="for rows 4, 5, 7; row 6's server always gets 1")
-    sessions.add_arguments(parser)
-    return parser
-
-
-def server_flags(args: argparse.Namespace, **overrides: Any) -> list[str]:
-    """The pass-through flags the user set (plus overrides), as server arguments."""
-    values = {name: getattr(args, name) for name in PASS_THROUGH} | overrides
-    flags: list[str] = []
-    for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
-
-
-def batches(args: argparse.Namespace) -> list[int]:
-    """Row 1's batch 1, then the --batch sizes (row 2)."""
-    return [1] + [b for b in dict.fromkeys(int(b) for b in args.batch.split(",")) if b != 1]
-
-
-def expected_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
-    """id -> (row number, title) of every row this run should produce, in order."""
-    rows = {f"raw_batch_{b}": (1 if b == 1 else 2, f"raw ONNX Runtime loop, batch {b}") for b in batches(args)}
-    rows |= {"torch_eager": (3, "PyTorch eager loop, 1 stream"),
-             "server_1_stream": (4, "server, 1 stream"),
-             "server_streams": (5, f"server, {args.streams} streams"),
-             "server_streams_max_batch_1": (6, f"server --max-batch 1, {args.streams} streams")}
-    if args.long_prompt > 0:
-        rows["long_prompt"] = (7, f"server, {args.long_prompt}-char prompt, 1st char")
-    return rows | sessions.session_rows(args)
 
 
 @dataclass
@@ -165,6 +105,9 @@ class Bench:
         self.attempt("torch_eager", lambda row, row_id, title: torch_loop(
             self.args.checkpoint, self.args.chars, self.deadline(), use_cuda, row_id=row_id, title=title, row=row))
 
+    def row_number(self, row_id: str) -> int:
+        return expected_rows(self.args)[row_id][0]
+
     def streams_row(self, server: ServerProcess, row_id: str, streams: int) -> None:
         self.attempt(row_id, lambda row, row_id, title: self.streams_result(server, streams, row, row_id, title))
 
@@ -214,12 +157,18 @@ class Bench:
         self.info = clients.model_info(server.address, self.args.timeout)
         path = Path(self.args.model) / self.info.model_file
         self.cell = load_cell(path, self.info.execution_provider, server.settings())
+        paired = paired_batch(self.args)
         for batch in batches(self.args)[1:]:
-            self.raw_row(batch)
+            if batch != paired:
+                self.raw_row(batch)
         self.torch_row()
         self.warm_up(server)
-        single_stream_rows(self, server)  # rows 1 and 4, in turns
-        self.streams_row(server, "server_streams", self.args.streams)
+        rows_in_turns(self, server, 1, 1, self.args.repeats, "raw_batch_1", "server_1_stream")
+        if paired is None:
+            self.streams_row(server, "server_streams", self.args.streams)
+        else:  # rows 2 and 5, in turns
+            rows_in_turns(self, server, paired, self.args.streams, self.args.streams_repeats, f"raw_batch_{paired}",
+                          "server_streams")
         if self.args.long_prompt > 0:
             self.long_prompt_row(server)
         sessions.first_server_rows(self, server)
@@ -233,8 +182,7 @@ class Bench:
 
 def target_ratios(rows: list[Row], args: argparse.Namespace) -> list[Ratio]:
     """The ratios the targets are stated in (server/README.md#benchmark)."""
-    sizes = batches(args)[1:] or [1]
-    batch = args.streams if args.streams in sizes else sizes[0]
+    batch = paired_batch(args) or 1
 
     def rate(row_id: str) -> float | None:
         return getattr(find(rows, row_id), "chars_per_s", None)
@@ -271,7 +219,7 @@ def run(args: argparse.Namespace, argv: list[str], log: TextIO) -> Report:
     bench = Bench(args, log)
     settings = {"argv": argv, "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 **{k: getattr(args, k) for k in ("model", "checkpoint", "streams", "chars", "long_prompt", "timeout",
-                                                 "repeats", "store_calls", "redis_url", "idle_sessions")},
+                                                 "repeats", "streams_repeats", "store_calls", "redis_url", "idle_sessions")},
                 "batches": batches(args)[1:], "prompt_chars": PROMPT_CHARS, "temperature": clients.TEMPERATURE,
                 "server_flags": server_flags(args)}
     report = Report(settings=settings, machine=machine_info())
@@ -293,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sizes = batches(args)
     except ValueError:
         parser.error(f"--batch must be comma-separated integers, got {args.batch!r}")
-    if min(args.streams, args.chars, args.repeats, *sizes) < 1 or args.long_prompt < 0 or args.timeout <= 0:
-        parser.error("--streams, --chars, --repeats and --batch must be >= 1, --long-prompt >= 0, --timeout > 0")
+    if min(args.streams, args.chars, args.repeats, args.streams_repeats, *sizes) < 1 or args.long_prompt < 0 or args.timeout <= 0:
+        parser.error("--streams, --chars, --repeats, --streams-repeats and --batch must be >= 1, --long-prompt >= 0, --timeout > 0")
     sessions.check_arguments(parser, args)
     try:
         report = run(args, list(sys.argv[1:] if argv is None else argv), sys.stderr)
