@@ -6,13 +6,16 @@ collects to the callers. One iteration (the engine calls `sample()`, then `step(
 
   1. samples the next character of every generating request whose logits are
      ready and which is less than `lookahead` characters ahead of what its
-     caller has handed to the client (one vectorised pass for the batch);
+     caller has handed to the client (one vectorised pass for the batch;
+     a lone running request's is left to the stretch graph's call);
   2. runs ONE model step for every slot with a token waiting (prompt
      characters and the characters just sampled), up to max_batch, least
      recently stepped first; or, when the ready sessions all sample with a
      plain temperature, one call of the stretch graph that also samples and
      consumes several more characters for each (stretch.py for a lone
      session, batch_stretch.py for a batch).
+The per-row work of both (taking drawn characters, a step's inputs and
+outputs) is row_updates.py's.
 
 Generation runs ahead of delivery, so a request can end (cancel, deadline,
 disconnect) with characters generated that its client never got. Those are
@@ -27,21 +30,21 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from typing import Protocol
 
 import numpy as np
 
-from server.engine.generation import (CANCELLED, FINISHED_BY_REASON, LENGTH, SHUTDOWN, STOP, GenerationRequest,
-                                      RequestStatus, StopMatcher, StreamEvent, recent_tail)
+from server.engine.generation import (CANCELLED, FINISHED_BY_REASON, SHUTDOWN, GenerationRequest, RequestStatus,
+                                      StopMatcher, StreamEvent, recent_tail)
 from server.engine.model_runner import ModelRunner
 from server.engine.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.prefix_states import PrefixStates
 from server.engine.sampling import sample_batch, stream_key
 from server.sessions.prefix_cache import PrefixCache
-from server.engine.slot_state import (Request, SlotSnapshot, SlotState, lose, own_window, prompt_progress, refusal_of,
-                                      restored, rewind, snapshot_of)
+from server.engine.slot_state import (Request, SlotSnapshot, SlotState, acknowledge, lose, refusal_of, restored, rewind,
+                                      snapshot_of)
 from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
+from server.engine.row_updates import run_step, take_drawn, take_step
 from server.engine.stretch import step_alone, stretch_length
 
 logger = logging.getLogger("charstream.server")
@@ -147,14 +150,7 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None:
             return
-        request.delivered = max(request.delivered, min(delivered, len(request.tokens)))
-        floor = max(request.delivered, 1)  # window[m] is kept: undoing to m needs it
-        window = request.window
-        for k in range(request.window_floor, floor):  # keys are consecutive: no scan of the window
-            window.pop(k, None)
-        request.window_floor = max(request.window_floor, floor)
-        if request.delivered > 0:
-            request.start_logits = None
+        acknowledge(request, delivered)
         if request.status.is_finished and request.delivered == len(request.tokens):
             self._settle(request)
 
@@ -245,22 +241,7 @@ class Scheduler:
             return
         tokens, draws = sample_batch([s.logits for s in states], [r.spec.settings for r in rows],
                                      [(s.key, s.position) for s in states], all(r.plain for r in rows))
-        # Per row only what must be per row: the hot loop of the server, kept to plain attribute work.
-        events, active, text_events = self.events, self._active, self._text_events
-        for request, state, token, draws in zip(rows, states, tokens, draws):
-            generated = request.tokens
-            if not generated:
-                request.start_logits = state.logits
-            request.numpy_draws = False
-            state.position += draws
-            state.pending.append(token)
-            state.logits = None
-            active[request.slot] = None
-            generated.append(token)
-            if request.matcher.stops or len(generated) >= request.spec.max_chars:
-                events.append((request.id, self._finishing_event(request, token)))
-            else:
-                events.append((request.id, text_events[token]))  # one shared immutable event per character
+        take_drawn(rows, states, tokens, draws, self.chars, self._text_events, self.events, self._active)
         self._observe_lookahead()
 
     def _graph_may_draw(self, request: Request) -> bool:
@@ -280,15 +261,6 @@ class Scheduler:
         if self._observer is not None:
             ahead = [len(r.tokens) - r.delivered for r in self.requests.values()]
             self._observer.observe_lookahead(sum(ahead), max(ahead, default=0))
-
-    def _finishing_event(self, request: Request, token: int) -> StreamEvent:
-        """The event of a character that may end its request (a stop string matched, or max_chars)."""
-        char = self.chars[token]
-        matched = request.matcher.push(char)
-        finish = STOP if matched is not None else LENGTH if len(request.tokens) >= request.spec.max_chars else None
-        if finish is not None:
-            request.status = FINISHED_BY_REASON[finish]
-        return StreamEvent(text=char, finish=finish, matched_stop=matched or "")
 
     def step(self) -> None:
         """One batched model step over the slots with tokens waiting."""
@@ -312,44 +284,13 @@ class Scheduler:
         if len(ready) > self.max_batch:
             ready.sort(key=lambda item: item[1].last_step)
             ready = ready[: self.max_batch]
-        count = len(ready)
-        tokens = np.fromiter((state.pending[0] for _, state in ready), np.int64, count)  # [B]
-        slots = np.fromiter((slot for slot, _ in ready), np.int64, count)  # [B]
-        start_mask = np.fromiter((state.start is not None for _, state in ready), bool, count)  # [B]
-        start_states = None
-        if start_mask.any():
-            start_states = np.zeros((*self._zero_state.shape[:1], count, self._zero_state.shape[1]), np.float32)
-            for row in np.flatnonzero(start_mask):
-                start_states[:, row, :] = ready[row][1].start  # [L, H]
-        started = time.perf_counter()
         try:
-            output = self.runner.step(tokens, slots, start_mask, start_states)
+            output = run_step(self.runner, ready, self._zero_state, self._observer)
         except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
             logger.exception("model step failed")
             self._fail([state for _, state in ready], exc)
             return
-        if self._observer is not None:
-            self._observer.observe_step(count, time.perf_counter() - started)
-        logits, inputs, iteration = output.logits, output.inputs, self._iteration  # [B, V], [L, B, H]
-        lookahead, generating = self.lookahead, RequestStatus.GENERATING
-        for row, (_, state) in enumerate(ready):  # the hot loop's second half: plain attribute work
-            request = state.request
-            state.pending.popleft()
-            state.start = None
-            state.last_step = iteration
-            if request is not None:
-                if request.stepped < len(request.tokens):
-                    # This step consumed generated char k: keep the state it started from, as a
-                    # view of the step's input (no copy) until the request stalls at its lookahead
-                    # or finishes with characters its caller has yet to take (own_window).
-                    request.stepped += 1
-                    request.window[request.stepped] = inputs[:, row, :]  # [L, H]
-                    if request.stepped - request.delivered >= lookahead or request.status is not generating:
-                        own_window(request)
-                if request.status is not generating:
-                    prompt_progress(request, state)
-            if not state.pending:
-                state.logits = logits[row]  # [V]
+        take_step(ready, output, self.lookahead, self._iteration)
         self.prefixes.capture(ready)
 
     def _stretched(self, ready: list[tuple[int, SlotState]]) -> bool:

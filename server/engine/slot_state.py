@@ -82,6 +82,19 @@ def prompt_progress(request: Request, state: SlotState) -> None:
         request.status = RequestStatus.GENERATING
 
 
+def acknowledge(request: Request, delivered: int) -> None:
+    """The caller has handed `delivered` characters to its client in all: what undoing to fewer
+    would need is dropped (window[m] stays: undoing to m delivered needs it)."""
+    request.delivered = max(request.delivered, min(delivered, len(request.tokens)))
+    floor = max(request.delivered, 1)
+    window = request.window
+    for k in range(request.window_floor, floor):  # keys are consecutive: no scan of the window
+        window.pop(k, None)
+    request.window_floor = max(request.window_floor, floor)
+    if request.delivered > 0:
+        request.start_logits = None
+
+
 def rewind(state: SlotState, request: Request, m: int) -> None:
     """Return the session to the state after the first m generated characters."""
     state.position = request.start_position + (0 if request.spec.settings.greedy else m)
