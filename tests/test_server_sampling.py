@@ -135,6 +135,14 @@ def test_batched_sampling_without_cuts_matches_choose_token_row_by_row(vocab: in
     uncut = sample_uncut(logits[sampling], temperature[sampling], uniforms[sampling])
     mismatched = np.flatnonzero(uncut != np.array(expected)[sampling])
     assert mismatched.size == 0, f"sample_uncut: rows {mismatched[:10]} differ"
+    # Any leading shape: a stretch's draws [K, B, V] with their rows' temperatures [B], or one row [V].
+    rows = np.flatnonzero(sampling)[:12]  # [12] = [K=3, B=4]
+    stretch = sample_uncut(logits[rows].reshape(3, 4, vocab), temperature[rows[:4]],
+                           uniforms[rows].reshape(3, 4))  # temperature of row b in every k
+    for k, b in np.ndindex(3, 4):
+        i = rows[4 * k + b]
+        assert stretch[k, b] == choose_token(logits[i], SamplingSettings(temperature[rows[b]]), uniforms[i])
+    assert sample_uncut(logits[rows[0]], temperature[rows[0]], uniforms[rows[0]]) == expected[rows[0]]
 
 
 @pytest.mark.parametrize("vocab", [65, 6, 2])

@@ -18,13 +18,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.engine.generation import LENGTH, STOP, GenerationRequest
+from server.engine.generation import LENGTH, STOP, GenerationRequest, RequestStatus, StopMatcher
 from server.engine.loop import Engine
 from server.engine.model_runner import ModelRunner, load_runner
 from server.engine.sampling import SamplingSettings, sample_uncut, stream_key
 from server.engine.slot_state import Request, SlotSnapshot, SlotState
 from server.engine.stretch_graph import INPUT_FORCED, INPUT_UNIFORMS
-from server.engine.stretch import agreed_length, run_loop, stretch_length, stretch_uniforms
+from server.engine.stretch import LoopOutput, agreed_length, keep_stretch, run_loop, stretch_length, stretch_uniforms
 from tests.devices import SERVING_DEVICES
 from tests.plain_loop import onnx_loop, plain_step
 from tests.test_server_engine import collect, request
@@ -36,6 +36,7 @@ class StretchCounts:
     def __init__(self) -> None:
         self.sampled = self.kept = self.stretches = 0
         self.most_ahead = 0  # the largest charstream_most_undelivered_chars reported
+        self.calls: list[tuple[int, int]] = []  # (sampled, kept) of every stretch, in order
 
     def observe_step(self, batch_size: int, seconds: float) -> None:
         pass
@@ -50,6 +51,7 @@ class StretchCounts:
         self.stretches += 1
         self.sampled += sampled
         self.kept += kept
+        self.calls.append((sampled, kept))
 
 
 def start_engine(runner: ModelRunner, lookahead: int = 32, stretch: bool = True) -> tuple[Engine, StretchCounts]:
@@ -167,21 +169,23 @@ def test_a_disagreement_is_redrawn_by_the_numpy_sampler(tiny_model_dir: Path) ->
 def test_the_graph_draws_a_running_requests_next_character_and_numpy_a_disputed_one(tiny_model_dir: Path) -> None:
     """Once a request runs, its calls queue nothing: the graph draws the next character from the
     logits the call before ended with. When that very first draw is disputed (nothing kept),
-    NumPy draws the character, the next call consumes it, and the text stays the plain loop's."""
+    NumPy draws the character, the next call consumes it, and the text stays the plain loop's;
+    undisputed, the call keeps all it drew."""
     runner = load_runner(tiny_model_dir, device="cpu", num_slots=4)
     real = runner.stretch_session
     assert real is not None
-    calls: list[tuple[int, int]] = []  # (characters queued, characters sampled) of every call
+    calls: list[tuple[int, int, bool]] = []  # (characters queued, sampled, first draw disputed) of every call
 
     class DisputingFirstDraws:
-        """The real graph, fed another random number for the first draw of every call that queues
-        nothing: the graph's first character is then (almost always) not NumPy's, and would be
-        again in a retry of the same call."""
+        """The real graph, fed another random number for the first draw of the calls that queue
+        nothing and whose first random number is below 0.5: the graph's first character is then
+        (almost always) not NumPy's, and would be again in a retry of the same call (same number)."""
 
         def run(self, names, feeds):  # noqa: ANN001, ANN202
             uniforms = np.array(feeds[INPUT_UNIFORMS])
-            calls.append((len(feeds[INPUT_FORCED]), len(uniforms)))
-            if len(feeds[INPUT_FORCED]) == 0 and len(uniforms):
+            disputing = len(feeds[INPUT_FORCED]) == 0 and len(uniforms) > 0 and uniforms[0] < 0.5
+            calls.append((len(feeds[INPUT_FORCED]), len(uniforms), disputing))
+            if disputing:
                 uniforms[0] = (uniforms[0] + 0.5) % 1.0
             return real.run(names, {**feeds, INPUT_UNIFORMS: uniforms})
 
@@ -194,9 +198,14 @@ def test_the_graph_draws_a_running_requests_next_character_and_numpy_a_disputed_
     finally:
         engine.stop()
     assert text == onnx_loop(tiny_model_dir, "The", 300, SamplingSettings(1.1), seed=3)
-    drawing = [sampled for queued, sampled in calls if queued == 0 and sampled]
-    assert len(drawing) >= 4  # calls that drew their first character ran, disputed or not
-    assert counts.sampled > counts.kept > 0
+    sampling = [(queued, disputing) for queued, sampled, disputing in calls if sampled]
+    assert len(sampling) == len(counts.calls)  # one stretch observed per sampling call, in order
+    drawing = [(disputing, kept, sampled) for (queued, disputing), (sampled, kept) in zip(sampling, counts.calls)
+               if queued == 0]
+    assert sum(1 for disputing, _, _ in drawing if disputing) >= 2
+    assert sum(1 for disputing, _, _ in drawing if not disputing) >= 2
+    # An undisputed call that drew its first character keeps all it drew; a disputed one keeps none.
+    assert all(kept == (0 if disputing else sampled) for disputing, kept, sampled in drawing), drawing
 
 
 def same_state(cell: ort.InferenceSession, one: SlotSnapshot, other: SlotSnapshot) -> bool:
@@ -290,6 +299,23 @@ def test_stops_and_max_chars_end_where_single_steps_end(engine: tuple[Engine, St
     assert after == reference[end:end + 37]  # the stop text is in the state; what followed it is not
     assert (limited, limited_finish) == (reference[end + 37:], LENGTH)
     assert counts.kept > 100
+
+
+def test_only_a_disputed_draw_is_left_to_numpy() -> None:
+    """A stretch kept up to a disagreement leaves the next character to NumPy; one cut at a limit
+    (a batch row's lookahead room) leaves it to the next call's graph."""
+    layers, hidden, vocab, count = 1, 4, 5, 6
+    output = LoopOutput(np.zeros((0, layers, hidden), np.float32), np.arange(count) % vocab,
+                        np.zeros((count, layers, hidden), np.float32), np.ones((count, vocab), np.float32),
+                        np.zeros(vocab, np.float32), np.zeros((layers, hidden), np.float32))
+    for disputed in (True, False):
+        spec = GenerationRequest((), 100, SamplingSettings(1.0))
+        req = Request(1, 0, spec, RequestStatus.GENERATING, StopMatcher(()), 0, plain=True, tokens=[0], stepped=1)
+        state = SlotState(key=1)
+        event = keep_stretch(req, state, output, 3, "abcde", 32, disputed=disputed)
+        assert event is not None and event.text == "abc" and req.tokens == [0, 0, 1, 2]
+        assert req.numpy_draws is disputed
+        assert np.array_equal(state.logits, output.drawn[3])  # the fourth character's logits, drawn next
 
 
 def test_stretch_length_ramps_and_stays_within_bounds() -> None:

@@ -117,7 +117,9 @@ def step_together(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]], l
         output = LoopOutput(forced_inputs[:, :, row, :], tokens[:, row], inputs[:, :, row, :], drawn[:, row, :],
                             final_logits[row].copy(), final[:, row, :].copy())
         take_forced(state, output, lookahead)
-        event = keep_stretch(request, state, output, min(int(agreed[row]), limits[row]), chars, lookahead)
+        limit = limits[row]
+        event = keep_stretch(request, state, output, min(int(agreed[row]), limit), chars, lookahead,
+                             disputed=int(agreed[row]) < min(count, limit))
         sampled += min(count, limits[row])
         if event is not None:
             kept += len(event.text)

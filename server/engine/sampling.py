@@ -195,7 +195,7 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
     cdf = np.add.accumulate(weights, axis=-1)  # [..., V]; sequential per row, as the 1-D cumsum
     # searchsorted(cdf, u * total, "right") = how many cdf entries are <= u * total (choose_token).
     index = np.add.reduce(cdf <= uniforms[..., None] * cdf[..., -1:], axis=-1, dtype=np.int64)  # [...]
-    return np.minimum(index, weights.shape[-1] - 1, out=index)  # only u = 1.0 would overshoot
+    return np.minimum(index, weights.shape[-1] - 1)  # only u = 1.0 would overshoot
 
 
 def sample_plain_row(logits: np.ndarray, temperature: float, uniform: float) -> int:

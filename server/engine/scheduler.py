@@ -224,6 +224,7 @@ class Scheduler:
 
     def sample(self) -> None:
         """Sample the next character of every request that may run ahead; one vectorised pass."""
+        self._graph_draws = None  # only ever this iteration's
         if self.draining:
             self._end_all(SHUTDOWN)
         # _can_sample for every request, inlined: this runs once per iteration over every request.
@@ -268,11 +269,12 @@ class Scheduler:
         ready = self._ready_slots()
         drawing, self._graph_draws = self._graph_draws, None
         if not ready:
-            if drawing is not None:
-                if self._stretched([(drawing, self.slots[drawing])]):
+            state = self.slots.get(drawing) if drawing is not None else None
+            if state is not None and state.request is not None:
+                if self._stretched([(drawing, state)]):  # type: ignore[list-item]
                     self._observe_lookahead()
                 else:  # never: sample() checked the call's length; NumPy draws rather than none
-                    self.slots[drawing].request.numpy_draws = True  # type: ignore[union-attr]
+                    state.request.numpy_draws = True
             return
         if len(ready) <= PREFILL_MAX_BATCH and self.runner.prefill_session is not None:
             ready = prefill(self.runner, ready, lambda state, exc: self._fail([state], exc))

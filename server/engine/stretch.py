@@ -162,10 +162,12 @@ def take_forced(state: SlotState, output: LoopOutput, lookahead: int) -> None:
 
 
 def keep_stretch(request: Request, state: SlotState, output: LoopOutput, agreed: int, chars: Sequence[str],
-                 lookahead: int) -> StreamEvent | None:
+                 lookahead: int, disputed: bool) -> StreamEvent | None:
     """Make the first `agreed` sampled characters the request's (fewer if one completes a stop
     string), as if each had been sampled and stepped singly; the session's state becomes the one
-    after the last kept. Returns their event (None when none is kept)."""
+    after the last kept. `disputed`: NumPy drew character agreed + 1 otherwise (not merely a
+    limit cut the stretch there), so NumPy draws it next. Returns their event (None when none
+    is kept)."""
     text, finish, matched = [], None, None
     for token in output.tokens[:agreed].tolist():
         text.append(chars[token])
@@ -177,7 +179,7 @@ def keep_stretch(request: Request, state: SlotState, output: LoopOutput, agreed:
     if kept < len(output.tokens):  # the state after the last kept character is the next one's input
         # Copies: views would keep the whole call's outputs alive while the session idles.
         state.start, state.logits = output.inputs[kept].copy(), output.drawn[kept].copy()
-        request.numpy_draws = kept == agreed  # disputed (not cut by a stop string): NumPy decides it
+        request.numpy_draws = disputed and kept == agreed  # not cut by a stop string: NumPy decides it
     if kept == 0:
         return None
     generated = request.tokens
@@ -216,7 +218,8 @@ def step_alone(runner: ModelRunner, slot: int, state: SlotState, lookahead: int,
     if not count:
         return True, None
     assert request is not None
-    event = keep_stretch(request, state, output, agreed_length(output, uniforms, temperature), chars, lookahead)
+    agreed = agreed_length(output, uniforms, temperature)
+    event = keep_stretch(request, state, output, agreed, chars, lookahead, disputed=agreed < count)
     if observer is not None:
         observer.observe_stretch(count, len(event.text) if event is not None else 0)
     return True, event

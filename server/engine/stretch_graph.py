@@ -3,7 +3,8 @@
 A lone stream spends more time per character in the engine's Python (sampling
 one row, bookkeeping, a model call) than in the model step itself on a fast
 CPU. One call of this graph consumes the F characters already queued (a prompt,
-or the character just sampled) and then K more it samples itself:
+or a character NumPy sampled; none once a request runs, its next character
+drawn here from `logits`) and then K more it samples itself:
 
     inputs:  charstream_stretch.forced int64 [F]          known characters, consumed first
              charstream_stretch.logits float32 [1, V]   the logits to draw from when F = 0
