@@ -138,6 +138,21 @@ def test_state_after_a_stretched_generation_equals_single_steps(tiny_model_dir: 
         without.position, without.consumed_chars, without.recent_text)
 
 
+def generate_through(runner: ModelRunner, stretch_session: object, seed: int, chars: int,
+                     temperature: float) -> tuple[str, StretchCounts]:
+    """`chars` characters after "The" from a fresh session, the runner's stretch graph replaced by
+    `stretch_session` (a wrapper of the real one); within 60 s (a draw retried for ever never ends)."""
+    runner.stretch_session = stretch_session  # type: ignore[assignment]
+    engine, counts = start_engine(runner)
+    try:
+        engine.open_slot(0, seed=seed, prompt_tokens=[])
+        generation = collect(engine, 0, request(engine, "The", chars, temperature=temperature))
+        text, _ = asyncio.run(asyncio.wait_for(generation, 60))
+    finally:
+        engine.stop()
+    return text, counts
+
+
 def test_a_disagreement_is_redrawn_by_the_numpy_sampler(tiny_model_dir: Path) -> None:
     """A stretch whose graph picked another character than NumPy would keep only what came before;
     the disputed character is drawn again, and the text stays the plain loop's."""
@@ -155,13 +170,7 @@ def test_a_disagreement_is_redrawn_by_the_numpy_sampler(tiny_model_dir: Path) ->
                 uniforms[2] = (uniforms[2] + 0.5) % 1.0
             return real.run(names, {**feeds, INPUT_UNIFORMS: uniforms})
 
-    runner.stretch_session = Corrupting()  # type: ignore[assignment]
-    engine, counts = start_engine(runner)
-    try:
-        engine.open_slot(0, seed=8, prompt_tokens=[])
-        text, _ = asyncio.run(collect(engine, 0, request(engine, "The", 200, temperature=0.9)))
-    finally:
-        engine.stop()
+    text, counts = generate_through(runner, Corrupting(), seed=8, chars=200, temperature=0.9)
     assert text == onnx_loop(tiny_model_dir, "The", 200, SamplingSettings(0.9), seed=8)
     assert counts.sampled > counts.kept > 0  # stretches ran, and characters were discarded
 
@@ -189,14 +198,7 @@ def test_the_graph_draws_a_running_requests_next_character_and_numpy_a_disputed_
                 uniforms[0] = (uniforms[0] + 0.5) % 1.0
             return real.run(names, {**feeds, INPUT_UNIFORMS: uniforms})
 
-    runner.stretch_session = DisputingFirstDraws()  # type: ignore[assignment]
-    engine, counts = start_engine(runner)
-    try:
-        engine.open_slot(0, seed=3, prompt_tokens=[])
-        generation = collect(engine, 0, request(engine, "The", 300, temperature=1.1))
-        text, _ = asyncio.run(asyncio.wait_for(generation, 60))  # a retried draw would never end
-    finally:
-        engine.stop()
+    text, counts = generate_through(runner, DisputingFirstDraws(), seed=3, chars=300, temperature=1.1)
     assert text == onnx_loop(tiny_model_dir, "The", 300, SamplingSettings(1.1), seed=3)
     sampling = [(queued, disputing) for queued, sampled, disputing in calls if sampled]
     assert len(sampling) == len(counts.calls)  # one stretch observed per sampling call, in order

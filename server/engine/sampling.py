@@ -153,7 +153,7 @@ def sample_tokens(
     cut = (keep < vocab) | (p < 1.0)  # [S]; the rest sample in token-id order
     u = np.asarray(uniforms, dtype=np.float64)[rows, None]  # [S, 1]
     if not cut.any():
-        tokens[rows] = _inverse_cdf(weights, u)
+        tokens[rows] = _inverse_cdf(weights, u[:, 0])
         return tokens
     columns = np.arange(vocab)  # [V]
     # Uncut rows keep token-id order; cut rows go most likely first (stable: ties in id order).
@@ -192,10 +192,7 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
     weights /= np.asarray(temperature, np.float64)[..., None]
     weights -= np.maximum.reduce(weights, axis=-1, keepdims=True)
     np.exp(weights, out=weights)  # [..., V], max = 1
-    cdf = np.add.accumulate(weights, axis=-1)  # [..., V]; sequential per row, as the 1-D cumsum
-    # searchsorted(cdf, u * total, "right") = how many cdf entries are <= u * total (choose_token).
-    index = np.add.reduce(cdf <= uniforms[..., None] * cdf[..., -1:], axis=-1, dtype=np.int64)  # [...]
-    return np.minimum(index, weights.shape[-1] - 1)  # only u = 1.0 would overshoot
+    return _inverse_cdf(weights, uniforms)
 
 
 def sample_plain_row(logits: np.ndarray, temperature: float, uniform: float) -> int:
@@ -213,11 +210,12 @@ def sample_plain_row(logits: np.ndarray, temperature: float, uniform: float) -> 
 
 
 def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Token-id order, no cut: weights [S, V], uniforms u [S, 1] -> token ids [S]. As choose_token's
-    plain branch: searchsorted(cdf, u * total, "right") = how many cdf entries are <= u * total."""
-    cdf = np.cumsum(weights, axis=1)  # [S, V]; sequential per row, as the 1-D cumsum
-    index = np.count_nonzero(cdf <= u * cdf[:, -1:], axis=1)  # [S]
-    return np.minimum(index, weights.shape[1] - 1).astype(np.int64)  # [S]
+    """Token-id order, no cut: weights [..., V], uniforms u [...] -> token ids int64 [...]. As
+    choose_token's plain branch: searchsorted(cdf, u * total, "right") = how many cdf entries
+    are <= u * total. Ufunc calls only (add.accumulate is cumsum): no reduction wrappers."""
+    cdf = np.add.accumulate(weights, axis=-1)  # [..., V]; sequential per row, as the 1-D cumsum
+    index = np.add.reduce(cdf <= u[..., None] * cdf[..., -1:], axis=-1, dtype=np.int64)  # [...]
+    return np.minimum(index, weights.shape[-1] - 1)  # only u = 1.0 would overshoot
 
 
 def uniform_at(key: int, position: int) -> float:
