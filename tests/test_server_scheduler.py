@@ -23,9 +23,11 @@ SETTINGS = {
 }
 
 
-@pytest.fixture()
-def scheduler(tiny_model_dir: Path) -> Scheduler:
-    return Scheduler(load_runner(tiny_model_dir, device="cpu", num_slots=16), max_batch=4, lookahead=8)
+@pytest.fixture(params=["lane", "per-row"])
+def scheduler(tiny_model_dir: Path, request: pytest.FixtureRequest) -> Scheduler:
+    """Both bookkeeping paths: the steady lane's arrays (steady_lane.py) and the per-row objects."""
+    return Scheduler(load_runner(tiny_model_dir, device="cpu", num_slots=16), max_batch=4, lookahead=8,
+                     lane=request.param == "lane")
 
 
 def encode(scheduler: Scheduler, text: str) -> list[int]:
@@ -38,9 +40,8 @@ def run(scheduler: Scheduler, iterations: int) -> dict[int, str]:
     for _ in range(iterations):
         scheduler.sample()
         scheduler.step()
-        for request_id, event in scheduler.events:
+        for request_id, event in scheduler.take_events():
             texts[request_id] = texts.get(request_id, "") + event.text
-        scheduler.events.clear()
     return texts
 
 
@@ -136,8 +137,7 @@ def test_the_finish_travels_with_the_last_character(scheduler: Scheduler, tiny_m
     for _ in range(len(PROMPT) + 10):
         scheduler.sample()
         scheduler.step()
-        events += [event for _, event in scheduler.events]
-        scheduler.events.clear()
+        events += [event for _, event in scheduler.take_events()]
     assert events[0].accepted and events[0].consumed_chars == len(PROMPT)
     assert [e.text for e in events[1:]] == list(onnx_loop(tiny_model_dir, PROMPT, 3, SETTINGS["greedy"]))
     assert [e.finish for e in events[1:]] == [None, None, LENGTH]

@@ -32,7 +32,7 @@ max_batch, the scheduler hands this the max_batch least recently stepped.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -43,9 +43,7 @@ from server.engine.slot_state import Request, SlotState
 from server.engine.stretch import LoopOutput, agreed_lengths, keep_stretch, take_forced
 from server.engine.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
                                          INPUT_UNIFORMS)
-
-if TYPE_CHECKING:
-    from server.engine.scheduler import StepObserver
+from server.engine.observer import StepObserver
 
 DEFAULT_BATCH_STRETCH = 16  # characters a batch's call samples per row at most (--batch-stretch)
 BATCH_STRETCH_MIN = 2  # fewer than this: an ordinary step costs less

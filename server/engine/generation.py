@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
 
 from server.engine.sampling import SamplingSettings
 
@@ -79,6 +82,50 @@ class StreamEvent:
         ends = self.finish is not None or self.error is not None
         object.__setattr__(self, "ends_stream", ends)
         object.__setattr__(self, "is_plain_text", bool(self.text) and not ends and not self.accepted)
+
+
+@dataclass(frozen=True, eq=False)
+class CharBlock:
+    """Engine -> callers: one plain character for each of several requests, as arrays (the steady
+    lane's draws: steady_lane.py). In an event list it stands where a (request id, StreamEvent)
+    pair would, as (0, block); expand_events turns it into those pairs."""
+
+    request_ids: np.ndarray  # [R] int64
+    tokens: np.ndarray  # [R] int64 token ids
+
+
+BLOCK = 0  # the request id a CharBlock travels under in an event list (real ids start at 1)
+
+
+def expand_events(events: list, text_events: Sequence[StreamEvent]) -> list[tuple[int, StreamEvent]]:
+    """(request id, StreamEvent) pairs for an event list that may hold CharBlocks: each block's
+    characters as their shared plain text events (text_events[token]), in place of the block."""
+    if not any(request_id == BLOCK for request_id, _ in events):
+        return events
+    out: list[tuple[int, StreamEvent]] = []
+    for request_id, event in events:
+        if request_id == BLOCK:
+            out += zip(event.request_ids.tolist(), [text_events[t] for t in event.tokens.tolist()])
+        else:
+            out.append((request_id, event))
+    return out
+
+
+def merge_blocks(blocks: Sequence[tuple[np.ndarray, np.ndarray]], chars: np.ndarray) -> list[tuple[int, str]]:
+    """Consecutive blocks' characters, (request ids [R], tokens [R]) each, as one (request id, text)
+    per request in the order they were drawn; `chars` maps token ids to characters ([V] str array).
+    A few array operations and one slice per request, whatever the number of characters."""
+    ids = np.concatenate([block[0] for block in blocks])  # [N]
+    order = np.argsort(ids, kind="stable")  # by request, each request's characters in draw order
+    ids = ids[order]
+    text = "".join(chars[np.concatenate([block[1] for block in blocks])[order]].tolist())  # [N] characters
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # [G] first character of each request
+    ends = np.r_[starts[1:], len(ids)]
+    if len(text) != len(ids):  # a vocabulary entry of several code points: slice per character instead
+        pieces = chars[np.concatenate([block[1] for block in blocks])[order]].tolist()
+        return [(request_id, "".join(pieces[a:b])) for request_id, a, b in
+                zip(ids[starts].tolist(), starts.tolist(), ends.tolist())]
+    return [(request_id, text[a:b]) for request_id, a, b in zip(ids[starts].tolist(), starts.tolist(), ends.tolist())]
 
 
 class StopMatcher:

@@ -21,7 +21,8 @@ from typing import Callable
 from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.engine.generation import GenerationRequest, StreamEvent
 from server.engine.model_runner import ModelRunner
-from server.engine.scheduler import Scheduler, StepObserver
+from server.engine.observer import StepObserver
+from server.engine.scheduler import Scheduler
 from server.engine.slot_state import SlotSnapshot
 from server.engine.stream import GenerationStream, StreamHub, StreamHubs
 from server.engine.vocabulary import Vocabulary
@@ -165,7 +166,7 @@ class Engine:
 
     def _flush(self) -> None:
         """Hand the collected events to their loops' hubs: one post per loop, not per event."""
-        events, self.scheduler.events = self.scheduler.events, []
+        events = self.scheduler.take_events()
         by_hub: dict[StreamHub, list] = {}
         for request_id, event in events:
             hub = self._routes.get(request_id)

@@ -9,16 +9,13 @@ the text produced, and a cached state is fed to the next step unchanged.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from server.engine.model_runner import ModelRunner
 from server.engine.slot_state import SlotSnapshot, SlotState
 from server.sessions.prefix_cache import PrefixCache
-
-if TYPE_CHECKING:
-    from server.engine.scheduler import StepObserver
+from server.engine.observer import StepObserver
 
 
 class PrefixStates:

@@ -29,11 +29,13 @@ import socket
 import threading
 from typing import Any, Callable
 
-from server.engine.generation import GenerationRequest, StreamEvent
+import numpy as np
+
+from server.engine.generation import BLOCK, GenerationRequest, StreamEvent, merge_blocks
 from server.engine.model_runner import RunnerInfo
 from server.engine.process_child import STARTUP_ERRORS, EngineParams, engine_main, wire_error
 from server.engine.process_pipe import ServerPipe, run_on_loop
-from server.engine.scheduler import StepObserver
+from server.engine.observer import StepObserver
 from server.engine.slot_state import SlotSnapshot
 from server.engine.stream import GenerationStream, StreamHub, StreamHubs
 from server.engine.vocabulary import Vocabulary
@@ -65,6 +67,7 @@ class EngineProcess:
         self._pipe = ServerPipe(ours)  # the server's end never blocks (process_pipe.py)
         self.info: RunnerInfo = self._wait_ready(start_timeout)
         self.vocab = Vocabulary(self.info.spec.vocab)
+        self._chars = np.array(self.vocab.chars)  # token id -> character, for merge_blocks
         self.lookahead = params.lookahead
         self.prefix_cache = PrefixCacheStats()
         self._observer = observer
@@ -199,7 +202,9 @@ class EngineProcess:
             acks, self._acks = self._acks, {}
             if self._gone:
                 return  # every stream has been failed already; nothing left to tell
-            messages = [("acks", list(acks.items()))] if acks else []
+            # Two arrays, not a list of pairs: the engine applies its lane's in one array pass.
+            messages = [("acks", np.fromiter(acks.keys(), np.int64, len(acks)),
+                         np.fromiter(acks.values(), np.int64, len(acks)))] if acks else []
             if command is not None:
                 messages.append(command)
             if messages:
@@ -219,6 +224,8 @@ class EngineProcess:
 
     def _route(self, wire: list[tuple[int, Any]]) -> None:
         by_hub: dict[StreamHub, list] = {}
+        if any(request_id == BLOCK for request_id, _ in wire):
+            wire = self._expand_blocks(wire)
         for request_id, payload in wire:
             hub = self._routes.get(request_id)
             if hub is None:
@@ -233,11 +240,29 @@ class EngineProcess:
             else:
                 hub.post(events)
 
+    def _expand_blocks(self, wire: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """The lane's blocks (BLOCK, (request ids, tokens)) as (request id, text): each run of
+        consecutive blocks (a message holds an iteration's, or several held ones) as one text
+        per request, so a stream takes one event per message, not one per character."""
+        out: list[tuple[int, Any]] = []
+        run: list[tuple[np.ndarray, np.ndarray]] = []
+        for request_id, payload in wire:
+            if request_id == BLOCK:
+                run.append(payload)
+                continue
+            if run:
+                out += merge_blocks(run, self._chars)
+                run = []
+            out.append((request_id, payload))
+        if run:
+            out += merge_blocks(run, self._chars)
+        return out
+
     def _text_event(self, text: str) -> StreamEvent:
         event = self._text_events.get(text)
         if event is None:
             event = StreamEvent(text=text)
-            if len(self._text_events) < 4096:  # single characters, in practice
+            if len(text) == 1 and len(self._text_events) < 4096:  # single characters: shared events
                 self._text_events[text] = event
         return event
 

@@ -11,10 +11,11 @@ when the server is behind; the server's never do (process_pipe.py).
 Messages (tuples, framed by process_pipe.py):
   server -> child: ("open", slot, seed, tokens), ("reset", slot, seed, tokens), ("close", slot),
                    ("restore", slot, snapshot), ("submit", request_id, slot, request),
-                   ("acks", [(request_id, delivered)]), ("abort", request_id, delivered), ("drain",),
+                   ("acks", request ids [N], delivered [N]), ("abort", request_id, delivered), ("drain",),
                    ("snapshot", token, slot), ("stop",)
   child -> server: ("ready", RunnerInfo) or ("failed", error class name, message) first; then
-                   ("events", [(request_id, text | StreamEvent)], [observation], cache_stats)
+                   ("events", [(request_id, text | StreamEvent) | (BLOCK, (request ids, tokens))],
+                   [observation], cache_stats)
                    and ("snapshot", token, SlotSnapshot | None, (error class name, message) | None)
 A plain text event travels as its text alone: most events are one character.
 """
@@ -30,8 +31,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
+
 from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH
-from server.engine.generation import StreamEvent
+from server.engine.generation import BLOCK, StreamEvent
 from server.engine.loop import command_failed, run_iteration
 from server.engine.model_dir import ModelDirError
 from server.engine.model_runner import load_runner
@@ -48,6 +51,14 @@ FLUSH_INTERVAL = 0.004  # seconds plain characters may wait for the next message
 STARTUP_ERRORS = {"ModelDirError": ModelDirError, "DeviceError": DeviceError}
 # What a snapshot's failure means to its caller (session_rpcs.py): closed, lost; anything else is internal.
 SNAPSHOT_ERRORS: dict[str, type[Exception]] = {"LookupError": LookupError, "ValueError": ValueError}
+
+
+def wire_events(events: list) -> list[tuple[int, Any]]:
+    """An event list as it travels to the server: a plain text event as its text alone, a CharBlock
+    (the steady lane's characters) as (BLOCK, (request ids, tokens)), two arrays for any number of
+    rows; anything else as the StreamEvent itself."""
+    return [(request_id, (event.request_ids, event.tokens) if request_id == BLOCK
+             else event.text if event.is_plain_text else event) for request_id, event in events]
 
 
 def wire_kind(exc: Exception) -> str:
@@ -179,9 +190,8 @@ class ChildLoop:
             raise ValueError(f"unknown engine command {command[0]!r}")
         handler(*command[1:])
 
-    def _acks(self, acks: list[tuple[int, int]]) -> None:
-        for request_id, delivered in acks:
-            self.scheduler.ack(request_id, delivered)
+    def _acks(self, request_ids: np.ndarray, delivered: np.ndarray) -> None:
+        self.scheduler.ack_many(request_ids, delivered)
 
     def _stop(self) -> None:
         self.stopping = True
@@ -215,10 +225,10 @@ class ChildLoop:
         now = time.perf_counter()
         # Held only if they will still go within FLUSH_INTERVAL of the last message, taking the
         # next iteration to last as long as the last one: a long step never holds characters.
-        plain = all(event.is_plain_text for _, event in events)
+        plain = all(request_id == BLOCK or event.is_plain_text for request_id, event in events)
         awaiting = self._awaiting_first
         # A stretch's event (several characters from one call) is as large as holding would make it.
-        single = plain and all(len(event.text) == 1 for _, event in events)
+        single = plain and all(request_id == BLOCK or len(event.text) == 1 for request_id, event in events)
         if (not force and single and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
                 and not (awaiting and any(rid in awaiting for rid, _ in events))):
             return
@@ -227,14 +237,15 @@ class ChildLoop:
         self._sent_stats, self._sent_at = stats, now
         if awaiting or not plain:  # plain characters alone start no request: steady streams skip this
             self._note_first_characters(events)
-        wire = [(request_id, event.text if event.is_plain_text else event) for request_id, event in events]
-        self.pipe.send(("events", wire, observed, stats))
+        self.pipe.send(("events", wire_events(events), observed, stats))
 
     def _note_first_characters(self, events: list[tuple[int, StreamEvent]]) -> None:
         """Track the accepted requests still waiting for their first character (a short set:
         a request leaves it with its first text or its end)."""
         awaiting = self._awaiting_first
         for request_id, event in events:
+            if request_id == BLOCK:  # the lane's characters: never a request's first (steady_lane.py)
+                continue
             if event.accepted:
                 awaiting.add(request_id)
             elif awaiting and (event.text or event.ends_stream):

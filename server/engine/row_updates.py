@@ -8,16 +8,14 @@ attribute work: no per-row NumPy call, no per-row allocation beyond what a row n
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from server.engine.generation import FINISHED_BY_REASON, LENGTH, STOP, RequestStatus, StreamEvent
 from server.engine.model_runner import ModelRunner, StepOutput
 from server.engine.slot_state import Request, SlotState, own_window, prompt_progress
-
-if TYPE_CHECKING:
-    from server.engine.scheduler import StepObserver
+from server.engine.observer import StepObserver
 
 
 def take_drawn(rows: Sequence[Request], states: Sequence[SlotState], tokens: Sequence[int], draws: Sequence[int],
@@ -52,14 +50,20 @@ def finishing_event(request: Request, char: str) -> StreamEvent:
 
 
 def run_step(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]], zero_state: np.ndarray,
-             observer: StepObserver | None) -> StepOutput:
+             observer: StepObserver | None, lane_tokens: np.ndarray | None = None,
+             lane_slots: np.ndarray | None = None) -> StepOutput:
     """One model call consuming the first queued token of every ready slot; a slot with a `start`
-    state (fresh, restored, or after a stretch) starts from it instead of the pool. Raises what
+    state (fresh, restored, or after a stretch) starts from it instead of the pool. The steady
+    lane's rows (lane_tokens [R] into lane_slots [R], from the pool) come after them. Raises what
     the model call raised, the slots untouched."""
     count = len(ready)
     tokens = np.fromiter((state.pending[0] for _, state in ready), np.int64, count)  # [B]
     slots = np.fromiter((slot for slot, _ in ready), np.int64, count)  # [B]
     start_mask = np.fromiter((state.start is not None for _, state in ready), bool, count)  # [B]
+    if lane_tokens is not None and lane_slots is not None:
+        tokens, slots = np.concatenate([tokens, lane_tokens]), np.concatenate([slots, lane_slots])  # [B + R]
+        start_mask = np.concatenate([start_mask, np.zeros(len(lane_slots), bool)])  # [B + R]
+        count = len(tokens)
     start_states = None
     if start_mask.any():
         start_states = np.zeros((zero_state.shape[0], count, zero_state.shape[1]), np.float32)  # [L, B, H]

@@ -187,12 +187,37 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
     after a model call has pushed NumPy's code out of the caches. The same float64
     operations as sample_tokens (maximum.reduce is max, add.accumulate is cumsum), so the
     same tokens bit for bit."""
+    logits = np.asarray(logits)
+    if logits.ndim == 2 and len(logits) >= COLUMN_ROWS:
+        return _sample_uncut_columns(logits, temperature, uniforms)
     # In place, one buffer: the same values as the expressions of sample_tokens, fewer allocations.
-    weights = np.asarray(logits).astype(np.float64)  # [..., V]
+    weights = logits.astype(np.float64)  # [..., V]
     weights /= np.asarray(temperature, np.float64)[..., None]
     weights -= np.maximum.reduce(weights, axis=-1, keepdims=True)
     np.exp(weights, out=weights)  # [..., V], max = 1
     return _inverse_cdf(weights, uniforms)
+
+
+COLUMN_ROWS = 128  # from this many rows sample_uncut works on the transposed batch (_sample_uncut_columns)
+
+
+def _sample_uncut_columns(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """sample_uncut for a batch [B, V] laid out as [V, B]: the running sum and the reductions then
+    go along the first axis, one vector operation over all B rows per vocabulary entry, where
+    along the last axis NumPy loops over the rows (a third of the time at B = 1024). Every element
+    sees the same float64 operations in the same order (the sum is still sequential over V for
+    each row), so the tokens are the same bit for bit."""
+    weights = np.array(logits.T, np.float64)  # [V, B], contiguous
+    weights /= np.asarray(temperature, np.float64)
+    weights -= np.maximum.reduce(weights, axis=0)
+    np.exp(weights, out=weights)  # [V, B], max = 1 per column
+    cdf = weights  # the running sum in place, one vector add per vocabulary entry: add.accumulate
+    for v in range(1, len(cdf)):  # along axis 0 takes ~9x as long for the same sums (NumPy 2.x)
+        np.add(cdf[v - 1], cdf[v], out=cdf[v])  # [B]
+    # searchsorted(cdf, u * total, "right") capped at V - 1 = how many of cdf[:V-1] are <= u * total
+    # (cdf is non-decreasing: when its last entry is <= the target, so are all the others).
+    target = np.asarray(uniforms, np.float64) * cdf[-1]  # [B]
+    return np.add.reduce(cdf[:-1] <= target, axis=0, dtype=np.int32).astype(np.int64)  # [B]
 
 
 def sample_plain_row(logits: np.ndarray, temperature: float, uniform: float) -> int:

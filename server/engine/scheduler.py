@@ -15,7 +15,13 @@ collects to the callers. One iteration (the engine calls `sample()`, then `step(
      consumes several more characters for each (stretch.py for a lone
      session, batch_stretch.py for a batch).
 The per-row work of both (taking drawn characters, a step's inputs and
-outputs) is row_updates.py's.
+outputs) is row_updates.py's. Requests that are plainly running and that no
+stretch takes (greedy, top-k/top-p, or every request with --no-stretch) are
+the steady lane's instead (steady_lane.py): their sampling, step bookkeeping,
+events and acknowledgements are array operations over all of them, so an
+iteration's cost hardly grows with their number. The commands (open, submit,
+ack, abort, ...) are scheduler_commands.py's; the lane's side of them
+lane_glue.py's.
 
 Generation runs ahead of delivery, so a request can end (cancel, deadline,
 disconnect) with characters generated that its client never got. Those are
@@ -28,39 +34,31 @@ session's state is therefore always its prompts plus its delivered text.
 
 from __future__ import annotations
 
-import collections
 import logging
-from typing import Protocol
 
 import numpy as np
 
-from server.engine.generation import (CANCELLED, FINISHED_BY_REASON, SHUTDOWN, GenerationRequest, RequestStatus,
-                                      StopMatcher, StreamEvent, recent_tail)
+from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
+from server.engine.generation import BLOCK, FINISHED_BY_REASON, SHUTDOWN, RequestStatus, StreamEvent
 from server.engine.model_runner import ModelRunner
+from server.engine.observer import StepObserver
 from server.engine.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.prefix_states import PrefixStates
-from server.engine.sampling import sample_batch, stream_key
-from server.sessions.prefix_cache import PrefixCache
-from server.engine.slot_state import (Request, SlotSnapshot, SlotState, acknowledge, lose, refusal_of, restored, rewind,
-                                      snapshot_of)
-from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
 from server.engine.row_updates import run_step, take_drawn, take_step
+from server.engine.sampling import sample_batch
+from server.engine.scheduler_commands import SessionCommands
+from server.engine.slot_state import Request, SlotState, lose
+from server.engine.steady_lane import SteadyLane, may_enter
 from server.engine.stretch import step_alone, stretch_length
+from server.sessions.prefix_cache import PrefixCache
 
 logger = logging.getLogger("charstream.server")
 
 
-class StepObserver(Protocol):
-    def observe_step(self, batch_size: int, seconds: float) -> None: ...
-    def observe_lookahead(self, total: int, most: int) -> None: ...
-    def observe_prefix_cache(self, hit: bool, skipped_chars: int, cache: PrefixCache) -> None: ...
-    def observe_stretch(self, sampled: int, kept: int) -> None: ...
-
-
-class Scheduler:
+class Scheduler(SessionCommands):
     def __init__(self, runner: ModelRunner, max_batch: int, lookahead: int, observer: StepObserver | None = None,
                  prefix_cache: PrefixCache | None = None, stretch: bool = True,
-                 batch_stretch: int = DEFAULT_BATCH_STRETCH):
+                 batch_stretch: int = DEFAULT_BATCH_STRETCH, lane: bool = True):
         if max_batch <= 0 or lookahead <= 0:
             raise ValueError(f"max_batch and lookahead must be positive, got {max_batch} and {lookahead}")
         self.runner = runner
@@ -76,6 +74,10 @@ class Scheduler:
         self._zero_state = np.zeros((spec.num_layers, spec.hidden_size), np.float32)  # [L, H]
         self.slots: dict[int, SlotState] = {}
         self.requests: dict[int, Request] = {}
+        # Plainly running requests keep their per-step bookkeeping in arrays (steady_lane.py); the
+        # rest are `_outside`, the only requests an iteration looks at one by one.
+        self.lane = SteadyLane(runner.info.num_slots, len(self.chars), lookahead) if lane else None
+        self._outside: dict[int, Request] = {}
         # Slots that may have tokens waiting (a dict as an ordered set): steps look here, not at every slot.
         self._active: dict[int, None] = {}
         self.events: list[tuple[int, StreamEvent]] = []  # (request id, event), collected for the engine
@@ -83,105 +85,6 @@ class Scheduler:
         self.draining = False
         self._iteration = 0
         self._graph_draws: int | None = None  # the slot whose next character the stretch graph draws
-
-    # ---- commands ----
-
-    def open(self, slot: int, seed: int, prompt_tokens: list[int]) -> None:
-        self.slots[slot] = SlotState(key=stream_key(seed))
-        self.reset(slot, None, prompt_tokens)
-
-    def reset(self, slot: int, seed: int | None, prompt_tokens: list[int]) -> None:
-        state = self.slots[slot]
-        if seed is not None:
-            state.key, state.position = stream_key(seed), 0
-        state.pending = collections.deque(prompt_tokens)
-        state.logits, state.start, state.lost = None, self._zero_state, False
-        state.consumed, state.recent = len(prompt_tokens), recent_tail("", self._decode(prompt_tokens))
-        self.prefixes.start(state, prompt_tokens, self._decode(prompt_tokens))
-        self._active[slot] = None
-
-    def snapshot(self, slot: int) -> SlotSnapshot:
-        """The session's state after its prompts and delivered characters (slot_state.snapshot_of)."""
-        state = self.slots.get(slot)
-        if state is None:
-            raise LookupError("the session is closed")
-        if state.lost:
-            raise ValueError("the session's state was lost in a failed model step: reset or delete the session")
-        return snapshot_of(state, lambda: self.runner.read_states(np.array([slot]))[:, 0, :], self._decode)
-
-    def restore(self, slot: int, snapshot: SlotSnapshot) -> None:
-        """Open `slot` continuing exactly from `snapshot` (a fork, an import, a session loaded from a store)."""
-        self.close(slot)
-        state = self.slots[slot] = restored(snapshot)
-        self.prefixes.start_restored(state, snapshot, self._decode(snapshot.pending))
-        self._active[slot] = None
-
-    def close(self, slot: int) -> None:
-        state = self.slots.pop(slot, None)
-        if state is not None and state.request is not None:
-            self.requests.pop(state.request.id, None)
-
-    def submit(self, request_id: int, slot: int, spec: GenerationRequest) -> None:
-        state = self.slots.get(slot)
-        refusal = refusal_of(state, spec, self.draining)
-        if refusal is not None:
-            self.events.append((request_id, refusal))
-            return
-        assert state is not None
-        # Only an accepted request re-seeds the session and queues its prompt.
-        if spec.seed is not None:
-            state.key, state.position = stream_key(spec.seed), 0
-        if spec.prompt_tokens:
-            state.capture = None  # the state after the queue is no longer that of the prompt alone
-            state.logits = None  # the next character comes after the prompt: those logits are spent
-        state.pending.extend(spec.prompt_tokens)
-        self._active[slot] = None
-        state.consumed += len(spec.prompt_tokens)
-        state.recent = recent_tail(state.recent, self._decode(spec.prompt_tokens))
-        status = RequestStatus.WAITING if state.pending else RequestStatus.GENERATING
-        request = Request(request_id, slot, spec, status, StopMatcher(spec.stops), state.position,
-                          plain=spec.settings.samples_plainly(len(self.chars)))
-        state.request = self.requests[request_id] = request
-        self.events.append((request_id, StreamEvent(accepted=True, consumed_chars=state.consumed,
-                                                    recent_text=state.recent)))
-
-    def ack(self, request_id: int, delivered: int) -> None:
-        """The caller has handed `delivered` characters to its client in all."""
-        request = self.requests.get(request_id)
-        if request is None:
-            return
-        acknowledge(request, delivered)
-        if request.status.is_finished and request.delivered == len(request.tokens):
-            self._settle(request)
-
-    def abort(self, request_id: int, delivered: int) -> None:
-        """The caller ended the request after handing `delivered` characters: undo the rest."""
-        request = self.requests.get(request_id)
-        if request is None:
-            return
-        self.ack(request_id, delivered)
-        if request.id in self.requests:
-            if not request.status.is_finished:
-                request.status = RequestStatus.ABORTED
-                self.events.append((request.id, StreamEvent(finish=CANCELLED)))  # closes the caller's route
-            self._settle(request)
-
-    def drain(self) -> None:
-        self.draining = True
-
-    # ---- settling a finished request ----
-
-    def _settle(self, request: Request) -> None:
-        """Detach the request; the session keeps exactly its delivered characters."""
-        state = self.slots[request.slot]
-        if request.delivered < len(request.tokens):
-            rewind(state, request, request.delivered)
-            self._active[request.slot] = None
-        delivered = request.tokens[: request.delivered]
-        state.consumed += len(delivered)
-        state.recent = recent_tail(state.recent, self._decode(delivered))
-        state.request = None
-        del self.requests[request.id]
 
     # ---- one iteration ----
 
@@ -202,8 +105,10 @@ class Scheduler:
             state = slots.get(slot)
             if state is not None and state.pending:
                 return True
+        if self.lane is not None and len(self.lane) and self.lane.has_work():
+            return True
         return any(
-            self._can_sample(r) or (self.draining and not r.status.is_finished) for r in self.requests.values()
+            self._can_sample(r) or (self.draining and not r.status.is_finished) for r in self._outside.values()
         )
 
     def _end_all(self, reason: str) -> None:
@@ -225,19 +130,38 @@ class Scheduler:
     def sample(self) -> None:
         """Sample the next character of every request that may run ahead; one vectorised pass."""
         self._graph_draws = None  # only ever this iteration's
+        lane = self.lane
         if self.draining:
+            self.leave_lane()
             self._end_all(SHUTDOWN)
-        # _can_sample for every request, inlined: this runs once per iteration over every request.
+        elif lane is not None and len(lane):
+            finishing = lane.finishing()
+            if finishing.size:  # their last character's event finishes them: the per-row path's
+                self._leave_lane(finishing)
+        # _can_sample for every request outside the lane, inlined: this runs once per iteration.
         rows, states, slots, lookahead, generating = [], [], self.slots, self.lookahead, RequestStatus.GENERATING
-        for request in self.requests.values():
+        entering = []
+        may_join = lane is not None and not self.draining and len(self.requests) <= self.max_batch
+        for request in self._outside.values():
             if request.status is generating and len(request.tokens) - request.delivered < lookahead:
                 state = slots[request.slot]
                 if state.logits is not None and not state.pending:
+                    if may_join and may_enter(request, state, lookahead, self.stretch):
+                        entering.append((request, state))
+                        continue
                     rows.append(request)
                     states.append(state)
+        for request, state in entering:
+            lane.enter(request, state)  # type: ignore[union-attr]
+            del self._outside[request.id]
+        block = lane.sample() if lane is not None and len(lane) else None
+        if block is not None:
+            self.events.append((BLOCK, block))
         if not rows:
+            if block is not None:
+                self._observe_lookahead()
             return
-        if len(rows) == 1 and self._graph_may_draw(rows[0]):
+        if len(rows) == 1 and block is None and self._graph_may_draw(rows[0]):
             self._graph_draws = rows[0].slot  # step() makes the call that draws it (and more)
             return
         tokens, draws = sample_batch([s.logits for s in states], [r.spec.settings for r in rows],
@@ -260,13 +184,30 @@ class Scheduler:
 
     def _observe_lookahead(self) -> None:
         if self._observer is not None:
-            ahead = [len(r.tokens) - r.delivered for r in self.requests.values()]
-            self._observer.observe_lookahead(sum(ahead), max(ahead, default=0))
+            ahead = [len(r.tokens) - r.delivered for r in self._outside.values()]
+            total, most = sum(ahead), max(ahead, default=0)
+            if self.lane is not None and len(self.lane):
+                in_lane = self.lane.ahead()
+                total, most = total + int(in_lane.sum()), max(most, int(in_lane.max()))
+            self._observer.observe_lookahead(total, most)
 
     def step(self) -> None:
         """One batched model step over the slots with tokens waiting."""
         self._iteration += 1
+        lane = self.lane
+        if lane is not None and len(lane):
+            expiring = lane.expiring()
+            if expiring.size:
+                self._leave_lane(expiring)
         ready = self._ready_slots()
+        if lane is not None and len(lane):
+            lane_rows = lane.ready()
+            if lane_rows.size and len(ready) + lane_rows.size > self.max_batch:
+                self.leave_lane()  # more than one batch: the per-row path's fairness decides
+                ready = self._ready_slots()
+            elif lane_rows.size:
+                self._step_with_lane(ready, lane_rows)
+                return
         drawing, self._graph_draws = self._graph_draws, None
         if not ready:
             state = self.slots.get(drawing) if drawing is not None else None
@@ -284,7 +225,7 @@ class Scheduler:
             self._observe_lookahead()  # a stretch ran ahead: the gauges must say how far
             return
         if len(ready) > self.max_batch:
-            ready.sort(key=lambda item: item[1].last_step)
+            ready.sort(key=lambda item: (item[1].last_step, item[0]))  # ties: lowest slot (any order of _active)
             ready = ready[: self.max_batch]
         try:
             output = run_step(self.runner, ready, self._zero_state, self._observer)
@@ -307,7 +248,7 @@ class Scheduler:
                 events = [(request.id, event)] if event is not None and request is not None else []
             elif self.max_batch >= 2:
                 if len(ready) > self.max_batch:
-                    ready = sorted(ready, key=lambda item: item[1].last_step)[: self.max_batch]
+                    ready = sorted(ready, key=lambda item: (item[1].last_step, item[0]))[: self.max_batch]
                 found = step_together(self.runner, ready, self.lookahead, self.chars, self._observer,
                                       self.batch_stretch)
                 stepped, events = found is not None, found or []
@@ -328,6 +269,7 @@ class Scheduler:
     def fail_running(self, exc: Exception) -> None:
         """An iteration failed outside the model step: end every running generation (their states
         can no longer be trusted), so the engine can go on serving the others."""
+        self.leave_lane()
         self._fail([self.slots[r.slot] for r in list(self.requests.values()) if r.slot in self.slots], exc)
 
     def _fail(self, states: list[SlotState], exc: Exception) -> None:
@@ -335,9 +277,7 @@ class Scheduler:
             if request is None:
                 continue
             del self.requests[request.id]
+            self._outside.pop(request.id, None)
             if not request.status.is_finished:
                 request.status = RequestStatus.FINISHED_ERROR
                 self.events.append((request.id, StreamEvent(error=f"model step failed: {exc}")))
-
-    def _decode(self, tokens: list[int] | tuple[int, ...]) -> str:
-        return "".join(self.chars[t] for t in tokens)

@@ -42,7 +42,7 @@ time on an H200, through prefill 1.01x).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -53,9 +53,7 @@ from server.engine.sampling import sample_uncut, uniforms_at
 from server.engine.slot_state import Request, SlotState, own_window, prompt_progress
 from server.engine.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
                                          INPUT_UNIFORMS)
-
-if TYPE_CHECKING:
-    from server.engine.scheduler import StepObserver
+from server.engine.observer import StepObserver
 
 # Most queued characters a Loop call consumes: longer queues (long prompts) are prefill's, whose graph
 # has no head or sampler to run per character (prefill.py), or else single steps'.

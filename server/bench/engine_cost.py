@@ -1,0 +1,130 @@
+"""The engine's own cost per iteration, with a model call that does nothing (the null runner).
+
+    python -m server.bench.engine_cost                 # batches 64, 256 and 1024
+    python -m server.bench.engine_cost --batches 64 1024 --iterations 400 --json out.json
+
+What it measures: the scheduler's iteration (sampling every generating row,
+taking the drawn characters, the step's bookkeeping, the caller's
+acknowledgements) over B sessions that all stream at once, with the model
+call replaced by one that returns fixed logits and writes nothing. That is
+what the server spends per iteration besides the model: on a GPU, where a
+step costs about the same at batch 1024 as at batch 1, it is the limit of
+the whole service. Each session samples with a plain temperature (the
+common case), and every character is acknowledged as soon as it is drawn, as
+a client that keeps up would; the pipe and gRPC are not part of it (the
+benchmark's ceiling row measures those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import string
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.engine.generation import BLOCK, GenerationRequest
+from server.engine.model_dir import ModelFile, ModelSpec
+from server.engine.model_runner import ModelRunner, RunnerInfo, StepOutput
+from server.engine.process_child import wire_events
+from server.engine.sampling import SamplingSettings
+from server.engine.scheduler import Scheduler
+
+VOCAB = list(string.ascii_letters + string.digits + " .,;:!?'\n-")  # 65 characters, as Shakespeare's
+
+
+class NullRunner(ModelRunner):
+    """A model whose step costs nothing: fixed logits out, the states left as they are."""
+
+    def __init__(self, num_slots: int, hidden_size: int = 16, num_layers: int = 1):
+        spec = ModelSpec(vocab=VOCAB, vocab_size=len(VOCAB), embedding_dim=8, hidden_size=hidden_size,
+                         num_layers=num_layers)
+        self.info = RunnerInfo(spec, ModelFile(Path("null"), "null", Path("null"), reason="null runner"), "NullRunner",
+                               num_slots, states_on_device=False)
+        rng = np.random.default_rng(0)
+        self._logits = rng.standard_normal((num_slots, len(VOCAB))).astype(np.float32)  # [S, V]
+        self._states = np.zeros((num_layers, num_slots, hidden_size), np.float32)  # [L, S, H]
+
+    def step(self, token_ids: np.ndarray, slots: np.ndarray, start_mask: np.ndarray,
+             start_states: np.ndarray | None = None) -> StepOutput:
+        count = len(token_ids)
+        return StepOutput(self._logits[:count], self._states[:, :count])  # [B, V], [L, B, H]
+
+    def read_states(self, slots: np.ndarray) -> np.ndarray:
+        return self._states[:, slots]
+
+
+@dataclass(frozen=True)
+class EngineCost:
+    batch: int
+    iterations: int
+    microseconds_per_iteration: float  # median of the repeats
+    microseconds_per_row: float
+    repeats: list[float]
+
+
+def measure(batch: int, iterations: int, repeats: int = 5, lookahead: int = 128, lane: bool = True) -> EngineCost:
+    """Median microseconds per scheduler iteration with `batch` sessions streaming at once: the
+    acknowledgements (as the engine process takes them, one list per message), sampling, the
+    step's bookkeeping and the events as they go down the pipe (wire_events). What the callers do
+    with the events is theirs, outside the clock."""
+    runner = NullRunner(num_slots=batch)
+    scheduler = Scheduler(runner, max_batch=batch, lookahead=lookahead, stretch=False, batch_stretch=0, lane=lane)
+    settings = SamplingSettings(temperature=0.8)
+    for slot in range(batch):
+        scheduler.open(slot, seed=slot, prompt_tokens=[1])
+        scheduler.submit(slot + 1, slot, GenerationRequest((), max_chars=10**9, settings=settings))
+    delivered = np.zeros(batch + 1, np.int64)  # request id -> characters the caller took
+    request_ids = np.arange(1, batch + 1)
+
+    def iteration() -> float:
+        started = time.perf_counter()
+        scheduler.ack_many(request_ids, delivered[1:].copy())
+        scheduler.sample()
+        scheduler.step()
+        events, scheduler.events = scheduler.events, []
+        wire = wire_events(events)
+        spent = time.perf_counter() - started
+        # The caller's side: it takes every character at once and acknowledges it.
+        for request_id, payload in wire:
+            if request_id == BLOCK:
+                np.add.at(delivered, payload[0], 1)
+            elif isinstance(payload, str):
+                delivered[request_id] += len(payload)
+        return spent
+
+    for _ in range(20):  # the prompt's step, the first characters, warm caches
+        iteration()
+    timings = [sum(iteration() for _ in range(iterations)) / iterations * 1e6 for _ in range(repeats)]
+    median = statistics.median(timings)
+    return EngineCost(batch, iterations, median, median / batch, timings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.bench.engine_cost", description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024], help="sessions streaming at once")
+    parser.add_argument("--iterations", type=int, default=200, help="iterations per repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per batch (the median is reported)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--no-lane", dest="lane", action="store_false",
+                        help="every row through the per-row path (steady_lane.py off), to compare")
+    args = parser.parse_args(argv)
+    results = [measure(batch, args.iterations, args.repeats, lane=args.lane) for batch in args.batches]
+    print(f"{'batch':>6} {'us/iteration':>13} {'us/row':>8}  vs first")
+    for result in results:
+        ratio = result.microseconds_per_iteration / results[0].microseconds_per_iteration
+        print(f"{result.batch:>6} {result.microseconds_per_iteration:>13.1f} {result.microseconds_per_row:>8.3f}"
+              f"  {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump([result.__dict__ for result in results], out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

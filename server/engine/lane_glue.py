@@ -1,0 +1,100 @@
+"""The scheduler's side of the steady lane (steady_lane.py): requests entering it, leaving it
+for their objects, its characters' events, its acknowledgements and its steps.
+
+A mixin of Scheduler's, on the engine thread only, over the scheduler's own state (declared
+below, set in Scheduler.__init__). A request is in the lane or `_outside`, never both; a
+command that reads a request's objects first brings it out (_leave_slot, _leave_request).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from server.engine.generation import StreamEvent, expand_events
+from server.engine.model_runner import ModelRunner
+from server.engine.observer import StepObserver
+from server.engine.prefill import PREFILL_MAX_BATCH, prefill
+from server.engine.prefix_states import PrefixStates
+from server.engine.row_updates import run_step, take_step
+from server.engine.slot_state import Request, SlotState
+from server.engine.steady_lane import SteadyLane
+
+logger = logging.getLogger("charstream.server")
+
+
+class LaneGlue:
+    runner: ModelRunner
+    lane: SteadyLane | None
+    lookahead: int
+    max_batch: int
+    stretch: bool
+    draining: bool
+    prefixes: PrefixStates
+    slots: dict[int, SlotState]
+    requests: dict[int, Request]
+    _outside: dict[int, Request]
+    _active: dict[int, None]
+    events: list
+    _text_events: list[StreamEvent]
+    _zero_state: np.ndarray
+    _observer: StepObserver | None
+    _iteration: int
+    _graph_draws: int | None
+
+    def ack_many(self, request_ids: np.ndarray, delivered: np.ndarray) -> None:
+        """Acknowledgements as the callers send them, request ids [N] and characters delivered in all
+        [N]: the lane's requests in one array pass, the others one by one."""
+        others = self.lane.ack(request_ids, delivered) if self.lane is not None and len(self.lane) else slice(None)
+        for request_id, count in zip(request_ids[others].tolist(), delivered[others].tolist()):
+            self.ack(request_id, count)
+
+    def _leave_lane(self, rows: object) -> None:
+        """Lane rows back to their objects (SteadyLane.leave), outside again, queued ones active."""
+        assert self.lane is not None
+        for request in self.lane.leave(rows):  # type: ignore[arg-type]
+            self._outside[request.id] = request
+            if self.slots[request.slot].pending:
+                self._active[request.slot] = None
+
+    def _leave_slot(self, slot: int) -> None:
+        if self.lane is not None and slot in self.lane.row_of_slot:
+            self._leave_lane([self.lane.row_of_slot[slot]])
+
+    def _leave_request(self, request_id: int) -> None:
+        if self.lane is not None and request_id in self.lane.row_of_request:
+            self._leave_lane([self.lane.row_of_request[request_id]])
+
+    def leave_lane(self) -> None:
+        """Every lane row back to its Request and SlotState (tests and diagnostics read those)."""
+        if self.lane is not None and len(self.lane):
+            self._leave_lane(range(len(self.lane)))
+
+    def take_events(self) -> list[tuple[int, StreamEvent]]:
+        """The events collected so far as (request id, StreamEvent) pairs (the lane's CharBlocks
+        expanded), and none kept."""
+        events, self.events = self.events, []
+        return expand_events(events, self._text_events)
+
+    def _step_with_lane(self, ready: list[tuple[int, SlotState]], lane_rows: np.ndarray) -> None:
+        """One ordinary step over the ready slots outside the lane and the lane's rows after them.
+        No stretch: the lane's requests are ones a stretch does not take, and neither path takes a
+        batch holding one (batch_stretch.plan_together)."""
+        lane = self.lane
+        assert lane is not None
+        self._graph_draws = None
+        if ready and len(ready) + lane_rows.size <= PREFILL_MAX_BATCH and self.runner.prefill_session is not None:
+            ready = prefill(self.runner, ready, lambda state, exc: self._fail([state], exc))
+        try:
+            output = run_step(self.runner, ready, self._zero_state, self._observer, lane.waiting[lane_rows],
+                              lane.slot[lane_rows])
+        except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
+            logger.exception("model step failed")
+            lane_states = [lane.states[row] for row in lane_rows.tolist()]
+            self._leave_lane(lane_rows)
+            self._fail([state for _, state in ready] + lane_states, exc)
+            return
+        take_step(ready, output, self.lookahead, self._iteration)
+        lane.take_step(lane_rows, output.logits, output.inputs, len(ready), self._iteration)
+        self.prefixes.capture(ready)

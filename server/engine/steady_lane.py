@@ -1,0 +1,252 @@
+"""The steady lane: running generations whose per-step bookkeeping is a few array operations.
+
+A request that is plainly running (generating, at least one character out, no
+stop strings, not about to reach max_chars, nothing queued but its sampled
+character) does the same few things every iteration: draw a character from
+its logits with its own random number, queue it, have a step consume it,
+keep the state that step started from (its undo window), and take the
+caller's acknowledgements. Done per row in Python that costs microseconds a
+row, which grows with the batch; on a GPU, where a step at batch 1024 costs
+what one at batch 1 does, it is the whole limit. The lane holds those
+requests as columns of arrays indexed by lane row, so an iteration costs the
+same few dozen NumPy calls at any batch size:
+
+    key, position [n] uint64     the random stream (sampling.py), per row
+    temperature, top_k, top_p    the settings; greedy rows draw nothing
+    generated, delivered, stepped [n]   the request's counters
+    logits [n, V], has_logits    what the next character is drawn from
+    waiting [n]                  the sampled character a step has yet to consume (-1: none)
+    win_step, win_pos [n, W]     where the state before generated char k lies:
+                                 row win_pos of the inputs of lane step win_step (ring of W steps)
+    tokens [n, TOKENS]           characters generated since they were last written to the Request
+
+The Request and SlotState objects stay the truth for everything else, and
+are brought up to date (`leave`) before anything but the lane's own
+iteration reads them: a snapshot, an abort, a close, the last character
+(max_chars), a failed step, draining, or a row whose oldest undo state would
+fall out of the ring (a reader stalled for W steps). The text is the one the
+per-row path gives: the same sampler functions on the same logits and random
+numbers (sample_tokens and sample_uncut agree bit for bit), the same states.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from server.engine.generation import CharBlock, RequestStatus
+from server.engine.sampling import sample_tokens, sample_uncut, uniforms_at
+from server.engine.slot_state import Request, SlotState, acknowledge, own_window
+
+TOKENS = 256  # characters a row holds before every row's are written to its Request (a rare O(n) pass)
+
+
+class SteadyLane:
+    def __init__(self, capacity: int, vocab_size: int, lookahead: int):
+        self.capacity, self.lookahead, self.n = capacity, lookahead, 0
+        self.window = lookahead + 2  # W: a row that keeps up holds at most lookahead + 1 undo states
+        c, w = capacity, self.window
+        self.slot = np.zeros(c, np.int64)
+        self.rid = np.zeros(c, np.int64)
+        self.key = np.zeros(c, np.uint64)
+        self.position = np.zeros(c, np.uint64)
+        self.temperature = np.zeros(c, np.float64)
+        self.top_k = np.zeros(c, np.int64)
+        self.top_p = np.ones(c, np.float64)
+        self.draws = np.zeros(c, np.uint64)  # random numbers a character costs: 0 greedy, else 1
+        self.plain = np.zeros(c, bool)
+        self.max_chars = np.zeros(c, np.int64)
+        self.generated = np.zeros(c, np.int64)
+        self.delivered = np.zeros(c, np.int64)
+        self.stepped = np.zeros(c, np.int64)
+        self.entered = np.zeros(c, np.int64)  # stepped when the row entered: earlier undo states are the Request's
+        self.last_step = np.zeros(c, np.int64)
+        self.logits = np.zeros((c, vocab_size), np.float32)  # [n, V]
+        self.has_logits = np.zeros(c, bool)
+        self.waiting = np.full(c, -1, np.int64)
+        self.win_step = np.zeros((c, w), np.int64)  # [n, W]
+        self.win_pos = np.zeros((c, w), np.int64)  # [n, W]
+        self.tokens = np.zeros((c, TOKENS), np.int64)  # [n, TOKENS]
+        self.unwritten = np.zeros(c, np.int64)  # characters in `tokens` not yet in the Request
+        self.requests: list[Request] = []  # lane row -> its Request, SlotState (for leave)
+        self.states: list[SlotState] = []
+        self.row_of_request: dict[int, int] = {}
+        self.row_of_slot: dict[int, int] = {}
+        self._ring: list[np.ndarray | None] = [None] * w  # lane step t's inputs [L, B, H] at t % W
+        self._t = 0  # lane steps taken
+        self._arange = np.arange(c)
+
+    def __len__(self) -> int:
+        return self.n
+
+    # ---- rows entering and leaving ----
+
+    def enter(self, request: Request, state: SlotState) -> None:
+        """Take a plainly running request whose logits are ready and nothing queued (the scheduler
+        checks: Scheduler._may_enter). Its SlotState's logits move here."""
+        row, settings = self.n, request.spec.settings
+        self.n += 1
+        self.slot[row], self.rid[row] = request.slot, request.id
+        self.key[row], self.position[row] = state.key, state.position
+        self.temperature[row], self.top_k[row], self.top_p[row] = settings.temperature, settings.top_k, settings.top_p
+        self.draws[row], self.plain[row] = (0 if settings.greedy else 1), request.plain
+        self.max_chars[row], self.generated[row] = request.spec.max_chars, len(request.tokens)
+        self.delivered[row], self.stepped[row] = request.delivered, request.stepped
+        self.entered[row], self.last_step[row] = request.stepped, state.last_step
+        self.logits[row] = state.logits  # type: ignore[assignment]  # the caller checked it is ready
+        self.has_logits[row], self.waiting[row], self.unwritten[row] = True, -1, 0
+        state.logits = None  # the lane's from here on
+        own_window(request)  # undo states from before stay the Request's: as copies, pinning no whole step
+        self.requests.append(request)
+        self.states.append(state)
+        self.row_of_request[request.id] = self.row_of_slot[request.slot] = row
+
+    def leave(self, rows: Sequence[int] | np.ndarray) -> list[Request]:
+        """Write the rows back to their Request and SlotState and drop them from the lane; returns
+        their requests (a sampled character not yet consumed is queued in the state again)."""
+        left = []
+        for row in sorted((int(r) for r in rows), reverse=True):  # the last row moves into a freed one
+            request, state = self.requests[row], self.states[row]
+            request.tokens.extend(self.tokens[row, : self.unwritten[row]].tolist())
+            request.stepped = stepped = int(self.stepped[row])
+            for k in range(max(int(self.delivered[row]), 1, int(self.entered[row]) + 1), stepped + 1):
+                request.window[k] = self.undo_state(row, k).copy()  # [L, H], owned: the ring moves on
+            state.position = int(self.position[row])
+            state.logits = self.logits[row].copy() if self.has_logits[row] else None
+            state.last_step = int(self.last_step[row])
+            if self.waiting[row] >= 0:
+                state.pending.append(int(self.waiting[row]))
+            left.append(request)
+            request.numpy_draws = False
+            acknowledge(request, int(self.delivered[row]))
+            self._remove(row)
+        return left
+
+    def undo_state(self, row: int, k: int) -> np.ndarray:
+        """The state before generated character k of `row` (a lane step consumed it): [L, H]."""
+        w = self.window
+        inputs = self._ring[int(self.win_step[row, k % w]) % w]
+        assert inputs is not None
+        return inputs[:, int(self.win_pos[row, k % w]), :]
+
+    def _remove(self, row: int) -> None:
+        last = self.n - 1
+        del self.row_of_request[int(self.rid[row])], self.row_of_slot[int(self.slot[row])]
+        if row != last:  # every column's last row into the freed one
+            for column in (self.slot, self.rid, self.key, self.position, self.temperature, self.top_k, self.top_p,
+                           self.draws, self.plain, self.max_chars, self.generated, self.delivered, self.stepped,
+                           self.entered, self.last_step, self.logits, self.has_logits, self.waiting, self.win_step,
+                           self.win_pos, self.tokens, self.unwritten):
+                column[row] = column[last]
+            self.requests[row], self.states[row] = self.requests[last], self.states[last]
+            self.row_of_request[int(self.rid[row])], self.row_of_slot[int(self.slot[row])] = row, row
+        self.requests.pop()
+        self.states.pop()
+        self.n = last
+
+    # ---- one iteration ----
+
+    def finishing(self) -> np.ndarray:
+        """Rows that may sample the character max_chars ends them with: the per-row path draws it
+        (its event finishes the request)."""
+        n = self.n
+        return np.flatnonzero(self.has_logits[:n] & (self.generated[:n] + 1 >= self.max_chars[:n])
+                              & (self.generated[:n] - self.delivered[:n] < self.lookahead))
+
+    def expiring(self) -> np.ndarray:
+        """Rows whose oldest undo state the next lane step would push out of the ring (their reader
+        stalled while the others stepped): they leave first, keeping copies."""
+        n = self.n
+        oldest = np.maximum(np.maximum(self.delivered[:n], 1), self.entered[:n] + 1)  # [n]
+        live = oldest <= self.stepped[:n]
+        held = self.win_step[self._arange[:n], oldest % self.window]  # [n]
+        return np.flatnonzero(live & (held <= self._t + 1 - self.window))
+
+    def sample(self) -> CharBlock | None:
+        """Draw the next character of every row that may run ahead; None when none may."""
+        n = self.n
+        generated = self.generated[:n]
+        rows = np.flatnonzero(self.has_logits[:n] & (generated - self.delivered[:n] < self.lookahead))  # [R]
+        if rows.size == 0:
+            return None
+        if rows.size == n:  # every row (the steady state): slices, cheaper than gathers
+            rows = slice(0, n)  # type: ignore[assignment]
+        logits = self.logits[rows]  # [R, V]
+        uniforms = uniforms_at(self.key[rows], self.position[rows])  # [R]
+        if self.plain[rows].all():
+            tokens = sample_uncut(logits, self.temperature[rows], uniforms)  # [R]
+        else:
+            tokens = sample_tokens(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], uniforms)
+        self.position[rows] += self.draws[rows]
+        self.waiting[rows], self.has_logits[rows] = tokens, False
+        self.tokens[self._arange[rows], self.unwritten[rows]] = tokens  # row by row: no outer indexing
+        self.unwritten[rows] += 1
+        self.generated[rows] += 1
+        if self.unwritten[:n].max() == TOKENS:
+            self._write_tokens()
+        return CharBlock(self.rid[rows].copy(), tokens)  # a copy: rows move when others leave
+
+    def _write_tokens(self) -> None:
+        for row in range(self.n):
+            self.requests[row].tokens.extend(self.tokens[row, : self.unwritten[row]].tolist())
+        self.unwritten[: self.n] = 0
+
+    def ready(self) -> np.ndarray:
+        """Rows with a sampled character for the next step to consume."""
+        return np.flatnonzero(self.waiting[: self.n] >= 0)
+
+    def take_step(self, rows: np.ndarray, logits: np.ndarray, inputs: np.ndarray, offset: int,
+                  iteration: int) -> None:
+        """A step consumed `rows`' characters as its rows offset, offset + 1, ...: logits [B, V] and
+        inputs [L, B, H] are the whole step's."""
+        self._t += 1
+        positions = offset + np.arange(rows.size)  # [R]
+        consumed = self.stepped[rows] + 1  # [R]: generated char k, 1-based
+        slots = consumed % self.window
+        self.win_step[rows, slots], self.win_pos[rows, slots] = self._t, positions
+        self._ring[self._t % self.window] = inputs
+        self.stepped[rows] = consumed
+        if rows.size == self.n and (rows[-1] - rows[0] == rows.size - 1):  # every row, in order: slices
+            self.logits[: self.n] = logits[offset: offset + self.n]
+        else:
+            self.logits[rows] = logits[positions]
+        self.has_logits[rows], self.waiting[rows], self.last_step[rows] = True, -1, iteration
+
+    def ack(self, request_ids: np.ndarray, delivered: np.ndarray) -> np.ndarray:
+        """Acknowledgements (request id [N], characters delivered in all [N]): the lane's applied;
+        returns the mask of the others (requests not in the lane)."""
+        n = self.n
+        if n == 0:
+            return np.ones(len(request_ids), bool)
+        order = np.argsort(self.rid[:n])
+        ids = self.rid[:n][order]  # [n] sorted
+        at = np.minimum(np.searchsorted(ids, request_ids), n - 1)  # [N]
+        ours = ids[at] == request_ids  # [N]
+        rows = order[at[ours]]
+        self.delivered[rows] = np.maximum(self.delivered[rows], np.minimum(delivered[ours], self.generated[rows]))
+        return ~ours
+
+    def ack_one(self, row: int, delivered: int) -> None:
+        self.delivered[row] = max(int(self.delivered[row]), min(delivered, int(self.generated[row])))
+
+    def has_work(self) -> bool:
+        n = self.n
+        return bool((self.waiting[:n] >= 0).any() or (self.has_logits[:n] & (
+            self.generated[:n] - self.delivered[:n] < self.lookahead)).any())
+
+    def ahead(self) -> np.ndarray:
+        """Characters each row runs ahead of its caller: [n]."""
+        return self.generated[: self.n] - self.delivered[: self.n]
+
+
+def may_enter(request: Request, state: SlotState, lookahead: int, stretches: bool) -> bool:
+    """Whether a request belongs in the lane: generating with a character out, no stop strings,
+    at least two characters before max_chars, its logits ready, nothing queued or overriding the
+    pool's state, room to run ahead, and none of the stretch graph's paths take it (`stretches`:
+    they take plain-temperature requests)."""
+    generated = len(request.tokens)
+    return (request.status is RequestStatus.GENERATING and generated >= 1 and not request.matcher.stops
+            and generated + 1 < request.spec.max_chars and not (stretches and request.plain)
+            and state.logits is not None and not state.pending and state.start is None and not state.lost
+            and generated - request.delivered < lookahead)

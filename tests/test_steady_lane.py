@@ -1,0 +1,175 @@
+"""The steady lane (steady_lane.py) against the per-row path it stands in for: driven by the same
+random commands (mixed settings, stop strings, short max_chars, partial acknowledgements, aborts,
+snapshots, stalled readers, more sessions than a batch), a scheduler with the lane and one
+without it give the same events and leave every session in the same state."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.bench.engine_cost import NullRunner
+from server.engine.generation import BLOCK, GenerationRequest
+from server.engine.model_runner import load_runner
+from server.engine.sampling import SamplingSettings, choose_token, sample_uncut
+from server.engine.scheduler import Scheduler
+
+SLOTS = 6
+
+
+def random_settings(rng: random.Random) -> SamplingSettings:
+    kind = rng.choice(["greedy", "plain", "top-k", "top-p", "both"])
+    temperature = 0.0 if kind == "greedy" else rng.choice([0.5, 0.9, 1.3])
+    return SamplingSettings(temperature=temperature, top_k=rng.choice([3, 8]) if kind in ("top-k", "both") else 0,
+                            top_p=rng.choice([0.6, 0.9]) if kind in ("top-p", "both") else 1.0)
+
+
+class Driver:
+    """One scheduler and what its callers saw: the text and ends of every request, acks sent."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.seen: dict[int, list] = {}  # request id -> its events, in order
+        self.taken: dict[int, int] = {}  # request id -> characters it has received
+        self.most_in_lane = 0
+
+    def iterate(self) -> None:
+        self.scheduler.sample()
+        self.scheduler.step()
+        lane = self.scheduler.lane
+        self.most_in_lane = max(self.most_in_lane, len(lane) if lane is not None else 0)
+        for request_id, event in self.scheduler.take_events():
+            self.seen.setdefault(request_id, []).append((event.text, event.finish, event.matched_stop,
+                                                         event.accepted, event.consumed_chars, event.error))
+            self.taken[request_id] = self.taken.get(request_id, 0) + len(event.text)
+
+
+def run_scenario(model: Path, seed: int, stretch: bool, max_batch: int, batch_stretch: int) -> list[Driver]:
+    drivers = []
+    for lane in (True, False):
+        runner = load_runner(model, device="cpu", num_slots=SLOTS)
+        drivers.append(Driver(Scheduler(runner, max_batch=max_batch, lookahead=6, stretch=stretch,
+                                           batch_stretch=batch_stretch, lane=lane)))
+    rng = random.Random(seed)
+    chars = drivers[0].scheduler.chars
+    next_id = 1
+    running: dict[int, int] = {}  # slot -> request id
+    for slot in range(SLOTS):
+        prompt = [rng.randrange(len(chars)) for _ in range(rng.randint(1, 5))]
+        for driver in drivers:
+            driver.scheduler.open(slot, seed + slot, prompt)
+    snapshots: list[tuple] = []
+    for _ in range(160):
+        action = rng.random()
+        slot = rng.randrange(SLOTS)
+        for driver in drivers:  # finished requests are settled by their final ack
+            for other, request_id in list(running.items()):
+                if request_id not in driver.scheduler.requests:
+                    running.pop(other, None)
+        if action < 0.25 and slot not in running:
+            settings = random_settings(rng)
+            stops = (rng.choice(chars) + rng.choice(chars),) if rng.random() < 0.25 else ()
+            spec = GenerationRequest(tuple(rng.randrange(len(chars)) for _ in range(rng.randint(0, 3))),
+                                     rng.choice([3, 9, 40, 200]), settings, seed=rng.choice([None, rng.randrange(99)]),
+                                     stops=stops)
+            for driver in drivers:
+                driver.scheduler.submit(next_id, slot, spec)
+            running[slot] = next_id
+            next_id += 1
+        elif action < 0.3 and slot in running:
+            request_id = running.pop(slot)
+            for driver in drivers:
+                driver.scheduler.abort(request_id, driver.taken.get(request_id, 0))
+        elif action < 0.35:
+            snapshots.append(tuple(snapshot_fields(driver.scheduler, slot) for driver in drivers))
+        # Acknowledge what each request received so far, but only some of the time: readers stall.
+        acks = [(request_id, drivers[0].taken.get(request_id, 0)) for request_id in running.values()
+                if rng.random() < 0.7]
+        for driver in drivers:
+            assert all(driver.taken.get(r, 0) == count for r, count in acks), "callers saw different text"
+            if acks:
+                driver.scheduler.ack_many(np.array([r for r, _ in acks]), np.array([c for _, c in acks]))
+        for driver in drivers:
+            driver.iterate()
+    for slot in range(SLOTS):
+        snapshots.append(tuple(snapshot_fields(driver.scheduler, slot) for driver in drivers))
+    for with_lane, per_row in snapshots:
+        assert with_lane == per_row
+    return drivers
+
+
+def snapshot_fields(scheduler: Scheduler, slot: int) -> tuple:
+    try:
+        snapshot = scheduler.snapshot(slot)
+    except (LookupError, ValueError) as exc:
+        return ("refused", str(exc))
+    logits = None if snapshot.logits is None else snapshot.logits.tobytes()
+    return (snapshot.hidden.tobytes(), logits, snapshot.pending, snapshot.stream_key, snapshot.position,
+            snapshot.consumed_chars, snapshot.recent_text)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("stretch,max_batch,batch_stretch", [(False, 8, 16), (True, 8, 16), (True, 8, 0), (False, 3, 16)])
+def test_the_lane_gives_what_the_per_row_path_gives(tiny_model_dir: Path, seed: int, stretch: bool,
+                                                    max_batch: int, batch_stretch: int) -> None:
+    with_lane, per_row = run_scenario(tiny_model_dir, seed, stretch, max_batch, batch_stretch)
+    assert with_lane.seen == per_row.seen
+    assert sum(len(events) for events in with_lane.seen.values()) > 50  # the scenario did generate
+    assert with_lane.most_in_lane >= 2 and per_row.most_in_lane == 0
+
+
+def test_the_lane_holds_steady_streams_and_emits_blocks() -> None:
+    """With every stream plainly running, the lane holds them all and an iteration's characters
+    leave as one block (what makes the iteration's cost flat in the batch)."""
+    batch = 32
+    scheduler = Scheduler(NullRunner(batch), max_batch=batch, lookahead=16, stretch=False)
+    for slot in range(batch):
+        scheduler.open(slot, slot, [1])
+        scheduler.submit(slot + 1, slot, GenerationRequest((), 10**6, SamplingSettings(temperature=0.8)))
+    for _ in range(5):
+        scheduler.sample()
+        scheduler.step()
+    assert scheduler.lane is not None and len(scheduler.lane) == batch
+    scheduler.events.clear()
+    scheduler.sample()
+    assert [request_id for request_id, _ in scheduler.events] == [BLOCK]
+    assert sorted(scheduler.events[0][1].request_ids.tolist()) == list(range(1, batch + 1))
+
+
+def test_a_stalled_reader_leaves_the_lane_with_its_undo_states() -> None:
+    """A reader that takes nothing while the others go on: its undo states would fall out of the
+    lane's ring, so it leaves with copies, and undoing it still lands exactly."""
+    scheduler = Scheduler(NullRunner(4), max_batch=4, lookahead=4, stretch=False)
+    for slot in range(4):
+        scheduler.open(slot, slot, [1])
+        scheduler.submit(slot + 1, slot, GenerationRequest((), 10**6, SamplingSettings(temperature=0.0)))
+    delivered = dict.fromkeys(range(1, 5), 0)
+    for _ in range(30):
+        scheduler.sample()
+        scheduler.step()
+        for request_id, event in scheduler.take_events():
+            delivered[request_id] += len(event.text)
+        for request_id in (2, 3, 4):  # request 1 is never acknowledged past its first character
+            scheduler.ack(request_id, delivered[request_id])
+        scheduler.ack(1, 1)
+    assert scheduler.lane is not None and 1 not in scheduler.lane.row_of_request
+    request = scheduler.requests[1]
+    assert sorted(request.window) == list(range(1, request.stepped + 1))
+    assert all(kept.base is None for kept in request.window.values())
+
+
+def test_the_column_sampler_is_the_reference_sampler() -> None:
+    """sample_uncut on a large batch (laid out as columns) picks choose_token's token on every row,
+    boundary random numbers included."""
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        rows = int(rng.integers(128, 700))
+        logits = (rng.standard_normal((rows, 65)) * rng.uniform(0.1, 30)).astype(np.float32)
+        temperature = rng.uniform(0.05, 3.0, rows)
+        uniforms = rng.random(rows)
+        uniforms[:3] = [0.0, 1 - 2**-53, 0.5]
+        expected = [choose_token(logits[i], SamplingSettings(temperature[i]), uniforms[i]) for i in range(rows)]
+        assert sample_uncut(logits, temperature, uniforms).tolist() == expected
