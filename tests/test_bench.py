@@ -77,7 +77,8 @@ def _server_pids(model_dir: Path) -> list[int]:
 def _argv(model_dir: Path, json_path: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--streams", str(STREAMS), "--chars", str(CHARS), "--long-prompt",
             str(LONG_PROMPT), "--batch", str(BATCH), "--device", "cpu", "--timeout", "60", "--json", str(json_path),
-            "--store-calls", str(STORE_CALLS), "--repeats", "3", "--streams-repeats", "2", *extra]
+            "--store-calls", str(STORE_CALLS), "--repeats", "3", "--streams-repeats", "2",
+            "--ceiling-streams", "0", *extra]  # row 12 has tests of its own (tests/test_bench_spread.py)
 
 
 def _assert_servers_gone(servers: list[bench_process.ServerProcess], model_dir: Path, redises: list = ()) -> None:

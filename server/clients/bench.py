@@ -17,6 +17,10 @@ this one, over grpc.aio), reads GetModelInfo, and measures:
   7  a --long-prompt character prompt: time to first character vs raw batch-1 ingestion (a new prompt each time)
   8  the machine, provider, variant, the server's thread settings and lookahead
   9-11  prefix-state cache cold vs warm; a session call, in-process store vs Redis; idle sessions (bench_sessions.py)
+ 12  the server pipeline's ceiling: row 5 and a raw loop on a tiny model built here, per --ceiling-streams N
+     (bench_ceiling.py; --skip-standard-rows measures only this row)
+
+Rows 5, 6 and 12 run their clients in --client-processes processes, started together (bench_spread.py).
 
 prints the table and the target ratios, and writes it all as JSON (--json).
 Servers are always terminated, Ctrl-C included. See server/README.md#benchmark.
@@ -37,9 +41,11 @@ import grpc
 import onnxruntime as ort
 
 from protos.charstream.v1 import generator_pb2 as pb
+from server.clients import bench_ceiling as ceiling
 from server.clients import bench_clients as clients
 from server.clients import bench_sessions as sessions
-from server.clients.bench_process import ServerProcess, batch_totals, describe_server, machine_info, running_server
+from server.clients import bench_spread as spread
+from server.clients.bench_process import ServerProcess, describe_server, machine_info, running_server
 from server.clients.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
 from server.clients.bench_args import batches, build_parser, expected_rows, paired_batch, server_flags
 from server.clients.bench_turns import rows_in_turns
@@ -47,7 +53,11 @@ from server.clients.bench_results import (LongPromptResult, NoteRow, Ratio, Repo
                                   print_report, ratio_of, write_json)
 from server.engine.model_contract import CUDA
 
-PROMPT_CHARS = 16
+PROMPT_CHARS = clients.PROMPT_CHARS
+# Rows whose clients spread over --client-processes (row 4's one stream, and the warm-ups, stay in this process).
+SPREAD_ROW_IDS = ("server_streams", "server_streams_max_batch_1")
+# The server's default --max-sessions (server/config.py, not imported: it would load the whole engine here).
+SERVER_MAX_SESSIONS = 1024
 
 
 @dataclass
@@ -87,8 +97,7 @@ class Bench:
 
     @property
     def prompt(self) -> str:
-        vocab = list(self.info.vocabulary)  # type: ignore[union-attr]
-        return "".join(vocab[(i * 7) % len(vocab)] for i in range(PROMPT_CHARS))
+        return clients.bench_prompt(self.info.vocabulary)  # type: ignore[union-attr]
 
     def raw_row(self, batch: int) -> None:
         self.attempt(f"raw_batch_{batch}", lambda row, row_id, title: raw_loop(
@@ -112,20 +121,10 @@ class Bench:
         self.attempt(row_id, lambda row, row_id, title: self.streams_result(server, streams, row, row_id, title))
 
     def streams_result(self, server: ServerProcess, streams: int, row: int, row_id: str, title: str) -> StreamsResult:
-        """`streams` one-shot streams of --chars characters, measured once."""
-        before = batch_totals(server.metrics_url())
-        run = clients.bounded(clients.run_streams(server.address, self.prompt, streams, self.args.chars, 1),
-                              self.args.timeout)
-        after = batch_totals(server.metrics_url())
-        steps = after[1] - before[1] if before and after else 0
-        return StreamsResult(
-            row=row, id=row_id, title=title, streams=streams, chars_per_stream=self.args.chars,
-            total_chars=run.total_chars, messages=run.messages, seconds=run.seconds,
-            chars_per_s=run.total_chars / run.seconds, chars_per_message=run.total_chars / max(1, run.messages),
-            first_char_ms_p50=run.first_char_ms(50), first_char_ms_p99=run.first_char_ms(99),
-            gap_ms_p50=run.gap_ms(50), gap_ms_p99=run.gap_ms(99),
-            mean_batch=(after[0] - before[0]) / steps if steps else None,  # type: ignore[index]
-            server_flags=server.flags)
+        """`streams` one-shot streams of --chars characters, measured once (rows 5 and 6: clients spread)."""
+        processes = spread.client_processes(self.args.client_processes, streams) if row_id in SPREAD_ROW_IDS else 1
+        return spread.measure_streams(server, self.prompt, streams, self.args.chars, processes, self.args.timeout,
+                                      row=row, row_id=row_id, title=title)
 
     def long_prompt_row(self, server: ServerProcess) -> None:
         def measure(row: int, row_id: str, title: str) -> LongPromptResult:
@@ -182,6 +181,8 @@ class Bench:
 
 def target_ratios(rows: list[Row], args: argparse.Namespace) -> list[Ratio]:
     """The ratios the targets are stated in (server/README.md#benchmark)."""
+    if args.skip_standard_rows:
+        return []  # their rows were not measured
     batch = paired_batch(args) or 1
 
     def rate(row_id: str) -> float | None:
@@ -197,11 +198,11 @@ def target_ratios(rows: list[Row], args: argparse.Namespace) -> list[Ratio]:
 
 
 def serve_rows(bench: Bench, flags: list[str], serve: Callable[[ServerProcess], None], row_ids: list[str],
-               machine: dict[str, Any]) -> None:
-    """Rows measured with one server process; if the server (or a set-up step) fails, the rows not yet
-    measured fail saying why."""
+               machine: dict[str, Any], model: str | None = None) -> None:
+    """Rows measured with one server process (on --model unless `model` is given); if the server (or a
+    set-up step) fails, the rows not yet measured fail saying why."""
     try:
-        with running_server(bench.args.model, flags, bench.args.timeout) as server:
+        with running_server(model or bench.args.model, flags, bench.args.timeout) as server:
             serve(server)
             if bench.info is not None:
                 described = describe_server(bench.info, server)
@@ -214,6 +215,25 @@ def serve_rows(bench: Bench, flags: list[str], serve: Callable[[ServerProcess], 
                 bench.note(row_id, "failed", bench.describe(exc))
 
 
+def ceiling_flags(args: argparse.Namespace, streams: int) -> list[str]:
+    """Row 12's server: the pass-through flags, fp32 (the one variant the ceiling model has), --max-batch N,
+    and room for N sessions where that is more than the server's default."""
+    room = {"max_sessions": streams} if streams > SERVER_MAX_SESSIONS else {}
+    return server_flags(args, variant="fp32", max_batch=streams, **room)
+
+
+def standard_rows(bench: Bench, report: Report) -> None:
+    """Rows 1-11: the first server, the --max-batch 1 server, the Redis-backed server."""
+    args = bench.args
+    second = "server_streams_max_batch_1"
+    first = [row_id for row_id in expected_rows(args)
+             if row_id not in (second, *sessions.REDIS_ROW_IDS) and not row_id.startswith("ceiling_")]
+    serve_rows(bench, server_flags(args), bench.first_server, first, report.machine)
+    serve_rows(bench, server_flags(args, max_batch=1), bench.second_server, [second], report.machine)
+    sessions.redis_rows(bench, lambda url, serve, row_ids: serve_rows(
+        bench, server_flags(args, session_store=url), serve, row_ids, report.machine))
+
+
 def run(args: argparse.Namespace, argv: list[str], log: TextIO) -> Report:
     """Every row; each server (and a private redis-server) is started for its rows and always stopped."""
     bench = Bench(args, log)
@@ -221,14 +241,15 @@ def run(args: argparse.Namespace, argv: list[str], log: TextIO) -> Report:
                 **{k: getattr(args, k) for k in ("model", "checkpoint", "streams", "chars", "long_prompt", "timeout",
                                                  "repeats", "streams_repeats", "store_calls", "redis_url", "idle_sessions")},
                 "batches": batches(args)[1:], "prompt_chars": PROMPT_CHARS, "temperature": clients.TEMPERATURE,
-                "server_flags": server_flags(args)}
+                "server_flags": server_flags(args), "skip_standard_rows": args.skip_standard_rows,
+                "client_processes": spread.client_processes(args.client_processes, args.streams),
+                "ceiling_streams": ceiling.ceiling_streams(args)}
     report = Report(settings=settings, machine=machine_info())
-    second = "server_streams_max_batch_1"
-    first = [row_id for row_id in expected_rows(args) if row_id not in (second, *sessions.REDIS_ROW_IDS)]
-    serve_rows(bench, server_flags(args), bench.first_server, first, report.machine)
-    serve_rows(bench, server_flags(args, max_batch=1), bench.second_server, [second], report.machine)
-    sessions.redis_rows(bench, lambda url, serve, row_ids: serve_rows(
-        bench, server_flags(args, session_store=url), serve, row_ids, report.machine))
+    if not args.skip_standard_rows:
+        standard_rows(bench, report)
+    # The ceiling servers describe the tiny model, not the served one: row 8 is not told about them.
+    ceiling.run_ceiling_rows(bench, lambda model, streams, serve, row_ids: serve_rows(
+        bench, ceiling_flags(args, streams), serve, row_ids, {}, model=model))
     report.rows = sorted(bench.rows, key=lambda row: row.row)
     report.ratios = target_ratios(report.rows, args)
     return report
@@ -244,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if min(args.streams, args.chars, args.repeats, args.streams_repeats, *sizes) < 1 or args.long_prompt < 0 or args.timeout <= 0:
         parser.error("--streams, --chars, --repeats, --streams-repeats and --batch must be >= 1, --long-prompt >= 0, --timeout > 0")
     sessions.check_arguments(parser, args)
+    try:
+        ceiling.ceiling_streams(args)
+    except ValueError:
+        parser.error(f"--ceiling-streams must be comma-separated integers >= 0, got {args.ceiling_streams!r}")
+    if args.client_processes is not None and args.client_processes < 1:
+        parser.error("--client-processes must be >= 1")
     try:
         report = run(args, list(sys.argv[1:] if argv is None else argv), sys.stderr)
     except KeyboardInterrupt:

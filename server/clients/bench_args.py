@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from server.clients import bench_ceiling as ceiling
 from server.clients import bench_sessions as sessions
 from server.clients.bench_turns import add_repeats_arguments
 
@@ -28,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch", default="64", metavar="B[,B...]", help="raw-loop batch sizes of row 2 (default: 64)")
     add("--long-prompt", type=int, default=2000, metavar="N", help="prompt of rows 7 and 9; 0: skip (default: 2000)")
     add("--timeout", type=float, default=120.0, metavar="S", help="seconds allowed per row (default: 120)")
+    add("--client-processes", type=int, metavar="N",
+        help="processes the clients of rows 5, 6 and 12 run in, started together (default: 1 for up to "
+             "64 streams, else min(4, CPUs))")
+    add("--skip-standard-rows", action="store_true",
+        help=f"measure only row {ceiling.CEILING_ROW} (the ceiling model), not rows 1-11")
     add_repeats_arguments(parser)
     server = parser.add_argument_group("passed to both server processes only when given (else the server's defaults)")
     server.add_argument("--device", choices=("auto", "cuda", "cpu"))
@@ -41,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--batch-stretch", type=int, metavar="N")
     server.add_argument("--max-batch", type=int, metavar="N", help="for rows 4, 5, 7; row 6's server always gets 1")
     sessions.add_arguments(parser)
+    ceiling.add_arguments(parser)
     return parser
 
 
@@ -70,6 +77,8 @@ def paired_batch(args: argparse.Namespace) -> int | None:
 
 def expected_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
     """id -> (row number, title) of every row this run should produce, in order."""
+    if args.skip_standard_rows:
+        return ceiling.ceiling_rows(args)
     rows = {f"raw_batch_{b}": (1 if b == 1 else 2, f"raw ONNX Runtime loop, batch {b}") for b in batches(args)}
     rows |= {"torch_eager": (3, "PyTorch eager loop, 1 stream"),
              "server_1_stream": (4, "server, 1 stream"),
@@ -77,4 +86,4 @@ def expected_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
              "server_streams_max_batch_1": (6, f"server --max-batch 1, {args.streams} streams")}
     if args.long_prompt > 0:
         rows["long_prompt"] = (7, f"server, {args.long_prompt}-char prompt, 1st char")
-    return rows | sessions.session_rows(args)
+    return rows | sessions.session_rows(args) | ceiling.ceiling_rows(args)

@@ -4,6 +4,8 @@ Streams are spread over one client (one grpc.aio channel) per STREAMS_PER_CHANNE
 streams, each channel with its own connection. Times are what the clients see:
 time to the first message with text, and the gaps between messages with text
 (the client's stream yields one chunk per message with text).
+Rows 5, 6 and 12 may split one row's streams over several processes, each
+running run_streams on its share (bench_spread.py).
 
     run = bounded(run_streams("127.0.0.1:50051", "To be", streams=8, chars=200, first_seed=1), timeout=60)
     print(run.total_chars / run.seconds, run.first_char_ms(50), run.gap_ms(99))
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 from protos.charstream.v1 import generator_pb2 as pb
 from server.clients.aio_client import AsyncCharstreamClient
 
+PROMPT_CHARS = 16
 STREAMS_PER_CHANNEL = 32
 TEMPERATURE = 1.0
 # Separate channels share one connection unless each has its own subchannel pool.
@@ -33,12 +37,16 @@ class StreamStats:
     messages: int = 0  # messages with text
     first_char_s: float = math.nan
     gaps_s: list[float] = field(default_factory=list)
+    text: str | None = None  # the characters received, only when asked for (keep_text): tests compare them
 
 
 @dataclass
 class StreamsRun:
     seconds: float
     streams: list[StreamStats]
+    # time.monotonic() when the streams started: system-wide on Linux, so runs of several client processes
+    # can be laid on one time line (bench_spread.merge_runs)
+    started_at: float = math.nan
 
     @property
     def total_chars(self) -> int:
@@ -60,12 +68,16 @@ def percentile_ms(values: list[float], q: float) -> float:
     return float(np.percentile(finite, q) * 1000) if finite else math.nan
 
 
-async def one_stream(client: AsyncCharstreamClient, prompt: str, chars: int, seed: int) -> StreamStats:
+async def one_stream(client: AsyncCharstreamClient, prompt: str, chars: int, seed: int,
+                     keep_text: bool = False) -> StreamStats:
     """One one-shot Generate call (no session_id), timed message by message."""
     stats = StreamStats()
+    parts: list[str] = []
     started = time.perf_counter()
     last = started
     async for text in client.generate(prompt, chars, temperature=TEMPERATURE, seed=seed):
+        if keep_text:
+            parts.append(text)
         now = time.perf_counter()
         if stats.messages == 0:
             stats.first_char_s = now - started
@@ -74,22 +86,34 @@ async def one_stream(client: AsyncCharstreamClient, prompt: str, chars: int, see
         stats.chars += len(text)
         stats.messages += 1
         last = now
+    if keep_text:
+        stats.text = "".join(parts)
     return stats
 
 
-async def run_streams(address: str, prompt: str, streams: int, chars: int, first_seed: int) -> StreamsRun:
-    """`streams` concurrent one-shot streams, seeds first_seed, first_seed + 1, ..."""
+async def run_streams(address: str, prompt: str, streams: int, chars: int, first_seed: int, *,
+                      keep_text: bool = False, gate: Callable[[], Awaitable[None]] | None = None) -> StreamsRun:
+    """`streams` concurrent one-shot streams, seeds first_seed, first_seed + 1, ...; `gate`, when given, is
+    awaited once the channels are connected and returns when the streams are to start (bench_spread)."""
     clients = [AsyncCharstreamClient(address, timeout=None, options=CHANNEL_OPTIONS)
                for _ in range(max(1, math.ceil(streams / STREAMS_PER_CHANNEL)))]
     try:
         # Connected before the clock starts: the rows time streams, not connection set-up.
         await asyncio.gather(*(client.channel.channel_ready() for client in clients))
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(clients[i % len(clients)], prompt, chars, first_seed + i)
-                                         for i in range(streams)))
-        return StreamsRun(time.perf_counter() - started, list(results))
+        if gate is not None:
+            await gate()
+        started_at, started = time.monotonic(), time.perf_counter()
+        results = await asyncio.gather(*(one_stream(clients[i % len(clients)], prompt, chars, first_seed + i,
+                                                    keep_text) for i in range(streams)))
+        return StreamsRun(time.perf_counter() - started, list(results), started_at)
     finally:
         await asyncio.gather(*(client.close() for client in clients))
+
+
+def bench_prompt(vocabulary: Sequence[str]) -> str:
+    """The PROMPT_CHARS-character prompt of every server row: every 7th character of the vocabulary, cycled."""
+    vocab = list(vocabulary)
+    return "".join(vocab[(i * 7) % len(vocab)] for i in range(PROMPT_CHARS))
 
 
 def bounded(coroutine, timeout: float):  # type: ignore[no-untyped-def]

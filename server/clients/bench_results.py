@@ -81,6 +81,7 @@ class StreamsResult(Row):
     gap_ms_p99: float
     mean_batch: float | None
     server_flags: list[str] = field(default_factory=list)
+    client_processes: int = 1  # the processes the clients ran in (bench_spread.py)
 
     def cells(self) -> dict[str, Any]:
         return {"chars/s": self.chars_per_s, "1st ms p50": self.first_char_ms_p50,
@@ -192,9 +193,10 @@ class Report:
 COLUMNS = ("chars/s", "step ms", "1st ms p50", "1st ms p99", "gap ms p50", "gap ms p99", "chars/msg", "batch",
            "raw ms", "cold ms", "warm ms", "cold/warm", "call ms p50", "call ms p99", "create ms", "B/session",
            "redis MB", "RSS MB")
-# Rows from this number on (sessions and state) print as a table of their own, so that neither table carries
-# the other's empty columns.
+# Rows from these numbers on (sessions and state; the ceiling model) print as tables of their own, so that no
+# table carries another's empty columns.
 SECOND_TABLE_FROM = 9
+THIRD_TABLE_FROM = 12
 
 
 def _format(value: Any) -> str:
@@ -222,12 +224,14 @@ def print_report(report: Report, out: TextIO) -> None:
     """The tables (one line per row), then the ratios and the machine."""
     width = max([len(row.title) for row in report.rows] + [4])
     tables = ([row for row in report.rows if row.row < SECOND_TABLE_FROM],
-              [row for row in report.rows if row.row >= SECOND_TABLE_FROM])
+              [row for row in report.rows if SECOND_TABLE_FROM <= row.row < THIRD_TABLE_FROM],
+              [row for row in report.rows if row.row >= THIRD_TABLE_FROM])
     for number, rows in enumerate(table for table in tables if table):
         if number:
             print(file=out)
         _print_table(rows, width, out)
-    print("\nratios (targets):", file=out)
+    if report.ratios:  # none when rows 1-11 were skipped
+        print("\nratios (targets):", file=out)
     for ratio in report.ratios:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[ratio.met]
         value = "n/a" if ratio.value is None else f"{ratio.value:.3f}"
