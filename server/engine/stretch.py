@@ -138,7 +138,11 @@ def agreed_length(output: LoopOutput, uniforms: np.ndarray, temperature: float) 
 def agreed_lengths(tokens: np.ndarray, drawn: np.ndarray, uniforms: np.ndarray, temperature: np.ndarray) -> np.ndarray:
     """How many of each row's sampled characters, from the first, the server's NumPy sampler picks too:
     tokens [K, B], drawn [K, B, V], uniforms [K, B], temperature [B] -> [B]. One pass over all K x B draws."""
-    disagree = sample_uncut(drawn, temperature, uniforms) != tokens  # [K, B]
+    k, b, v = drawn.shape
+    # As one [K x B, V] batch: large batches take sample_uncut's column layout (the same tokens).
+    redrawn = sample_uncut(drawn.reshape(k * b, v), np.broadcast_to(temperature, (k, b)).reshape(k * b),
+                           uniforms.reshape(k * b)).reshape(k, b)  # [K, B]
+    disagree = redrawn != tokens  # [K, B]
     return np.where(disagree.any(axis=0), disagree.argmax(axis=0), len(disagree))  # [B]
 
 
