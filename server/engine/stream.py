@@ -44,6 +44,10 @@ class GenerationStream:
         self._opening: StreamEvent | None = None  # accepted, or the refusal
         self._end: StreamEvent | None = None
         self._arrived = asyncio.Event()
+        # Characters the reader waits for (next_chunk's min_chars): text wakes it only once that many
+        # are ready. Waking a coroutine costs more than the event itself, and under load a message
+        # gathers the characters of many events.
+        self._wanted = 1
         self.delivered = 0  # characters handed to the client
         self.consumed_chars = 0  # the session's, after its prompt and the delivered characters
         self.recent_text = ""
@@ -64,7 +68,8 @@ class GenerationStream:
             self._ready += len(event.text)
         if event.ends_stream:
             self._end = event
-        self._arrived.set()
+        if self._ready >= self._wanted or event.ends_stream or event.accepted or event.refused:
+            self._arrived.set()
 
     async def opening(self) -> StreamEvent:
         """Wait for the engine to accept the request (prompt queued) or refuse it."""
@@ -77,7 +82,8 @@ class GenerationStream:
         """Wait for at least `min_chars` characters (fewer when the stream ends first), then take
         everything that is ready: delivered from here on. `min_chars` must not exceed the
         engine's lookahead, which is as far as generation runs ahead of delivery."""
-        while self._ready < max(1, min_chars) and self._end is None:
+        self._wanted = max(1, min_chars)
+        while self._ready < self._wanted and self._end is None:
             self._arrived.clear()
             await self._arrived.wait()
         text = "".join(self._text)
