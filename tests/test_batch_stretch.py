@@ -136,9 +136,11 @@ def test_an_idle_session_after_a_batch_holds_only_its_own_state(tiny_model_dir: 
     assert recorder.batched_calls > 0
     for slot in range(4):
         state = engine.scheduler.slots[slot]
-        assert state.request is None and state.start is not None and state.logits is not None
+        # Its state is in the pool (start None: its last step was an ordinary one, as can happen
+        # when the machine is busy) or its own copy; its logits are its own.
+        assert state.request is None and state.logits is not None
         for kept in (state.start, state.logits):  # copies, or views of a lone call's one-row outputs
-            assert kept.base is None or kept.base.size == kept.size
+            assert kept is None or kept.base is None or kept.base.size == kept.size
 
 
 def test_a_disagreement_in_a_batch_is_redrawn_for_its_row_only(tiny_model_dir: Path) -> None:

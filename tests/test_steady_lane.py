@@ -173,3 +173,15 @@ def test_the_column_sampler_is_the_reference_sampler() -> None:
         uniforms[:3] = [0.0, 1 - 2**-53, 0.5]
         expected = [choose_token(logits[i], SamplingSettings(temperature[i]), uniforms[i]) for i in range(rows)]
         assert sample_uncut(logits, temperature, uniforms).tolist() == expected
+
+
+def test_merged_blocks_keep_each_requests_characters_in_order() -> None:
+    """The server's side: a run of blocks becomes one text per request, its characters in the order
+    they were drawn, whatever the vocabulary's entries are made of."""
+    from server.engine.generation import merge_blocks
+
+    blocks = [(np.array([3, 1, 2]), np.array([0, 1, 2])), (np.array([1, 3]), np.array([3, 4])),
+              (np.array([2]), np.array([5]))]
+    assert merge_blocks(blocks, np.array(list("abcdef"))) == [(1, "bd"), (2, "cf"), (3, "ae")]
+    combining = np.array(["a", "é", "ß", "e\u0301"])  # the last entry is two code points
+    assert merge_blocks([(np.array([1, 2, 1]), np.array([3, 1, 2]))], combining) == [(1, "e\u0301ß"), (2, "é")]

@@ -118,14 +118,13 @@ def merge_blocks(blocks: Sequence[tuple[np.ndarray, np.ndarray]], chars: np.ndar
     ids = np.concatenate([block[0] for block in blocks])  # [N]
     order = np.argsort(ids, kind="stable")  # by request, each request's characters in draw order
     ids = ids[order]
-    text = "".join(chars[np.concatenate([block[1] for block in blocks])[order]].tolist())  # [N] characters
+    pieces = chars[np.concatenate([block[1] for block in blocks])[order]].tolist()  # [N] characters
+    text = "".join(pieces)
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # [G] first character of each request
-    ends = np.r_[starts[1:], len(ids)]
-    if len(text) != len(ids):  # a vocabulary entry of several code points: slice per character instead
-        pieces = chars[np.concatenate([block[1] for block in blocks])[order]].tolist()
-        return [(request_id, "".join(pieces[a:b])) for request_id, a, b in
-                zip(ids[starts].tolist(), starts.tolist(), ends.tolist())]
-    return [(request_id, text[a:b]) for request_id, a, b in zip(ids[starts].tolist(), starts.tolist(), ends.tolist())]
+    spans = zip(ids[starts].tolist(), starts.tolist(), np.r_[starts[1:], len(ids)].tolist())
+    if len(text) != len(pieces):  # a vocabulary entry of several code points: join per request instead
+        return [(request_id, "".join(pieces[a:b])) for request_id, a, b in spans]
+    return [(request_id, text[a:b]) for request_id, a, b in spans]
 
 
 class StopMatcher:

@@ -14,7 +14,8 @@ import numpy as np
 
 from server.engine.generation import CANCELLED, GenerationRequest, RequestStatus, StopMatcher, StreamEvent, recent_tail
 from server.engine.sampling import stream_key
-from server.engine.slot_state import Request, SlotSnapshot, SlotState, acknowledge, refusal_of, restored, rewind, snapshot_of
+from server.engine.slot_state import (Request, SlotSnapshot, SlotState, acknowledge, owned, refusal_of, restored, rewind,
+                                      snapshot_of)
 from server.engine.lane_glue import LaneGlue
 
 
@@ -127,6 +128,9 @@ class SessionCommands(LaneGlue):
         delivered = request.tokens[: request.delivered]
         state.consumed += len(delivered)
         state.recent = recent_tail(state.recent, self._decode(delivered))
+        # An idle session keeps its own rows: the last step's outputs are views of the whole batch's.
+        state.logits = owned(state.logits)
+        state.start = owned(state.start)
         state.request = None
         del self.requests[request.id]
         self._outside.pop(request.id, None)

@@ -103,19 +103,19 @@ def rewind(state: SlotState, request: Request, m: int) -> None:
         state.pending.clear()
         state.logits = request.start_logits
         if request.stepped >= 1:
-            state.start = _owned(request.window[1])
+            state.start = owned(request.window[1])
     else:
         # The state before consuming char m, with char m waiting to be consumed again.
         if request.stepped >= m:
-            state.start = _owned(request.window[m])
+            state.start = owned(request.window[m])
         state.pending = collections.deque([request.tokens[m - 1]])
         state.logits = None
 
 
-def _owned(kept: np.ndarray) -> np.ndarray:
-    """`kept` itself, or a copy when it is a view of a whole step's input (which an idle session
-    would otherwise keep alive until its next step)."""
-    return kept.copy() if kept.base is not None else kept
+def owned(kept: np.ndarray | None) -> np.ndarray | None:
+    """`kept` itself, or a copy when it is a view (of a whole step's input or
+    output, which an idle session would otherwise keep alive until its next step)."""
+    return kept.copy() if kept is not None and kept.base is not None else kept
 
 
 def own_window(request: Request) -> None:
@@ -126,7 +126,7 @@ def own_window(request: Request) -> None:
     would keep those steps alive for as long as it stalls, so then it copies its
     rows (at most lookahead + 1 states of [L, H]) and pins nothing else."""
     for k, kept in request.window.items():
-        request.window[k] = _owned(kept)
+        request.window[k] = owned(kept)
 
 
 def snapshot_of(state: SlotState, pooled: Callable[[], np.ndarray], decode: Callable[[list[int]], str]) -> SlotSnapshot:

@@ -44,7 +44,7 @@ TOKENS = 256  # characters a row holds before every row's are written to its Req
 
 class SteadyLane:
     def __init__(self, capacity: int, vocab_size: int, lookahead: int):
-        self.capacity, self.lookahead, self.n = capacity, lookahead, 0
+        self.lookahead, self.n = lookahead, 0
         self.window = lookahead + 2  # W: a row that keeps up holds at most lookahead + 1 undo states
         c, w = capacity, self.window
         self.slot = np.zeros(c, np.int64)
@@ -84,7 +84,7 @@ class SteadyLane:
 
     def enter(self, request: Request, state: SlotState) -> None:
         """Take a plainly running request whose logits are ready and nothing queued (the scheduler
-        checks: Scheduler._may_enter). Its SlotState's logits move here."""
+        checks: may_enter). Its SlotState's logits move here."""
         row, settings = self.n, request.spec.settings
         self.n += 1
         self.slot[row], self.rid[row] = request.slot, request.id
