@@ -21,7 +21,7 @@ from onnx import helper
 
 from export.onnx_cell import IR_VERSION, build_cell, model_metadata
 from export.state_quantization import quantize_states_statically
-from server.engine.model_contract import FP16, FP32, INT8, VARIANT_FILES
+from server.engine.model.model_contract import FP16, FP32, INT8, VARIANT_FILES
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ def _build_int8(weights: Mapping[str, np.ndarray], config: Mapping, vocab: list[
                 op_types_to_quantize=["MatMul"],
                 per_channel=True,
                 weight_type=QuantType.QInt8,
+                reduce_range=True,
             )
         finally:
             logging.disable(logging.NOTSET)
