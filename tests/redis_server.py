@@ -24,7 +24,7 @@ from typing import Iterator
 
 import pytest
 
-from server.clients.bench_process import answers_ping, free_port
+from server.bench.process import answers_ping, free_port
 
 REDIS_SERVER = "redis-server"
 START_TIMEOUT_SECONDS = 10.0

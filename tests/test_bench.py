@@ -14,12 +14,10 @@ from typing import Any
 
 import pytest
 
-from server.clients import bench
-
-from server.clients import bench_process
-
-from server.clients import bench_sessions
-from server.clients.bench_raw import CPU
+from server.bench import bench
+from server.bench import process as bench_process
+from server.bench import sessions as bench_sessions
+from server.bench.raw import CPU
 
 STREAMS, CHARS, LONG_PROMPT, BATCH, STORE_CALLS, IDLE_SESSIONS = 4, 30, 200, 4, 10, 50
 ROW_IDS = ["raw_batch_1", "raw_batch_4", "torch_eager", "server_1_stream", "server_streams",
@@ -78,7 +76,8 @@ def _argv(model_dir: Path, json_path: Path, *extra: str) -> list[str]:
     return ["--model", str(model_dir), "--streams", str(STREAMS), "--chars", str(CHARS), "--long-prompt",
             str(LONG_PROMPT), "--batch", str(BATCH), "--device", "cpu", "--timeout", "60", "--json", str(json_path),
             "--store-calls", str(STORE_CALLS), "--repeats", "3", "--streams-repeats", "2",
-            "--ceiling-streams", "0", *extra]  # row 12 has tests of its own (tests/test_bench_spread.py)
+            "--ceiling-streams", "0", "--http-streams", "0", *extra]
+    # rows 12 and 13 have tests of their own (tests/test_bench_spread.py, tests/test_http_bench.py)
 
 
 def _assert_servers_gone(servers: list[bench_process.ServerProcess], model_dir: Path, redises: list = ()) -> None:

@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from server.clients import bench, bench_turns
-from server.clients.bench_raw import CPU, WARMUP_STEPS, load_cell, raw_ingest_seconds, raw_loop, session_options
-from server.clients.bench_results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
+from server.bench import bench
+from server.bench import turns as bench_turns
+from server.bench.raw import CPU, WARMUP_STEPS, load_cell, raw_ingest_seconds, raw_loop, session_options
+from server.bench.results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
 
 
 def test_only_the_flags_given_are_passed_to_the_server() -> None:
@@ -98,8 +99,8 @@ def test_table_and_json_show_every_row_and_turn_nan_into_null(tmp_path: Path) ->
 @pytest.mark.parametrize("threads, spinning", [(1, False), (2, True), (0, False)])
 def test_raw_loop_session_options_match_the_servers(threads: int, spinning: bool) -> None:
     """The raw loop must run the cell as the server does; this fails if the server's options drift."""
-    from server.engine.providers import ThreadSettings
-    from server.engine.providers import session_options as server_session_options
+    from server.engine.model.providers import ThreadSettings
+    from server.engine.model.providers import session_options as server_session_options
 
     ours = session_options({"intra_op_threads": threads, "allow_spinning": spinning})
     theirs = server_session_options(ThreadSettings(intra_op_threads=threads, allow_spinning=spinning))

@@ -1,4 +1,4 @@
-"""charstream-bench rows 9-11 (server/clients/bench_sessions.py) in parts: prompts, counters, skips, Ctrl-C, the table.
+"""charstream-bench rows 9-11 (server/bench/sessions.py) in parts: prompts, counters, skips, Ctrl-C, the table.
 
 The rows themselves run against the tiny model in tests/test_bench.py's full run.
 """
@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from server.clients import bench
-
-from server.clients import bench_process
-
-from server.clients import bench_sessions
-from server.clients.bench_results import IdleSessionsResult, PrefixCacheResult, Report, SessionStoreResult, print_report
+from server.bench import bench
+from server.bench import process as bench_process
+from server.bench import sessions as bench_sessions
+from server.bench.results import IdleSessionsResult, PrefixCacheResult, Report, SessionStoreResult, print_report
 from tests.test_bench import _record_starts
 
 NO_REDIS = "redis-server is not on PATH; install the Debian package redis-server to run this test"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from protos.charstream.v1 import generator_pb2 as pb
-from server.clients import loadtest
-from server.clients.loadtest_workers import LoadStats, WorkerSession, account
+from server.bench import loadtest
+from server.bench.loadtest_workers import LoadStats, WorkerSession, account
 
 MiB = 1024 * 1024
 # RSS after every session is deleted is not expected to return to the baseline exactly: the

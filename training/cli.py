@@ -18,23 +18,41 @@ from training.settings import Limits, Settings
 
 PROG = "charstream-train"
 
-# Options that define a run (training.settings.Settings); fixed once it has started.
-# name: (flag, value check, metavar, help); the default comes from Settings.
-RUN_OPTIONS = {
-    "embedding_dim": ("--embedding-dim", "positive", "N", "embedding size"),
-    "hidden_size": ("--hidden-size", "positive", "N", "GRU units per layer"),
-    "num_layers": ("--num-layers", "positive", "N", "GRU layers"),
-    "dropout": ("--dropout", "fraction", "P", "dropout on the GRU output and between GRU layers"),
-    "seq_len": ("--seq-len", "positive", "N", "characters per training sequence"),
-    "batch_size": ("--batch-size", "positive", "N", "sequences per batch"),
-    "val_fraction": ("--val-fraction", "fraction", "F", "last part of the text held out for validation"),
-    "lr": ("--lr", "positive_float", "LR", "peak learning rate"),
-    "min_lr_ratio": ("--min-lr-ratio", "fraction", "F", "final LR as a fraction of --lr"),
-    "warmup_steps": ("--warmup-steps", "nonnegative", "N", "linear warmup steps (at most 10%% of planned steps)"),
-    "weight_decay": ("--weight-decay", "nonnegative_float", "W", "AdamW weight decay on weight matrices"),
-    "grad_clip": ("--grad-clip", "nonnegative_float", "NORM", "clip the gradient norm; 0 = off"),
-    "seed": ("--seed", "nonnegative", "N", "seed of initialisation, data order and dropout"),
+# Options that define a run (training.settings.Settings), fixed once it has started, in two help groups:
+# the model's size (the fields Settings takes from training.model_config.ModelShape) and how it is trained
+# (Settings' own fields). name: (value check, metavar, help); the flag is --name with dashes, the default
+# comes from Settings.
+MODEL_OPTIONS = {
+    "embedding_dim": ("positive", "N", "embedding size"),
+    "hidden_size": ("positive", "N", "GRU units per layer"),
+    "num_layers": ("positive", "N", "GRU layers"),
+    "dropout": ("fraction", "P", "dropout on the GRU output and between GRU layers"),
 }
+TRAINING_OPTIONS = {
+    "seq_len": ("positive", "N", "characters per training sequence"),
+    "batch_size": ("positive", "N", "sequences per batch"),
+    "val_fraction": ("fraction", "F", "last part of the text held out for validation"),
+    "lr": ("positive_float", "LR", "peak learning rate"),
+    "min_lr_ratio": ("fraction", "F", "final LR as a fraction of --lr"),
+    "warmup_steps": ("nonnegative", "N", "linear warmup steps (at most 10%% of planned steps)"),
+    "weight_decay": ("nonnegative_float", "W", "AdamW weight decay on weight matrices"),
+    "grad_clip": ("nonnegative_float", "NORM", "clip the gradient norm; 0 = off"),
+    "seed": ("nonnegative", "N", "seed of initialisation, data order and dropout"),
+}
+RUN_OPTIONS = MODEL_OPTIONS | TRAINING_OPTIONS
+
+# value check: (parse, accepts, what it wants, for the error message)
+_CHECKS = {
+    "positive": (int, lambda value: value > 0, "a positive integer"),
+    "nonnegative": (int, lambda value: value >= 0, "an integer >= 0"),
+    "positive_float": (float, lambda value: value > 0, "a number > 0"),
+    "nonnegative_float": (float, lambda value: value >= 0, "a number >= 0"),
+    "fraction": (float, lambda value: 0 <= value < 1, "a number in [0, 1)"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,27 +61,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(kind: str):
+    convert, accepts, want = _CHECKS[kind]
+
     def parse(text: str):
-        is_int = kind in ("positive", "nonnegative")
         try:
-            value = int(text) if is_int else float(text)
+            value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        ok = {
-            "positive": value > 0,
-            "nonnegative": value >= 0,
-            "positive_float": value > 0,
-            "nonnegative_float": value >= 0,
-            "fraction": 0 <= value < 1,
-        }[kind]
-        if not ok:
-            want = {
-                "positive": "a positive integer",
-                "nonnegative": "an integer >= 0",
-                "positive_float": "a number > 0",
-                "nonnegative_float": "a number >= 0",
-                "fraction": "a number in [0, 1)",
-            }[kind]
+        if not accepts(value):
             raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
         return value
 
@@ -86,10 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--epochs", type=_number("positive"), metavar="N", help="passes over the training split")
     stop.add_argument("--max-steps", type=_number("positive"), metavar="N", help="optimizer steps")
     stop.add_argument("--max-minutes", type=_number("positive_float"), metavar="M", help="training time; with no step limit the LR schedule follows the clock")
-    run = p.add_argument_group("model and optimisation (fixed for a run; a resume takes them from the checkpoint)")
-    for name, (flag, kind, metavar, text) in RUN_OPTIONS.items():
-        default = getattr(Settings, name)
-        run.add_argument(flag, dest=name, type=_number(kind), metavar=metavar, help=f"{text} (default {default})")
+    fixed = "fixed for a run; a resume takes them from the checkpoint"
+    for title, options in (("model", MODEL_OPTIONS), ("data and optimisation", TRAINING_OPTIONS)):
+        run = p.add_argument_group(f"{title} ({fixed})")
+        for name, (kind, metavar, text) in options.items():
+            default = getattr(Settings, name)
+            run.add_argument(_flag(name), dest=name, type=_number(kind), metavar=metavar,
+                             help=f"{text} (default {default})")
     misc = p.add_argument_group("reporting and hardware")
     misc.add_argument("--eval-every", type=_number("positive"), default=Limits.eval_every, metavar="N", help="validate (whole validation split) and save every N steps (default %(default)s)")
     misc.add_argument("--log-every", type=_number("positive"), default=Limits.log_every, metavar="N", help="write a metrics line every N steps (default %(default)s)")
@@ -111,9 +119,8 @@ def _settings_and_limits(args: argparse.Namespace) -> tuple[Settings, Limits]:
         settings, limits = load_run_settings(args.resume)
         for name, value in given.items():
             if value != getattr(settings, name):
-                flag = RUN_OPTIONS[name][0]
                 raise TrainError(
-                    f"{flag} is {getattr(settings, name)} in {args.resume}; it cannot change on resume"
+                    f"{_flag(name)} is {getattr(settings, name)} in {args.resume}; it cannot change on resume"
                 )
         if args.corpus is not None:
             settings = replace(settings, corpus=args.corpus)

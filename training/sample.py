@@ -71,7 +71,7 @@ def generate(
     return vocab.decode(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Generate text from a training checkpoint (reference sampler).")
     p.add_argument("--checkpoint", type=Path, required=True, metavar="DIR", help="checkpoint directory (config.json, vocab.json, model.safetensors)")
     p.add_argument("--prompt", default="\n", help="text to start from (default: a newline)")
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely characters; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from training.checkpoint import CheckpointError, load_model
 

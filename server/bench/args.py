@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from server.clients import bench_ceiling as ceiling
-from server.clients import bench_sessions as sessions
-from server.clients.bench_turns import add_repeats_arguments
+from server.bench import ceiling, http_rows, sessions
+from server.bench.turns import add_repeats_arguments
 
 DESCRIPTION = "charstream-bench: the server against the raw model it serves, every row in one run."
 
@@ -36,18 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"measure only row {ceiling.CEILING_ROW} (the ceiling model), not rows 1-11")
     add_repeats_arguments(parser)
     server = parser.add_argument_group("passed to both server processes only when given (else the server's defaults)")
-    server.add_argument("--device", choices=("auto", "cuda", "cpu"))
+    same = "charstream-serve's flag of this name (docs/configuration.md)"
+    server.add_argument("--device", choices=("auto", "cuda", "cpu"), help=same)
     server.add_argument("--variant", metavar="NAME", help="model variant: fp32, fp16, int8, auto, ...")
-    server.add_argument("--intra-op-threads", type=int, metavar="N")
-    server.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction, default=None)
-    server.add_argument("--lookahead", type=int, metavar="N")
-    server.add_argument("--coalesce-streams", type=int, metavar="N")
-    server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None)
-    server.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None)
-    server.add_argument("--batch-stretch", type=int, metavar="N")
+    server.add_argument("--intra-op-threads", type=int, metavar="N", help=same)
+    server.add_argument("--allow-spinning", action=argparse.BooleanOptionalAction, default=None, help=same)
+    server.add_argument("--lookahead", type=int, metavar="N", help=same)
+    server.add_argument("--coalesce-streams", type=int, metavar="N", help=same)
+    server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None, help=same)
+    server.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None, help=same)
+    server.add_argument("--batch-stretch", type=int, metavar="N", help=same)
     server.add_argument("--max-batch", type=int, metavar="N", help="for rows 4, 5, 7; row 6's server always gets 1")
     sessions.add_arguments(parser)
     ceiling.add_arguments(parser)
+    http_rows.add_arguments(parser)
     return parser
 
 
@@ -86,4 +87,4 @@ def expected_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
              "server_streams_max_batch_1": (6, f"server --max-batch 1, {args.streams} streams")}
     if args.long_prompt > 0:
         rows["long_prompt"] = (7, f"server, {args.long_prompt}-char prompt, 1st char")
-    return rows | sessions.session_rows(args) | ceiling.ceiling_rows(args)
+    return rows | sessions.session_rows(args) | ceiling.ceiling_rows(args) | http_rows.http_rows(args)

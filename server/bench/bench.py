@@ -1,7 +1,7 @@
 """charstream-bench: the server against the raw model it serves, every row in one run.
 
     charstream-bench --model MODEL_DIR [--checkpoint CKPT_DIR] [--json PATH]
-    python -m server.clients.bench --model MODEL_DIR ...
+    python -m server.bench.bench --model MODEL_DIR ...
 
 Starts `python -m server` on 127.0.0.1 (a separate process; the clients run in
 this one, over grpc.aio), reads GetModelInfo, and measures:
@@ -9,18 +9,19 @@ this one, over grpc.aio), reads GetModelInfo, and measures:
   1  raw ONNX Runtime step loop at batch 1, on the file, provider and thread settings the server uses
      (rows 1 and 4 are measured alternately, --repeats times, and report their median runs)
   2  the same raw loop at each --batch (the batch row 5 is read against: alternately with row 5,
-     --streams-repeats times, medians; bench_turns.py)
+     --streams-repeats times, medians; turns.py)
   3  a naive PyTorch eager loop, one stream (needs --checkpoint and torch; skipped otherwise)
   4  the server, 1 streaming client: chars/s, time to first character
   5  the server, --streams streaming clients: chars/s, chars per message, gaps, first character
   6  row 5 against a second server started with --max-batch 1
   7  a --long-prompt character prompt: time to first character vs raw batch-1 ingestion (a new prompt each time)
   8  the machine, provider, variant, the server's thread settings and lookahead
-  9-11  prefix-state cache cold vs warm; a session call, in-process store vs Redis; idle sessions (bench_sessions.py)
+  9-11  prefix-state cache cold vs warm; a session call, in-process store vs Redis; idle sessions (sessions.py)
  12  the server pipeline's ceiling: row 5 and a raw loop on a tiny model built here, per --ceiling-streams N
-     (bench_ceiling.py; --skip-standard-rows measures only this row)
+     (ceiling.py; --skip-standard-rows measures only this row)
+ 13  --http-streams N (default 64): N SSE streams over HTTP beside N gRPC streams on one server (http_rows.py)
 
-Rows 5, 6 and 12 run their clients in --client-processes processes, started together (bench_spread.py).
+Rows 5, 6 and 12 run their clients in --client-processes processes, started together (spread.py).
 
 prints the table and the target ratios, and writes it all as JSON (--json).
 Servers are always terminated, Ctrl-C included. See server/README.md#benchmark.
@@ -41,17 +42,15 @@ import grpc
 import onnxruntime as ort
 
 from protos.charstream.v1 import generator_pb2 as pb
-from server.clients import bench_ceiling as ceiling
-from server.clients import bench_clients as clients
-from server.clients import bench_sessions as sessions
-from server.clients import bench_spread as spread
-from server.clients.bench_process import ServerProcess, describe_server, machine_info, running_server
-from server.clients.bench_raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
-from server.clients.bench_args import batches, build_parser, expected_rows, paired_batch, server_flags
-from server.clients.bench_turns import rows_in_turns
-from server.clients.bench_results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
+from server.bench import ceiling, clients, http_rows, sessions, spread
+from server.bench.args import batches, build_parser, expected_rows, paired_batch, server_flags
+from server.bench.context import Measure
+from server.bench.process import ServerProcess, describe_server, machine_info, running_server
+from server.bench.raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
+from server.bench.results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
                                   print_report, ratio_of, write_json)
-from server.engine.model_contract import CUDA
+from server.bench.turns import rows_in_turns
+from server.engine.model.model_contract import CUDA
 
 PROMPT_CHARS = clients.PROMPT_CHARS
 # Rows whose clients spread over --client-processes (row 4's one stream, and the warm-ups, stay in this process).
@@ -68,7 +67,7 @@ class Bench:
     cell: ort.InferenceSession | None = None
     rows: list[Row] = field(default_factory=list)  # every row measured, skipped or failed so far
 
-    def attempt(self, row_id: str, measure: Callable[[int, str, str], Row]) -> None:
+    def attempt(self, row_id: str, measure: Measure) -> None:
         """Run one row; a failure (timeout, RPC error, ...) becomes a failed row saying why."""
         row, title = expected_rows(self.args)[row_id]
         print(f"row {row}: {title} ...", file=self.log, flush=True)
@@ -83,6 +82,13 @@ class Bench:
         """A row that was skipped or failed, saying why."""
         row, title = expected_rows(self.args)[row_id]
         self.rows.append(NoteRow(row=row, id=row_id, title=title, status=status, note=why))
+
+    def fail_unmeasured(self, row_ids: Sequence[str], exc: Exception) -> None:
+        """Fail, with `exc`'s reason, each of `row_ids` that has no row yet (a server or set-up step failed)."""
+        done = {row.id for row in self.rows}
+        for row_id in row_ids:
+            if row_id not in done:
+                self.note(row_id, "failed", self.describe(exc))
 
     def describe(self, exc: Exception) -> str:
         """One line saying why a row failed."""
@@ -209,10 +215,7 @@ def serve_rows(bench: Bench, flags: list[str], serve: Callable[[ServerProcess], 
                 machine.update({k: v for k, v in described.items() if k not in machine})
     except Exception as exc:  # noqa: BLE001 - reported as failed rows
         print(f"server {' '.join(flags)}: {type(exc).__name__}: {exc}", file=bench.log, flush=True)
-        done = {row.id for row in bench.rows}
-        for row_id in row_ids:
-            if row_id not in done:
-                bench.note(row_id, "failed", bench.describe(exc))
+        bench.fail_unmeasured(row_ids, exc)
 
 
 def ceiling_flags(args: argparse.Namespace, streams: int) -> list[str]:
@@ -223,15 +226,17 @@ def ceiling_flags(args: argparse.Namespace, streams: int) -> list[str]:
 
 
 def standard_rows(bench: Bench, report: Report) -> None:
-    """Rows 1-11: the first server, the --max-batch 1 server, the Redis-backed server."""
+    """Rows 1-11 and 13: the first server, the --max-batch 1 server, the Redis-backed server, the HTTP one."""
     args = bench.args
     second = "server_streams_max_batch_1"
     first = [row_id for row_id in expected_rows(args)
-             if row_id not in (second, *sessions.REDIS_ROW_IDS) and not row_id.startswith("ceiling_")]
+             if row_id not in (second, http_rows.ROW_ID, *sessions.REDIS_ROW_IDS) and not row_id.startswith("ceiling_")]
     serve_rows(bench, server_flags(args), bench.first_server, first, report.machine)
     serve_rows(bench, server_flags(args, max_batch=1), bench.second_server, [second], report.machine)
     sessions.redis_rows(bench, lambda url, serve, row_ids: serve_rows(
         bench, server_flags(args, session_store=url), serve, row_ids, report.machine))
+    http_rows.run_http_row(bench, server_flags(args), lambda flags, serve, row_ids: serve_rows(
+        bench, flags, serve, row_ids, report.machine))
 
 
 def run(args: argparse.Namespace, argv: list[str], log: TextIO) -> Report:

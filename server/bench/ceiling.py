@@ -15,7 +15,7 @@ For each --ceiling-streams N, a server on it with --variant fp32 --max-batch N
 (and the pass-through flags) is started, warmed up (N streams of 8
 characters), then measured: the raw ONNX Runtime loop at batch N on the same
 file (the model alone), then N streams of --chars characters with the
-clients spread over processes as in rows 5 and 6 (bench_spread.py).
+clients spread over processes as in rows 5 and 6 (spread.py).
 """
 
 from __future__ import annotations
@@ -26,19 +26,15 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
-from server.clients import bench_clients as clients
-from server.clients import bench_spread as spread
-from server.clients.bench_process import ServerProcess
-from server.clients.bench_raw import load_cell, raw_loop
-from server.clients.bench_results import RawResult, StreamsResult, ratio_of
-from server.engine.model_contract import META_VOCAB, MODEL_FILE
-
-if TYPE_CHECKING:
-    from server.clients.bench import Bench
+from server.bench import clients, spread
+from server.bench.context import BenchContext
+from server.bench.process import ServerProcess
+from server.bench.raw import load_cell, raw_loop
+from server.bench.results import RawResult, StreamsResult, ratio_of
+from server.engine.model.model_contract import META_VOCAB, MODEL_FILE
 
 CEILING_ROW = 12
 DEFAULT_CEILING_STREAMS = "256"
@@ -114,7 +110,7 @@ def ceiling_model(vocabulary: list[str]) -> Iterator[Path]:
         yield model_dir
 
 
-def measure_ceiling(bench: Bench, server: ServerProcess, model_dir: Path, streams: int, prompt: str) -> None:
+def measure_ceiling(bench: BenchContext, server: ServerProcess, model_dir: Path, streams: int, prompt: str) -> None:
     """Row 12 for one N against its server: warm-up, the raw loop at batch N, then N streams."""
     args = bench.args
     clients.bounded(clients.run_streams(server.address, prompt, streams, WARM_UP_CHARS, 10**6), args.timeout)
@@ -140,7 +136,7 @@ def measure_ceiling(bench: Bench, server: ServerProcess, model_dir: Path, stream
     bench.attempt(server_id(streams), served)
 
 
-def run_ceiling_rows(bench: Bench, serve: Serve) -> None:
+def run_ceiling_rows(bench: BenchContext, serve: Serve) -> None:
     """Every row 12 run, each N on a server of its own; skipped without torch, failed (saying why) when the
     tiny model cannot be built."""
     sizes = ceiling_streams(bench.args)
@@ -162,7 +158,4 @@ def run_ceiling_rows(bench: Bench, serve: Serve) -> None:
                 serve(str(model_dir), n, lambda server, n=n: measure_ceiling(bench, server, model_dir, n, prompt),
                       [raw_id(n), server_id(n)])
     except Exception as exc:  # noqa: BLE001 - a model that cannot be built fails its rows, not the run
-        done = {row.id for row in bench.rows}
-        for row_id in wanted:
-            if row_id not in done:
-                bench.note(row_id, "failed", bench.describe(exc))
+        bench.fail_unmeasured(wanted, exc)

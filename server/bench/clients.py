@@ -5,7 +5,7 @@ streams, each channel with its own connection. Times are what the clients see:
 time to the first message with text, and the gaps between messages with text
 (the client's stream yields one chunk per message with text).
 Rows 5, 6 and 12 may split one row's streams over several processes, each
-running run_streams on its share (bench_spread.py).
+running run_streams on its share (spread.py).
 
     run = bounded(run_streams("127.0.0.1:50051", "To be", streams=8, chars=200, first_seed=1), timeout=60)
     print(run.total_chars / run.seconds, run.first_char_ms(50), run.gap_ms(99))
@@ -38,6 +38,19 @@ class StreamStats:
     first_char_s: float = math.nan
     gaps_s: list[float] = field(default_factory=list)
     text: str | None = None  # the characters received, only when asked for (keep_text): tests compare them
+    _started: float = field(default_factory=time.perf_counter, repr=False)  # when the call was made
+    _last: float = math.nan  # when the last message came
+
+    def received(self, text: str) -> None:
+        """A message with `text` came now: its gap since the last (or the time to the first character)."""
+        now = time.perf_counter()
+        if self.messages == 0:
+            self.first_char_s = now - self._started
+        else:
+            self.gaps_s.append(now - self._last)
+        self.chars += len(text)
+        self.messages += 1
+        self._last = now
 
 
 @dataclass
@@ -45,7 +58,7 @@ class StreamsRun:
     seconds: float
     streams: list[StreamStats]
     # time.monotonic() when the streams started: system-wide on Linux, so runs of several client processes
-    # can be laid on one time line (bench_spread.merge_runs)
+    # can be laid on one time line (spread.merge_runs)
     started_at: float = math.nan
 
     @property
@@ -71,21 +84,12 @@ def percentile_ms(values: list[float], q: float) -> float:
 async def one_stream(client: AsyncCharstreamClient, prompt: str, chars: int, seed: int,
                      keep_text: bool = False) -> StreamStats:
     """One one-shot Generate call (no session_id), timed message by message."""
-    stats = StreamStats()
+    stats = StreamStats()  # timed from here
     parts: list[str] = []
-    started = time.perf_counter()
-    last = started
     async for text in client.generate(prompt, chars, temperature=TEMPERATURE, seed=seed):
         if keep_text:
             parts.append(text)
-        now = time.perf_counter()
-        if stats.messages == 0:
-            stats.first_char_s = now - started
-        else:
-            stats.gaps_s.append(now - last)
-        stats.chars += len(text)
-        stats.messages += 1
-        last = now
+        stats.received(text)
     if keep_text:
         stats.text = "".join(parts)
     return stats

@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from server.engine.generation import BLOCK, GenerationRequest
-from server.engine.model_dir import ModelFile, ModelSpec
-from server.engine.model_runner import ModelRunner, RunnerInfo, StepOutput
-from server.engine.process_child import wire_events
+from server.engine.model.model_dir import ModelFile, ModelSpec
+from server.engine.runner.model_runner import ModelRunner, RunnerInfo, StepOutput
+from server.engine.runtime.process_child import wire_events
 from server.engine.sampling import SamplingSettings
-from server.engine.scheduler import Scheduler
+from server.engine.scheduling.scheduler import Scheduler
 
 VOCAB = list(string.ascii_letters + string.digits + " .,;:!?'\n-")  # 65 characters, as Shakespeare's
 
@@ -105,7 +105,7 @@ def measure(batch: int, iterations: int, repeats: int = 5, lookahead: int = 128,
     return EngineCost(batch, iterations, median, median / batch, timings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m server.bench.engine_cost", description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024], help="sessions streaming at once")
     parser.add_argument("--iterations", type=int, default=200, help="iterations per repeat")
@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--no-lane", dest="lane", action="store_false",
                         help="every row through the per-row path (steady_lane.py off), to compare")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     results = [measure(batch, args.iterations, args.repeats, lane=args.lane) for batch in args.batches]
     print(f"{'batch':>6} {'us/iteration':>13} {'us/row':>8}  vs first")
     for result in results:

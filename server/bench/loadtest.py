@@ -1,6 +1,6 @@
-"""charstream-loadtest / python -m server.clients.loadtest: a bounded load test that checks every character.
+"""charstream-loadtest / python -m server.bench.loadtest: a bounded load test that checks every character.
 
-`--streams` workers (server/clients/loadtest_workers.py) run concurrently over grpc.aio
+`--streams` workers (loadtest_workers.py) run concurrently over grpc.aio
 in this process for `--seconds`, then get at most `--drain-seconds` to finish
 the check of the session they are on. Each worker's sessions are cancelled at
 random, continued, and compared with a reference session generated in one call.
@@ -28,8 +28,8 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.clients.bench_process import ServerStartError, metrics_text, running_server, vm_rss_bytes
-from server.clients.loadtest_workers import UNARY_TIMEOUT, LoadStats, WorkerContext, bearer, stream, worker
+from server.bench.loadtest_workers import UNARY_TIMEOUT, LoadStats, WorkerContext, bearer, stream, worker
+from server.bench.process import ServerStartError, metrics_text, running_server, vm_rss_bytes
 
 STREAMS_PER_CHANNEL = 32
 # Separate channels share one connection unless each has its own subchannel pool.
@@ -163,11 +163,12 @@ def print_table(report: dict[str, Any], out: TextIO | None = None) -> None:
         print(f"  problem: {text}", file=out)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charstream-loadtest", description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--target", help="HOST:PORT of a running server")
-    where.add_argument("--model", help="model directory: start a server on 127.0.0.1, port 0 (always stopped)")
+    where.add_argument("--target", help="HOST:PORT of a running server (this or --model is required)")
+    where.add_argument("--model", help="model directory: start a server on 127.0.0.1, port 0 (always stopped; "
+                                       "this or --target is required)")
     parser.add_argument("--api-key", help="sent as 'authorization: Bearer KEY'")
     parser.add_argument("--tls-ca", help="PEM CA bundle: connect to --target over TLS")
     parser.add_argument("--metrics-port", type=int, help="the --target server's metrics port (its host)")
@@ -180,6 +181,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", help="--model only: passed to the server")
     parser.add_argument("--variant", help="--model only: passed to the server")
     parser.add_argument("--json", help="write the report here as JSON")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.streams < 1 or args.seconds <= 0:
         parser.error("--streams must be >= 1 and --seconds > 0")
@@ -224,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0 if report["ok"] else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

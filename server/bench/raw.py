@@ -14,9 +14,9 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from server.clients.bench_results import RawResult, TorchResult
-from server.engine.model_contract import CPU, CUDA, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
-from server.engine.providers import provider_entry
+from server.bench.results import RawResult, TorchResult
+from server.engine.model.model_contract import CPU, CUDA, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.model.providers import provider_entry
 
 WARMUP_STEPS = 5
 

@@ -35,33 +35,32 @@ class NoteRow(Row):
 
 
 @dataclass(kw_only=True)
-class RawResult(Row):
-    """ONNX Runtime step loop in the bench process: `steps` steps at `batch`, argmax fed back."""
+class LoopResult(Row):
+    """A model stepped in the bench process, no server: `steps` timed steps (rows 1-3 and 12's raw loop)."""
 
-    batch: int
     steps: int
     seconds: float
     chars_per_s: float
     step_ms: float
-    provider: str
 
     def cells(self) -> dict[str, Any]:
         return {"chars/s": self.chars_per_s, "step ms": self.step_ms}
 
 
 @dataclass(kw_only=True)
-class TorchResult(Row):
+class RawResult(LoopResult):
+    """ONNX Runtime step loop at `batch`, argmax fed back."""
+
+    batch: int
+    provider: str
+
+
+@dataclass(kw_only=True)
+class TorchResult(LoopResult):
     """Naive PyTorch eager loop, one stream: one model call per character."""
 
-    steps: int
-    seconds: float
-    chars_per_s: float
-    step_ms: float
     device: str
     torch_threads: int
-
-    def cells(self) -> dict[str, Any]:
-        return {"chars/s": self.chars_per_s, "step ms": self.step_ms}
 
 
 @dataclass(kw_only=True)
@@ -81,7 +80,7 @@ class StreamsResult(Row):
     gap_ms_p99: float
     mean_batch: float | None
     server_flags: list[str] = field(default_factory=list)
-    client_processes: int = 1  # the processes the clients ran in (bench_spread.py)
+    client_processes: int = 1  # the processes the clients ran in (spread.py)
 
     def cells(self) -> dict[str, Any]:
         return {"chars/s": self.chars_per_s, "1st ms p50": self.first_char_ms_p50,

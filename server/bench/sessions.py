@@ -20,18 +20,16 @@ import shutil
 import statistics
 import time
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.clients import bench_clients as clients
-from server.clients.bench_process import REDIS_SERVER, ServerProcess, metrics_text, private_redis, vm_rss_bytes
-from server.clients.bench_results import IdleSessionsResult, PrefixCacheResult, SessionStoreResult
-
-if TYPE_CHECKING:
-    from server.clients.bench import Bench
+from server.bench import clients
+from server.bench.context import BenchContext
+from server.bench.process import REDIS_SERVER, ServerProcess, metrics_text, private_redis, vm_rss_bytes
+from server.bench.results import IdleSessionsResult, PrefixCacheResult, SessionStoreResult
 
 LONG_PROMPT_REPEATS = 3  # row 7 sends prompts 0-2 of distinct_prompts
 PREFIX_REPEATS = 3  # row 9 sends prompts 3-5, so nothing row 7 left in the cache serves them
@@ -130,7 +128,7 @@ def first_char_s(address: str, prompt: str, seed: int, deadline: float) -> float
     return run.streams[0].first_char_s
 
 
-def prefix_cache_row(bench: "Bench", server: ServerProcess) -> None:
+def prefix_cache_row(bench: BenchContext, server: ServerProcess) -> None:
     """Row 9: every cold prompt is new to the server; every warm call re-sends one of them."""
     def measure(row: int, row_id: str, title: str) -> PrefixCacheResult:
         length, deadline = bench.args.long_prompt, bench.deadline()
@@ -187,7 +185,7 @@ def session_call_times(address: str, prompt: str, calls: int, deadline: float) -
     return creates, times
 
 
-def store_row(bench: "Bench", server: ServerProcess, row_id: str, store: str) -> None:
+def store_row(bench: BenchContext, server: ServerProcess, row_id: str, store: str) -> None:
     """Row 10 for one store: the per-call latency of a session call, and of creating a session."""
     def measure(row: int, row_id: str, title: str) -> SessionStoreResult:
         calls = bench.args.store_calls
@@ -213,7 +211,7 @@ async def create_sessions(address: str, prompt: str, count: int) -> None:
         await asyncio.gather(*(worker() for _ in range(min(IDLE_IN_FLIGHT, count))))
 
 
-def idle_row(bench: "Bench", server: ServerProcess, url: str) -> None:
+def idle_row(bench: BenchContext, server: ServerProcess, url: str) -> None:
     """Row 11: sessions created and left; they expire with the session TTL (or with the private Redis)."""
     def measure(row: int, row_id: str, title: str) -> IdleSessionsResult:
         import redis  # the server's Redis extra; only this row needs it
@@ -245,7 +243,7 @@ def idle_row(bench: "Bench", server: ServerProcess, url: str) -> None:
     bench.attempt(IDLE, measure)
 
 
-def first_server_rows(bench: "Bench", server: ServerProcess) -> None:
+def first_server_rows(bench: BenchContext, server: ServerProcess) -> None:
     """Rows 9 and 10 (in-process store) against the first server, after its other rows."""
     if bench.args.long_prompt > 0:
         prefix_cache_row(bench, server)
@@ -255,7 +253,7 @@ def first_server_rows(bench: "Bench", server: ServerProcess) -> None:
 Serve = Callable[[str, Callable[[ServerProcess], None], list[str]], None]
 
 
-def redis_rows(bench: "Bench", serve: Serve) -> None:
+def redis_rows(bench: BenchContext, serve: Serve) -> None:
     """Rows 10 (Redis) and 11 against a server using Redis: serve(url, measure, row ids) runs that server.
     A private redis-server is always stopped on the way out, Ctrl-C included."""
     args = bench.args
@@ -278,7 +276,4 @@ def redis_rows(bench: "Bench", serve: Serve) -> None:
             print(f"redis: {url}{'' if args.redis_url else ' (private)'}", file=bench.log, flush=True)
             serve(url, lambda server: measure(url, server), wanted)
     except Exception as exc:  # noqa: BLE001 - a Redis that will not start fails its rows, not the run
-        done = {row.id for row in bench.rows}
-        for row_id in wanted:
-            if row_id not in done:
-                bench.note(row_id, "failed", bench.describe(exc))
+        bench.fail_unmeasured(wanted, exc)

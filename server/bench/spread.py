@@ -5,7 +5,7 @@ interpreter busy: past some load the row measures how fast one core can run
 the clients, not how fast the server streams. So a row's streams can be split
 over --client-processes child processes (multiprocessing, 'spawn': a fresh
 interpreter each, no forked gRPC state), each running its contiguous share of
-bench_clients.run_streams on its own event loop. Stream i keeps seed
+clients.run_streams on its own event loop. Stream i keeps seed
 first_seed + i whichever process runs it, so the text is that of a run in
 one process.
 
@@ -29,10 +29,10 @@ import time
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from server.clients import bench_clients as clients
-from server.clients.bench_clients import StreamsRun
-from server.clients.bench_process import ServerProcess, batch_totals
-from server.clients.bench_results import StreamsResult
+from server.bench import clients
+from server.bench.clients import StreamsRun
+from server.bench.process import ServerProcess, batch_totals
+from server.bench.results import StreamsResult
 
 # The common start is handed out this far ahead, so that it reaches every child before it passes.
 START_LEAD_S = 0.05
@@ -132,7 +132,7 @@ def _stop(process: Any) -> None:
 def run_spread(address: str, prompt: str, streams: int, chars: int, first_seed: int, processes: int,
                timeout: float, keep_text: bool = False) -> StreamsRun:
     """`streams` one-shot streams (seeds first_seed + i) over `processes` client processes, started
-    together, at most `timeout` seconds in all; in this process (bench_clients.bounded) when 1."""
+    together, at most `timeout` seconds in all; in this process (clients.bounded) when 1."""
     if processes <= 1 or streams <= 1:
         return clients.bounded(clients.run_streams(address, prompt, streams, chars, first_seed,
                                                    keep_text=keep_text), timeout)

@@ -12,14 +12,12 @@ median run: drift moves both alike, and a stray pause moves neither median.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TypeVar
 
-from server.clients.bench_process import ServerProcess
-from server.clients.bench_raw import raw_loop
-from server.clients.bench_results import RawResult, Row, StreamsResult
-
-if TYPE_CHECKING:
-    from server.clients.bench import Bench
+from server.bench.context import BenchContext, Measure
+from server.bench.process import ServerProcess
+from server.bench.raw import raw_loop
+from server.bench.results import RawResult, Row, StreamsResult
 
 DEFAULT_REPEATS = 25  # runs of ~30 ms each: on a shared machine 5 medians still swung 0.52-0.97 (int8)
 DEFAULT_STREAMS_REPEATS = 5  # runs of ~1.5 s each (both rows): measured once, row 5 / row 2 swung 0.64-0.74
@@ -34,7 +32,7 @@ def add_repeats_arguments(parser: argparse.ArgumentParser) -> None:
                              f"each reports its median (default: {DEFAULT_STREAMS_REPEATS})")
 
 
-def rows_in_turns(bench: Bench, server: ServerProcess, batch: int, streams: int, repeats: int,
+def rows_in_turns(bench: BenchContext, server: ServerProcess, batch: int, streams: int, repeats: int,
                   raw_id: str, server_id: str) -> None:
     """Append the raw loop's row at `batch` and the server's at `streams` (or the failure of both,
     saying why), each the median of `repeats` runs taken in turns."""
@@ -52,7 +50,7 @@ def rows_in_turns(bench: Bench, server: ServerProcess, batch: int, streams: int,
     bench.attempt(server_id, _median_of(served, failure, other=bench.row_number(raw_id)))
 
 
-def _median_of(runs: list[R], failure: Exception | None, other: int) -> Callable[[int, str, str], Row]:
+def _median_of(runs: list[R], failure: Exception | None, other: int) -> Measure:
     def measure(row: int, row_id: str, title: str) -> Row:
         if failure is not None:
             raise failure

@@ -87,18 +87,10 @@ class ApiKeyInterceptor(
             getattr(details, "wait_for_ready", None), getattr(details, "compression", None),
         )
 
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
-                              request: Any) -> Any:
+    def _intercept(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any) -> Any:
+        """Every kind of call the same way: the key added, the request (or iterator of requests) as it is."""
         return continuation(self._with_key(details), request)
 
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
-                               request: Any) -> Any:
-        return continuation(self._with_key(details), request)
-
-    def intercept_stream_unary(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
-                               request_iterator: Any) -> Any:
-        return continuation(self._with_key(details), request_iterator)
-
-    def intercept_stream_stream(self, continuation: Callable[..., Any], details: grpc.ClientCallDetails,
-                                request_iterator: Any) -> Any:
-        return continuation(self._with_key(details), request_iterator)
+    # gRPC looks these four up by name and passes the request (or the request iterator) positionally.
+    intercept_unary_unary = intercept_unary_stream = _intercept
+    intercept_stream_unary = intercept_stream_stream = _intercept
