@@ -5,12 +5,14 @@
 #                    runs; --retrain forces it), export + verify it, start the gRPC
 #                    server on localhost, stream a passage from it, stop the server.
 #   ./run.sh test    set up the same .venv and run the whole test suite.
-#   ./run.sh serve   start the server on the demo model and keep it running.
+#   ./run.sh serve   start the server on the demo model and keep it running (gRPC, and
+#                    HTTP with the browser playground).
 #
 # Environment: PYTHON (interpreter that makes the venv, default python3),
 # CHARSTREAM_VENV (default .venv), CHARSTREAM_TORCH (pip requirement for torch,
 # default torch==2.13.0; see the README for CPU and GPU machines),
-# CHARSTREAM_DEMO_MINUTES (training budget, default 4), CHARSTREAM_PORT (serve).
+# CHARSTREAM_DEMO_MINUTES (training budget, default 4), CHARSTREAM_PORT and
+# CHARSTREAM_HTTP_PORT (serve: gRPC and HTTP ports, default 50051 and 8080).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -115,16 +117,22 @@ run_demo() {
     echo
     say "done; the demo server has been stopped. To keep one running and connect clients:"
     cat <<TXT
-    ./run.sh serve                      # or: $VENV/bin/charstream-serve --model models/demo --port 50051
+    ./run.sh serve                      # or: $VENV/bin/charstream-serve --model models/demo --port 50051 --http-port 8080
     $VENV/bin/charstream-generate --target localhost:50051 --prompt "JULIET:" --max-chars 400
-    Any language: compile protos/charstream/v1/generator.proto (see the README's gRPC API section).
+    open http://127.0.0.1:8080/ in a browser: the playground streams from the same server
+    curl -N http://127.0.0.1:8080/v1/generate -H 'Accept: text/event-stream' -d '{"prompt": "JULIET:", "max_chars": 400}'
+    Any language: compile protos/charstream/v1/generator.proto (see protos/README.md).
 TXT
 }
 
 run_serve() {
     setup_env
     [ -f "$MODEL_DIR/manifest.json" ] || prepare_model 0
-    exec "$VENV/bin/charstream-serve" --model "$MODEL_DIR" --port "${CHARSTREAM_PORT:-50051}" "$@"
+    local http_port=${CHARSTREAM_HTTP_PORT:-8080}
+    say "serving gRPC on 127.0.0.1:${CHARSTREAM_PORT:-50051}; playground and HTTP API on http://127.0.0.1:$http_port/"
+    # The server prints the URL it bound too (the one to use when flags below change host or port).
+    exec "$VENV/bin/charstream-serve" --model "$MODEL_DIR" --port "${CHARSTREAM_PORT:-50051}" \
+        --http-port "$http_port" "$@"
 }
 
 cmd=${1:-}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,16 +20,20 @@ from server.api.errors import ErrorInterceptor
 from server.api.service import GeneratorService
 from server.api.validation import Limits
 from server.config import ServerConfig
-from server.engine.interface import GenerationEngine
-from server.engine.loop import Engine
-from server.engine.model_runner import ModelRunner, RunnerInfo, load_runner
-from server.engine.process import EngineProcess
+from server.engine.runtime.interface import GenerationEngine
+from server.engine.runtime.loop import Engine
+from server.engine.runner.model_runner import ModelRunner, RunnerInfo, load_runner
+from server.engine.runtime.process import EngineProcess
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.sessions.backend import LocalSessions, SessionBackend
 from server.sessions.memory import SessionStore
-from server.sessions.prefix_cache import PrefixCache
+from server.engine.prefix_cache import PrefixCache
 from server.sessions.record import ModelFingerprint, file_sha256
 from server.structured_log import log_event
+
+if TYPE_CHECKING:  # both imported where they serve: TLS and HTTP are optional
+    from server.api.tls import CertificateWatcher
+    from server.http.front import HttpFrontEnd
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charstream.v1.Generator"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -73,7 +78,7 @@ class RunningServer:
 
     def __init__(self, server: grpc.aio.Server, port: int, config: ServerConfig, engine: GenerationEngine,
                  service: GeneratorService, health: HealthServicer, metrics: ServerMetrics,
-                 metrics_endpoint: MetricsEndpoint | None, sweeper: asyncio.Task):
+                 metrics_endpoint: MetricsEndpoint | None, sweeper: asyncio.Task, http: "HttpFrontEnd | None" = None):
         self.server = server
         self.port = port
         self.address = host_port(config.host, port)
@@ -84,6 +89,7 @@ class RunningServer:
         self.metrics = metrics
         self.metrics_endpoint = metrics_endpoint
         self._sweeper = sweeper
+        self.http = http  # the HTTP front end (--http-port), or None
 
     async def stop(self, grace: float) -> None:
         """Stop accepting calls, end active streams with FINISH_REASON_SHUTDOWN, wait up to `grace` s."""
@@ -91,7 +97,10 @@ class RunningServer:
         self.service.shutting_down.set()
         await self.health.enter_graceful_shutdown()  # health checks now say NOT_SERVING
         self.engine.drain()
-        await self.server.stop(grace)
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace), self.http.stop())
+        else:
+            await self.server.stop(grace)
         self._sweeper.cancel()
         await self.service.store.close()
         loop = asyncio.get_running_loop()
@@ -140,15 +149,26 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-def listen(server: grpc.aio.Server, config: ServerConfig) -> int:
-    """Bind the gRPC port, with TLS when --tls-cert is given; returns the port (0: failed)."""
+def listen(server: grpc.aio.Server, config: ServerConfig, watcher: CertificateWatcher | None = None) -> int:
+    """Bind the gRPC port, with TLS when --tls-cert is given (`watcher`: its files, shared with the
+    HTTP port); returns the port (0: failed)."""
     address = host_port(config.host, config.port)
     if not config.tls_cert:
         return server.add_insecure_port(address)
     from server.api.tls import server_credentials
 
-    credentials = server_credentials(config.tls_cert, config.tls_key or "", config.tls_client_ca)
+    credentials = server_credentials(config.tls_cert, config.tls_key or "", config.tls_client_ca, watcher)
     return server.add_secure_port(address, credentials)
+
+
+def tls_watcher(config: ServerConfig) -> CertificateWatcher | None:
+    """The watcher of the --tls-* files (None without TLS): one for both ports, so that a renewal
+    is read, checked and logged once."""
+    if not config.tls_cert:
+        return None
+    from server.api.tls import certificate_watcher
+
+    return certificate_watcher(config.tls_cert, config.tls_key or "", config.tls_client_ca)
 
 
 def build_engine(config: ServerConfig, runner: ModelRunner | None,
@@ -196,7 +216,8 @@ def build_service(config: ServerConfig, engine: GenerationEngine, info: RunnerIn
 
 
 def build_grpc_server(config: ServerConfig, service: GeneratorService, metrics: ServerMetrics,
-                      api_keys: ApiKeys | None) -> tuple[grpc.aio.Server, HealthServicer, int]:
+                      api_keys: ApiKeys | None,
+                      watcher: CertificateWatcher | None = None) -> tuple[grpc.aio.Server, HealthServicer, int]:
     """The gRPC server with the Generator, health and reflection services, bound: (server, health, port)."""
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics, api_keys.authenticate if api_keys else None)],
@@ -207,7 +228,7 @@ def build_grpc_server(config: ServerConfig, service: GeneratorService, metrics: 
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
-        port = listen(server, config)
+        port = listen(server, config, watcher)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {host_port(config.host, config.port)}: {exc}") from exc
     if port == 0:
@@ -221,7 +242,8 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     engine, info = build_engine(config, runner, metrics)
     try:
         service, api_keys = build_service(config, engine, info, metrics)
-        server, health, port = build_grpc_server(config, service, metrics, api_keys)
+        watcher = tls_watcher(config)
+        server, health, port = build_grpc_server(config, service, metrics, api_keys, watcher)
     except BaseException:
         if isinstance(engine, EngineProcess):
             engine.stop()  # the child is running already; the thread engine has not started
@@ -229,6 +251,17 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     engine.start()
     await server.start()
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    http = None
+    if config.http_port is not None:
+        from server.http.front import start_http  # aiohttp is imported only where it serves
+
+        try:
+            http = await start_http(config, service, health, metrics, api_keys, is_loopback(config.host), watcher)
+        except BaseException:  # the port is taken, say: nothing of this server may stay behind
+            await server.stop(0)
+            await service.store.close()
+            await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+            raise
     endpoint = None
     if config.metrics_port is not None:
         endpoint = metrics.serve(config.metrics_host or config.host, config.metrics_port)
@@ -246,7 +279,7 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
         loop = asyncio.get_running_loop()
         engine.on_gone = lambda: loop.call_soon_threadsafe(
             lambda: asyncio.ensure_future(health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)))
-    running = RunningServer(server, port, config, service.engine, service, health, metrics, endpoint, sweeper)
+    running = RunningServer(server, port, config, service.engine, service, health, metrics, endpoint, sweeper, http)
     log_event(
         logger,
         "listening",
@@ -254,5 +287,6 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
         provider=info.provider,
         engine="process" if isinstance(engine, EngineProcess) else "thread",
         metrics=host_port(config.metrics_host or config.host, endpoint.port) if endpoint else "off",
+        http=http.url if http else "off",
     )
     return running

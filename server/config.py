@@ -10,15 +10,15 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH
-from server.engine.loop import DEFAULT_LOOKAHEAD
-from server.engine.model_contract import MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
-from server.engine.model_dir import AUTO, AUTO_PREFERENCE
-from server.engine.providers import DEVICES, ThreadSettings
+from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
+from server.engine.runtime.loop import DEFAULT_LOOKAHEAD
+from server.engine.model.model_contract import MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
+from server.engine.model.model_dir import AUTO, AUTO_PREFERENCE
+from server.engine.model.providers import DEVICES, ThreadSettings
 from server.structured_log import LOG_FORMATS
 
 if TYPE_CHECKING:
-    from server.engine.process_child import EngineParams
+    from server.engine.runtime.process_child import EngineParams
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class ServerConfig:
     max_prompt_chars: int = 10_000
     metrics_port: int | None = None
     metrics_host: str | None = None
+    http_port: int | None = None
+    http_cors: str | None = None
     shutdown_grace: float = 5.0
     # The thread defaults live in ThreadSettings (one place for the server and library callers).
     intra_op_threads: int = ThreadSettings.intra_op_threads
@@ -69,8 +71,8 @@ class ServerConfig:
         return self.max_streams_per_key or max(1, self.max_sessions // 2)
 
     def engine_params(self) -> "EngineParams":
-        """What the engine process needs to load the model and run (server/engine/process_child.py)."""
-        from server.engine.process_child import EngineParams
+        """What the engine process needs to load the model and run (server/engine/runtime/process_child.py)."""
+        from server.engine.runtime.process_child import EngineParams
 
         return EngineParams(self.model, self.variant, self.device, self.max_sessions, self.thread_settings(),
                             self.max_batch, self.lookahead, self.prefix_cache_bytes, self.log_format, self.log_level,
@@ -100,6 +102,11 @@ HELP = {
     "max_prompt_chars": "largest prompt (or turn text) one call may send, in characters",
     "metrics_port": "serve Prometheus metrics on this HTTP port (0 = a free one); default: off",
     "metrics_host": "address of the metrics endpoint; default: --host",
+    "http_port": "also serve the HTTP/JSON API (server-sent events for streams) and the browser playground "
+    "at / on this port of --host, 0 = a free one (the URL is printed); same keys, TLS files and limits as "
+    "the gRPC port; default: off",
+    "http_cors": "comma-separated origins (scheme://host[:port]) whose web pages may call the HTTP API, or * "
+    "for any; default: cross-origin requests are refused with 403",
     "shutdown_grace": "seconds active streams get to finish on SIGTERM/SIGINT before they are cut",
     "intra_op_threads": "ONNX Runtime intra-op threads; 0 = its default (one per physical core)",
     "allow_spinning": "let idle ONNX Runtime threads busy-wait for work (lower latency, CPU burnt between steps); "
@@ -143,13 +150,14 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_format": LOG_FORMATS,
     "log_level": ("debug", "info", "warning", "error"),
 }
-INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "intra_op_threads",
+INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "http_port",
+            "intra_op_threads",
             "lookahead", "batch_stretch", "coalesce_streams", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key",
             "max_streams_per_key", "max_message_bytes")
 FLOATS = ("session_ttl", "shutdown_grace", "lease_seconds")
 BOOLEANS = ("allow_spinning", "engine_process", "stretch")
 MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
-           "metrics_port": 0, "shutdown_grace": 0, "coalesce_streams": 0, "intra_op_threads": 0, "lookahead": 1,
+           "metrics_port": 0, "http_port": 0, "shutdown_grace": 0, "coalesce_streams": 0, "intra_op_threads": 0, "lookahead": 1,
            "batch_stretch": 0,
            "prefix_cache_bytes": 0, "write_back_chars": 1, "max_sessions_per_key": 0, "max_streams_per_key": 0, "max_message_bytes": 4096}
 TRUE_WORDS = ("1", "true", "yes")
@@ -179,7 +187,7 @@ def _converter(field_name: str) -> Callable[[str], Any]:
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="charstream-serve",
-        description="Serve a charstream model directory over gRPC. "
+        description="Serve a charstream model directory over gRPC (and HTTP/JSON with --http-port). "
         "Every flag also reads CHARSTREAM_<FLAG> from the environment.",
     )
     for item in fields(ServerConfig):
@@ -226,9 +234,25 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Serv
         parser.error("--tls-cert and --tls-key go together")
     if values["tls_client_ca"] and not values["tls_cert"]:
         parser.error("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    if values["port"] > 65535 or (values["metrics_port"] or 0) > 65535:
+    if values["port"] > 65535 or (values["metrics_port"] or 0) > 65535 or (values["http_port"] or 0) > 65535:
         parser.error("ports must be <= 65535")
+    if values["http_cors"] is not None:
+        try:
+            cors_origins(values["http_cors"])
+        except ValueError as exc:
+            parser.error(f"--http-cors: {exc}")
     return ServerConfig(**values)
+
+
+def cors_origins(setting: str | None) -> frozenset[str]:
+    """The origins --http-cors allows ("*" alone: any); ValueError naming a malformed one."""
+    origins = frozenset(part.strip().rstrip("/") for part in (setting or "").split(",") if part.strip())
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not sep or not rest or "/" in rest):
+            raise ValueError(f"{origin!r} is not an origin: expected * or scheme://host[:port], "
+                             "e.g. http://localhost:8080")
+    return origins
 
 
 def describe(config: ServerConfig) -> dict[str, Any]:

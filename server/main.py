@@ -1,4 +1,5 @@
-"""charstream-serve / python -m server: run the gRPC server until SIGTERM or SIGINT."""
+"""charstream-serve / python -m server: run the gRPC server (and the HTTP one, --http-port) until
+SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Sequence
 
 from server.app import start_server
 from server.config import ServerConfig, describe, parse_config
-from server.engine.model_dir import ModelDirError
-from server.engine.providers import DeviceError
+from server.engine.model.model_dir import ModelDirError
+from server.engine.model.providers import DeviceError
 from server.structured_log import configure_logging, log_event
 
 logger = logging.getLogger("charstream.server")
@@ -22,6 +23,8 @@ async def serve(config: ServerConfig) -> int:
     running = await start_server(config)
     # One plain line on stdout for scripts and tests that started us with --port 0.
     print(f"listening on {running.address}", flush=True)
+    if running.http is not None:
+        print(f"HTTP API and playground on {running.http.url}", flush=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []

@@ -74,13 +74,26 @@ class ApiKeys:
     def authenticate(self, context: grpc.aio.ServicerContext) -> None:
         """Record the caller's key name for this call (caller()); UNAUTHENTICATED otherwise,
         without echoing anything the caller sent."""
-        name = self.identify(context.invocation_metadata())
+        self.authenticate_metadata(context.invocation_metadata())
+
+    def authenticate_metadata(
+        self, metadata: Iterable[tuple[str, str | bytes]] | None
+    ) -> contextvars.Token[str]:
+        """As authenticate, from the metadata (gRPC) or headers (HTTP) themselves; the token undoes
+        the recording (reset_caller), for a task that serves several calls one after another."""
+        name = self.identify(metadata)
         if name is None:
             raise ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED,
-                "missing or unknown API key: send metadata 'authorization: Bearer <secret>'",
+                "missing or unknown API key: send 'authorization: Bearer <secret>' "
+                "(gRPC metadata or HTTP header)",
             )
-        _caller.set(name)
+        return _caller.set(name)
+
+
+def reset_caller(token: contextvars.Token[str]) -> None:
+    """Forget the caller recorded by authenticate_metadata."""
+    _caller.reset(token)
 
 
 def _bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

@@ -171,15 +171,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 elif isinstance(request, UnparseableRequest):
                     raise request.error()
                 return await behavior(request, context)
-            except ServiceError as error:
-                self._counter.count_error(method, error.code)
-                log_event(logger, "rpc_error", logging.INFO, method=method, code=error.code.name, message=error.message)
-                await context.abort(error.code, error.message)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception:  # noqa: BLE001 - the point of this interceptor
-                logger.exception("unexpected error in %s", method)
-                self._counter.count_error(method, grpc.StatusCode.INTERNAL)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details")
+            except Exception as exc:  # noqa: BLE001 - the point of this interceptor
+                error = failure_status(method, exc, self._counter)
+                await context.abort(error.code, error.message)
 
         return guarded
+
+
+def failure_status(method: str, exc: Exception, counter: ErrorCounter) -> ServiceError:
+    """The status a failed call of `method` ends with, counted and logged: a ServiceError as it is;
+    anything else logged with its traceback and answered as INTERNAL, without internals.
+
+    The one place that decides this, for the gRPC interceptor and the HTTP front end alike."""
+    if isinstance(exc, ServiceError):
+        counter.count_error(method, exc.code)
+        log_event(logger, "rpc_error", logging.INFO, method=method, code=exc.code.name, message=exc.message)
+        return exc
+    logger.error("unexpected error in %s", method, exc_info=exc)
+    counter.count_error(method, grpc.StatusCode.INTERNAL)
+    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details")

@@ -17,7 +17,7 @@ import itertools
 import logging
 import secrets
 import time
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 import grpc
 
@@ -27,7 +27,7 @@ from server.api.errors import ServiceError
 from server.api.session_rpcs import SessionRPCs, store_errors
 from server.api.validation import Limits, check_max_chars, check_session_id, check_stops, check_text, resolve_settings, seed_of
 from server.engine.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
-from server.engine.interface import GenerationEngine
+from server.engine.runtime.interface import GenerationEngine
 from server.engine.sampling import DEFAULT_SETTINGS
 from server.metrics import ServerMetrics
 from server.sessions.backend import SessionBackend
@@ -45,6 +45,16 @@ FINISH_REASONS = {
     SHUTDOWN: pb.FINISH_REASON_SHUTDOWN,
 }
 MakeResponse = Callable[[str, StreamEvent | None, int], object]  # (text, end, generated so far) -> message
+
+
+class MessageSink(Protocol):
+    """Where a stream's messages go: the gRPC call's context, or the HTTP front end's response
+    (server/http/generate.py). A message counts as delivered once `write` is called with it."""
+
+    async def write(self, message: Any) -> None: ...
+
+
+Sink = Context | MessageSink
 
 
 class GeneratorService(SessionRPCs):
@@ -92,11 +102,11 @@ class GeneratorService(SessionRPCs):
 
     # ---- streaming RPCs ----
 
-    async def Generate(self, request: pb.GenerateRequest, context: Context) -> None:
+    async def Generate(self, request: pb.GenerateRequest, context: Sink) -> None:
         with self._stream_quota():
             await self._generate(request, context)
 
-    async def _generate(self, request: pb.GenerateRequest, context: Context) -> None:
+    async def _generate(self, request: pb.GenerateRequest, context: Sink) -> None:
         max_chars = check_max_chars(request.max_chars, self.limits)
         tokens = check_text(self.engine.vocab, request.prompt, self.limits)
         stops = check_stops(request.stop, self.engine.vocab, self.limits)
@@ -205,7 +215,7 @@ class GeneratorService(SessionRPCs):
             return None
 
     async def _stream(
-        self, session: Session, job: GenerationRequest, context: Context, response: MakeResponse
+        self, session: Session, job: GenerationRequest, context: Sink, response: MakeResponse
     ) -> str:
         """Run one generation on `session` and stream it to the client; returns its finish reason.
 

@@ -20,7 +20,7 @@ import grpc
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.api.errors import ServiceError
-from server.engine.interface import GenerationEngine
+from server.engine.runtime.interface import GenerationEngine
 from server.engine.sampling import DEFAULT_SETTINGS
 from server.metrics import ServerMetrics
 from server.sessions.backend import SessionBackend
@@ -43,7 +43,7 @@ from server.sessions.memory import (
 )
 from server.api.auth import caller
 from server.api.validation import Limits, check_session_id, check_text, resolve_settings, seed_of
-from server.engine.slot_state import SlotSnapshot
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")

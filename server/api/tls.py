@@ -132,6 +132,12 @@ class CertificateWatcher:
         return _certificate_configuration(self.files)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        files = self.renewed_files()
+        return None if files is None else _certificate_configuration(files)
+
+    def renewed_files(self) -> TlsFiles | None:
+        """The files, when they changed since the last call and load; else None (keep serving the
+        current ones). gRPC's fetcher above and the HTTP front end (server/http/tls.py) both ask here."""
         try:
             with self._lock:
                 return self._reload_if_changed()
@@ -139,7 +145,7 @@ class CertificateWatcher:
             logger.exception("TLS certificate check failed; serving the current certificate")
             return None
 
-    def _reload_if_changed(self) -> grpc.ServerCertificateConfiguration | None:
+    def _reload_if_changed(self) -> TlsFiles | None:
         stamps = self._current_stamps()
         if stamps == self._stamps or stamps == self._rejected:
             return None
@@ -153,21 +159,29 @@ class CertificateWatcher:
             return None
         self._stamps, self._rejected, self.files = stamps, None, files
         log_event(logger, "tls_reloaded", cert=self.paths[0], **_describe(files.leaf))
-        return _certificate_configuration(files)
+        return files
 
 
-def server_credentials(cert_path: str, key_path: str, client_ca_path: str | None) -> grpc.ServerCredentials:
+def certificate_watcher(cert_path: str, key_path: str, client_ca_path: str | None) -> CertificateWatcher:
+    """A watcher of the files, loaded and checked once (TlsConfigError as below). One watcher can
+    serve the gRPC port and the HTTP port: a renewal is then read, checked and logged once."""
+    watcher = CertificateWatcher(cert_path, key_path, client_ca_path or None)  # "": no mutual TLS
+    log_event(logger, "tls_enabled", mutual=watcher.paths[2] is not None, cert=cert_path,
+              **_describe(watcher.files.leaf))
+    return watcher
+
+
+def server_credentials(cert_path: str, key_path: str, client_ca_path: str | None,
+                       watcher: CertificateWatcher | None = None) -> grpc.ServerCredentials:
     """TLS credentials serving `cert_path`/`key_path`, renewed files included.
 
     With `client_ca_path`, clients must present a certificate signed by one of
     its CAs. Raises TlsConfigError when a file is unreadable, not PEM, or the
-    key does not match the certificate.
+    key does not match the certificate. `watcher`: one made by certificate_watcher
+    for the same files, to share.
     """
-    client_ca_path = client_ca_path or None  # an empty setting means no mutual TLS
-    watcher = CertificateWatcher(cert_path, key_path, client_ca_path)
-    credentials = grpc.dynamic_ssl_server_credentials(
-        watcher.initial_configuration(), watcher, require_client_authentication=client_ca_path is not None
+    if watcher is None:
+        watcher = certificate_watcher(cert_path, key_path, client_ca_path)
+    return grpc.dynamic_ssl_server_credentials(
+        watcher.initial_configuration(), watcher, require_client_authentication=watcher.paths[2] is not None
     )
-    log_event(logger, "tls_enabled", mutual=client_ca_path is not None, cert=cert_path,
-              **_describe(watcher.files.leaf))
-    return credentials

@@ -10,7 +10,7 @@ import grpc
 
 from server.api.errors import ServiceError
 from server.engine.sampling import SamplingSettings
-from server.engine.vocabulary import Vocabulary
+from server.engine.model.vocabulary import Vocabulary
 from server.sessions.memory import SESSION_ID_PATTERN
 from server.sessions.record_checks import FLOAT32_TINY
 
