@@ -24,8 +24,8 @@ import numpy as np
 from export.gru_op import build_gru_op_graph
 from export.runtime import CellRunner, make_session
 from export.variants import VARIANTS
-from server.engine.model_contract import INT8
-from server.engine.providers import CPU, CUDA, cuda_available
+from server.engine.model.model_contract import INT8
+from server.engine.model.providers import CPU, CUDA, cuda_available
 
 
 def random_weights(vocab_size: int, embedding_dim: int, hidden_size: int, num_layers: int, seed: int) -> dict:

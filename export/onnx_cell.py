@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 # Names the server reads: written from the one definition both sides share.
-from server.engine.model_contract import (
+from server.engine.model.model_contract import (
     INPUT_HIDDEN,
     INPUT_TOKENS,
     META_CONFIG,

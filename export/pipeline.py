@@ -21,7 +21,7 @@ from export.reference import TorchReference
 from export.runtime import CellRunner, make_session
 from export.variants import VARIANTS, Tolerance, parse_variants
 from export.verify import BATCH_SIZES, GREEDY_LENGTH, Subject, verify_cell
-from server.engine.model_contract import (
+from server.engine.model.model_contract import (
     DEFAULT_VARIANT,
     FP32,
     MANIFEST_FILE,
@@ -29,8 +29,8 @@ from server.engine.model_contract import (
     MODEL_FILE,
     ManifestKey,
 )
-from server.engine.providers import CPU, CUDA, cuda_available
-from server.engine.vocabulary import unknown_chars
+from server.engine.model.providers import CPU, CUDA, cuda_available
+from server.engine.model.vocabulary import unknown_chars
 from training.atomic_dir import discard, make_staging, swap_in
 from training.corpus import sha256_file
 

@@ -2,7 +2,7 @@
 
 Torch-free: verification, evaluation and the benchmark all step the graphs
 through these helpers, the same way the server does. Whether CUDA can run
-here is the server's probe (server.engine.providers.cuda_available), so that
+here is the server's probe (server.engine.model.providers.cuda_available), so that
 export verifies on CUDA exactly where the server would serve on it.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from server.engine.model_contract import CPU, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
-from server.engine.providers import provider_entry
+from server.engine.model.model_contract import CPU, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.model.providers import provider_entry
 
 
 def make_session(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from server.app import RunningServer, start_server
 from server.config import ServerConfig
-from server.engine.model_runner import ModelRunner
+from server.engine.runner.model_runner import ModelRunner
 
 T = TypeVar("T")
 

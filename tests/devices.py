@@ -7,7 +7,7 @@ import pytest
 
 def _cuda_skip_reason() -> str:
     """Why ONNX Runtime cannot run on a CUDA device here ("" when it can)."""
-    from server.engine.providers import cuda_unavailable_reason
+    from server.engine.model.providers import cuda_unavailable_reason
 
     return cuda_unavailable_reason()
 

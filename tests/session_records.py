@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from server.engine.sampling import SamplingSettings
-from server.engine.slot_state import SlotSnapshot
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.sessions.record import (
     FORMAT_VERSION,
     MAGIC,

@@ -1,5 +1,5 @@
 """A batch's stretches: every ready session's characters sampled and consumed in one model call
-(server/engine/batch_stretch.py).
+(server/engine/scheduling/batch_stretch.py).
 
 As for a lone stream's stretches (tests/test_stretch.py), they must be invisible:
 each session's text is the one it gets alone with single steps (tests/plain_loop.py),
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.engine.batch_stretch import DEFAULT_BATCH_STRETCH, agreed_lengths, keepable, plan_together
+from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH, agreed_lengths, keepable, plan_together
 from server.engine.generation import LENGTH, STOP, GenerationRequest, RequestStatus
-from server.engine.loop import Engine
-from server.engine.model_runner import ModelRunner, load_runner
+from server.engine.runtime.loop import Engine
+from server.engine.runner.model_runner import ModelRunner, load_runner
 from server.engine.sampling import SamplingSettings
-from server.engine.slot_state import Request, SlotState
-from server.engine.stretch_graph import INPUT_UNIFORMS
+from server.engine.scheduling.slot_state import Request, SlotState
+from server.engine.graphs.stretch_graph import INPUT_UNIFORMS
 from tests.devices import SERVING_DEVICES
 from tests.plain_loop import onnx_loop
 from tests.test_server_engine import collect, request

@@ -20,9 +20,9 @@ from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
 from server.engine.generation import StreamEvent
-from server.engine.process import EngineProcess
+from server.engine.runtime.process import EngineProcess
 from server.engine.sampling import SamplingSettings
-from server.engine.stream import GenerationStream
+from server.engine.runtime.stream import GenerationStream
 from tests.plain_loop import onnx_loop
 
 PROMPT = "To be, or not"

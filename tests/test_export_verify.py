@@ -16,7 +16,7 @@ from export.onnx_cell import META_VOCAB, build_cell
 from export.reference import TorchReference
 from export.variants import VARIANTS, Tolerance
 from export.verify import Subject, VerificationError, verify_cell
-from server.engine.providers import CPU, CUDA, cuda_available
+from server.engine.model.providers import CPU, CUDA, cuda_available
 from training.checkpoint import load_model
 
 FP32 = VARIANTS["fp32"].tolerance

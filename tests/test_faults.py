@@ -25,7 +25,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
-from server.engine.model_runner import load_runner
+from server.engine.runner.model_runner import load_runner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

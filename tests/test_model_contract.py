@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.engine import model_contract
-from server.engine.vocabulary import Vocabulary, unknown_chars
+from server.engine.model import model_contract
+from server.engine.model.vocabulary import Vocabulary, unknown_chars
 from training.vocab import Vocab
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ def test_contract_vocabulary_and_model_dir_import_nothing_heavy():
     """training imports the vocabulary check; the contract is imported by both sides: neither may drag in a runtime."""
     code = (
         "import json, sys\n"
-        "import server.engine.model_contract, server.engine.vocabulary, server.engine.model_dir, training.vocab\n"
+        "import server.engine.model.model_contract, server.engine.model.vocabulary, server.engine.model.model_dir, training.vocab\n"
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)

@@ -1,4 +1,4 @@
-"""Tests for server.sessions.prefix_cache: longest-prefix lookup, LRU byte budget, copies."""
+"""Tests for server.engine.prefix_cache: longest-prefix lookup, LRU byte budget, copies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from server.sessions.prefix_cache import ENTRY_OVERHEAD_BYTES, CachedPrefix, PrefixCache, entry_nbytes
+from server.engine.prefix_cache import ENTRY_OVERHEAD_BYTES, CachedPrefix, PrefixCache, entry_nbytes
 
 HIDDEN_SHAPE = (1, 8)
 VOCAB = 5

@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.engine.model_dir import ModelDirError, choose_model_file
-from server.engine.model_runner import load_runner
-from server.engine.providers import CUDA
+from server.engine.model.model_dir import ModelDirError, choose_model_file
+from server.engine.runner.model_runner import load_runner
+from server.engine.model.providers import CUDA
 from tests.plain_loop import plain_step
 
 
@@ -215,7 +215,7 @@ def test_variant_auto_chooses_again_when_the_session_lands_on_another_provider(
     int8_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CUDA looked available, so fp16 was chosen, but the session came up on the CPU: int8 is served instead."""
-    import server.engine.model_runner as model_runner
+    import server.engine.runner.model_runner as model_runner
 
     directory = _edited_copy(int8_model_dir, tmp_path / "fp16", _with_fake_fp16_verified_on_cuda)
     shutil.copy(directory / "model.onnx", directory / "model.fp16.onnx")

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.engine.model_runner import build_device_runner, load_runner
-from server.engine.providers import CUDA, DeviceError, cuda_device_count
+from server.engine.runner.model_runner import build_device_runner, load_runner
+from server.engine.model.providers import CUDA, DeviceError, cuda_device_count
 from tests.plain_loop import plain_step
 
 HAS_CUDA = CUDA in ort.get_available_providers() and cuda_device_count()[0] > 0
@@ -149,7 +149,7 @@ def test_a_failing_device_state_pool_falls_back_to_host_states(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Where the pooled CUDA graph cannot be built, the plain cell still serves (states on the host)."""
-    import server.engine.model_runner as model_runner
+    import server.engine.runner.model_runner as model_runner
 
     real_create = model_runner.create_session
 
@@ -181,7 +181,7 @@ def test_a_failing_device_state_pool_falls_back_to_host_states(
 
 
 def test_session_options_carry_the_thread_settings() -> None:
-    from server.engine.providers import ALLOW_SPINNING_KEY, ThreadSettings, session_options
+    from server.engine.model.providers import ALLOW_SPINNING_KEY, ThreadSettings, session_options
 
     options = session_options(ThreadSettings(intra_op_threads=3, allow_spinning=True))
     assert options.intra_op_num_threads == 3
@@ -194,7 +194,7 @@ def test_session_options_carry_the_thread_settings() -> None:
 
 @pytest.mark.parametrize("allow_spinning", [True, False])
 def test_sessions_are_created_with_the_thread_settings(tiny_model_dir: Path, allow_spinning: bool) -> None:
-    from server.engine.providers import ALLOW_SPINNING_KEY, ThreadSettings, create_session
+    from server.engine.model.providers import ALLOW_SPINNING_KEY, ThreadSettings, create_session
 
     threads = ThreadSettings(intra_op_threads=2, allow_spinning=allow_spinning)
     session = create_session(tiny_model_dir / "model.onnx", "cpu", threads)
@@ -212,7 +212,7 @@ def test_sessions_are_created_with_the_thread_settings(tiny_model_dir: Path, all
 
 
 def test_load_runner_defaults_and_a_bare_thread_count(tiny_model_dir: Path) -> None:
-    from server.engine.providers import ALLOW_SPINNING_KEY
+    from server.engine.model.providers import ALLOW_SPINNING_KEY
 
     options = load_runner(tiny_model_dir, device="cpu", num_slots=2).session.get_session_options()
     assert (options.intra_op_num_threads, options.get_session_config_entry(ALLOW_SPINNING_KEY)) == (1, "0")

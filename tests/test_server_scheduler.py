@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from server.engine.generation import LENGTH, GenerationRequest, RequestStatus
-from server.engine.model_runner import load_runner
+from server.engine.runner.model_runner import load_runner
 from server.engine.sampling import SamplingSettings
-from server.engine.scheduler import Scheduler
+from server.engine.scheduling.scheduler import Scheduler
 from tests.plain_loop import onnx_loop
 
 PROMPT = "To be, or"
@@ -178,7 +178,7 @@ def test_a_queued_prompt_leaves_no_stale_logits_in_a_snapshot(scheduler: Schedul
 def test_the_host_pool_keeps_the_last_batch_resident_and_writes_it_back_when_needed() -> None:
     import numpy as np
 
-    from server.engine.state_pool import HostStatePool
+    from server.engine.runner.state_pool import HostStatePool
 
     pool = HostStatePool(1, 4, 2)
     none = np.zeros(2, bool)

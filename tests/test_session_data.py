@@ -17,7 +17,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
-from server.sessions.prefix_cache import entry_nbytes
+from server.engine.prefix_cache import entry_nbytes
 from server.sessions.record import decode_record, encode_record
 
 PROMPT = "To be, or not"

@@ -26,7 +26,7 @@ from server.sessions.record import (
     file_sha256,
     fingerprint_of,
 )
-from server.engine.slot_state import SlotSnapshot
+from server.engine.scheduling.slot_state import SlotSnapshot
 from tests.session_records import VOCAB, assert_same, make_model, make_record, same_bits, split
 
 

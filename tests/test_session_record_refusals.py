@@ -22,7 +22,7 @@ from server.sessions.record import (
     decode_record,
     encode_record,
 )
-from server.engine.slot_state import SlotSnapshot
+from server.engine.scheduling.slot_state import SlotSnapshot
 from tests.session_records import PREFIX, assert_same, forge, invalid_message, make_model, make_record, split
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from server.bench.engine_cost import NullRunner
 from server.engine.generation import BLOCK, GenerationRequest
-from server.engine.model_runner import load_runner
+from server.engine.runner.model_runner import load_runner
 from server.engine.sampling import SamplingSettings, choose_token, sample_uncut
-from server.engine.scheduler import Scheduler
+from server.engine.scheduling.scheduler import Scheduler
 
 SLOTS = 6
 

@@ -1,7 +1,7 @@
 """Character vocabulary: the sorted set of a corpus's characters; index = token id.
 
 Torch-free on purpose: the export stage loads it with checkpoints. The server does not use it:
-it reads the vocabulary from the .onnx metadata (server/engine/vocabulary.py) and shares only
+it reads the vocabulary from the .onnx metadata (server/engine/model/vocabulary.py) and shares only
 unknown_chars.
 """
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from server.engine.vocabulary import unknown_chars
+from server.engine.model.vocabulary import unknown_chars
 
 
 class VocabError(ValueError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from server.sessions.prefix_cache import PrefixCache
+    from server.engine.prefix_cache import PrefixCache
 
 
 class StepObserver(Protocol):

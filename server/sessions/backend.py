@@ -19,7 +19,7 @@ import asyncio
 from typing import Awaitable, Callable, Protocol
 
 from server.engine.sampling import SamplingSettings
-from server.engine.slot_state import SlotSnapshot
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.sessions.memory import Session, SessionStore
 
 

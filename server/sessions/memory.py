@@ -19,8 +19,8 @@ from typing import Callable, Protocol
 
 from server.engine.generation import RECENT_CHARS
 from server.engine.sampling import SamplingSettings
-from server.engine.slot_state import SlotSnapshot
-from server.engine.state_pool import SlotAllocator
+from server.engine.scheduling.slot_state import SlotSnapshot
+from server.engine.runner.state_pool import SlotAllocator
 
 SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 

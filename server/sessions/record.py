@@ -54,7 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from server.engine.sampling import SamplingSettings
-from server.engine.slot_state import SlotSnapshot
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.sessions.record_checks import (  # noqa: F401 - the errors are part of this module's API
     RecordError,
     RecordInvalid,

@@ -32,11 +32,11 @@ from typing import Awaitable, Callable, Iterator
 import numpy as np
 
 from server.engine.generation import RECENT_CHARS
-from server.engine.interface import GenerationEngine
+from server.engine.runtime.interface import GenerationEngine
 from server.sessions.redis_records import (Leased, LeaseLost, RecordBusy, RecordNotFound, RecordStoreError,
                                            RedisRecords)
 from server.engine.sampling import SamplingSettings, stream_key
-from server.engine.slot_state import SlotSnapshot
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.sessions.memory import Session, SessionBusy, SessionNotFound, SessionStore, SessionTakenOver, StoreUnavailable
 from server.sessions.record import ModelFingerprint, SessionRecord, decode_record, encode_record
 from server.sessions.redis_records import RedisUnavailable

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from server.engine.model_contract import (
+from server.engine.model.model_contract import (
     CPU,
     CUDA,
     DEFAULT_VARIANT,

@@ -23,7 +23,7 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from server.engine.model_contract import CPU, CUDA
+from server.engine.model.model_contract import CPU, CUDA
 from server.structured_log import log_event
 
 DEVICES = ("auto", "cuda", "cpu")

@@ -37,11 +37,11 @@ from typing import Sequence
 import numpy as np
 
 from server.engine.generation import RequestStatus, StreamEvent
-from server.engine.model_runner import ModelRunner
+from server.engine.runner.model_runner import ModelRunner
 from server.engine.sampling import uniforms_at
-from server.engine.slot_state import Request, SlotState
-from server.engine.stretch import LoopOutput, agreed_lengths, keep_stretch, take_forced
-from server.engine.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
+from server.engine.scheduling.slot_state import Request, SlotState
+from server.engine.scheduling.stretch import LoopOutput, agreed_lengths, keep_stretch, take_forced
+from server.engine.graphs.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
                                          INPUT_UNIFORMS)
 from server.engine.observer import StepObserver
 

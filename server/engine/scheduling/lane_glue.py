@@ -13,13 +13,13 @@ import logging
 import numpy as np
 
 from server.engine.generation import StreamEvent, expand_events
-from server.engine.model_runner import ModelRunner
+from server.engine.runner.model_runner import ModelRunner
 from server.engine.observer import StepObserver
-from server.engine.prefill import PREFILL_MAX_BATCH, prefill
-from server.engine.prefix_states import PrefixStates
-from server.engine.row_updates import run_step, take_step
-from server.engine.slot_state import Request, SlotState
-from server.engine.steady_lane import SteadyLane
+from server.engine.scheduling.prefill import PREFILL_MAX_BATCH, prefill
+from server.engine.scheduling.prefix_states import PrefixStates
+from server.engine.scheduling.row_updates import run_step, take_step
+from server.engine.scheduling.slot_state import Request, SlotState
+from server.engine.scheduling.steady_lane import SteadyLane
 
 logger = logging.getLogger("charstream.server")
 

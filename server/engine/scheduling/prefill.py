@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from server.engine.generation import RequestStatus
-from server.engine.model_runner import ModelRunner
-from server.engine.slot_state import SlotState, prompt_progress
+from server.engine.runner.model_runner import ModelRunner
+from server.engine.scheduling.slot_state import SlotState, prompt_progress
 
 logger = logging.getLogger("charstream.server")
 

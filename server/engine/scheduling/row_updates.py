@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from server.engine.generation import FINISHED_BY_REASON, LENGTH, STOP, RequestStatus, StreamEvent
-from server.engine.model_runner import ModelRunner, StepOutput
-from server.engine.slot_state import Request, SlotState, own_window, prompt_progress
+from server.engine.runner.model_runner import ModelRunner, StepOutput
+from server.engine.scheduling.slot_state import Request, SlotState, own_window, prompt_progress
 from server.engine.observer import StepObserver
 
 
