@@ -77,7 +77,7 @@ for variant in fp32 fp16; do
     for streams in $STREAMS; do
         bench "bench-$variant-$streams" --variant "$variant" --streams "$streams" --batch "$streams" \
             --max-batch "$streams" --long-prompt 0 --repeats 1 --streams-repeats 1 \
-            --ceiling-streams 0 --idle-sessions 0
+            --ceiling-streams 0 --http-streams 0 --store-calls 20
     done
 done
 
