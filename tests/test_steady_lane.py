@@ -185,3 +185,22 @@ def test_merged_blocks_keep_each_requests_characters_in_order() -> None:
     assert merge_blocks(blocks, np.array(list("abcdef"))) == [(1, "bd"), (2, "cf"), (3, "ae")]
     combining = np.array(["a", "é", "ß", "e\u0301"])  # the last entry is two code points
     assert merge_blocks([(np.array([1, 2, 1]), np.array([3, 1, 2]))], combining) == [(1, "e\u0301ß"), (2, "é")]
+
+
+def test_a_batch_stretch_block_expands_to_one_text_per_request() -> None:
+    """A batch's stretch sends its rows' characters as one block with several characters a request
+    (batch_stretch.step_together): the engine on a thread turns it into one text event per request,
+    the server's side into one text per request as well, each in the order drawn; the engine
+    process sends such a block at once (it is a whole call's characters, not one to hold)."""
+    from server.engine.generation import BLOCK, CharBlock, StreamEvent, expand_events, merge_blocks
+
+    chars = list("abcdef")
+    text_events = [StreamEvent(text=c) for c in chars]
+    block = CharBlock(np.array([7, 7, 7, 9, 9]), np.array([0, 1, 2, 5, 4]), several=True)
+    finished = StreamEvent(text="c", finish="length")
+    events = expand_events([(BLOCK, block), (8, finished)], text_events)
+    assert [(rid, e.text) for rid, e in events] == [(7, "abc"), (9, "fe"), (8, "c")]
+    assert all(e.is_plain_text for rid, e in events if rid != 8) and events[2][1] is finished
+    assert merge_blocks([(block.request_ids, block.tokens)], np.array(chars)) == [(7, "abc"), (9, "fe")]
+    lane = CharBlock(np.array([7, 9]), np.array([3, 3]))  # the steady lane's: one character a request
+    assert [(rid, e.text) for rid, e in expand_events([(BLOCK, lane)], text_events)] == [(7, "d"), (9, "d")]

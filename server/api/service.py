@@ -142,7 +142,7 @@ class GeneratorService(SessionRPCs):
                     message.matched_stop = end.matched_stop
                 return message
 
-            await self._stream(session, job, context, response)
+            await self._stream(session, job, context, response, prompt_chars=len(tokens))
         finally:
             with store_errors():
                 if one_shot:
@@ -215,14 +215,17 @@ class GeneratorService(SessionRPCs):
             return None
 
     async def _stream(
-        self, session: Session, job: GenerationRequest, context: Sink, response: MakeResponse
+        self, session: Session, job: GenerationRequest, context: Sink, response: MakeResponse,
+        prompt_chars: int | None = None,
     ) -> str:
         """Run one generation on `session` and stream it to the client; returns its finish reason.
 
         Every write takes all the characters ready (coalescing). If the call ends
         before the generation does (cancel, deadline, disconnect, an error), the
         stream is aborted: the session keeps the prompt and every character
-        handed over, and the engine undoes the characters generated ahead."""
+        handed over, and the engine undoes the characters generated ahead. `prompt_chars`: the
+        call's prompt for the log, when the job does not carry it (a one-shot call's prompt
+        opened the session)."""
         stream = self.engine.submit(session.slot, job)
         stream.on_update = session.record  # the session's count and recent text follow the stream
         started = time.monotonic()
@@ -263,7 +266,8 @@ class GeneratorService(SessionRPCs):
                     return finish
         finally:
             stream.abort()  # no-op after the end; else the session keeps what was delivered
-            self._stream_ended(session, job, stream.delivered, finish, started)
+            self._stream_ended(session, len(job.prompt_tokens) if prompt_chars is None else prompt_chars,
+                               stream.delivered, finish, started)
 
     def _min_chars(self, delivered: int) -> int:
         """Characters a stream's next message waits for (fewer only at its end).
@@ -288,13 +292,13 @@ class GeneratorService(SessionRPCs):
             return error
         return None
 
-    def _stream_ended(self, session: Session, job: GenerationRequest, delivered: int, finish: str,
+    def _stream_ended(self, session: Session, prompt_chars: int, delivered: int, finish: str,
                       started: float) -> None:
         self.metrics.active_streams.dec()
         self.active_streams -= 1
         self.metrics.finished.labels(reason=finish).inc()
         log_event(logger, "generation_finished", session=session.id[:8], reason=finish,
-                  prompt_chars=len(job.prompt_tokens), generated_chars=delivered,
+                  prompt_chars=prompt_chars, generated_chars=delivered,
                   seconds=round(time.monotonic() - started, 4))
 
     def _failure(self, session: Session, event: StreamEvent) -> ServiceError:

@@ -86,12 +86,14 @@ class StreamEvent:
 
 @dataclass(frozen=True, eq=False)
 class CharBlock:
-    """Engine -> callers: one plain character for each of several requests, as arrays (the steady
-    lane's draws: steady_lane.py). In an event list it stands where a (request id, StreamEvent)
-    pair would, as (0, block); expand_events turns it into those pairs."""
+    """Engine -> callers: plain characters of several requests, as arrays: one each (the steady
+    lane's draws: steady_lane.py) or, with `several`, any number each, a request's in order (a
+    batch's stretch: batch_stretch.py). In an event list it stands where a (request id,
+    StreamEvent) pair would, as (0, block); expand_events turns it into those pairs."""
 
     request_ids: np.ndarray  # [R] int64
     tokens: np.ndarray  # [R] int64 token ids
+    several: bool = False  # a request id may repeat: the block is a whole call's characters, sent at once
 
 
 BLOCK = 0  # the request id a CharBlock travels under in an event list (real ids start at 1)
@@ -104,7 +106,12 @@ def expand_events(events: list, text_events: Sequence[StreamEvent]) -> list[tupl
         return events
     out: list[tuple[int, StreamEvent]] = []
     for request_id, event in events:
-        if request_id == BLOCK:
+        if request_id == BLOCK and event.several:  # one text event per request, its characters in order
+            texts: dict[int, list[str]] = {}
+            for rid, token in zip(event.request_ids.tolist(), event.tokens.tolist()):
+                texts.setdefault(rid, []).append(text_events[token].text)
+            out += [(rid, StreamEvent(text="".join(parts))) for rid, parts in texts.items()]
+        elif request_id == BLOCK:
             out += zip(event.request_ids.tolist(), [text_events[t] for t in event.tokens.tolist()])
         else:
             out.append((request_id, event))

@@ -228,7 +228,8 @@ class ChildLoop:
         plain = all(request_id == BLOCK or event.is_plain_text for request_id, event in events)
         awaiting = self._awaiting_first
         # A stretch's event (several characters from one call) is as large as holding would make it.
-        single = plain and all(request_id == BLOCK or len(event.text) == 1 for request_id, event in events)
+        single = plain and all(not event.several if request_id == BLOCK else len(event.text) == 1
+                               for request_id, event in events)
         if (not force and single and events and now - self._sent_at + self._iteration_seconds < FLUSH_INTERVAL
                 and not (awaiting and any(rid in awaiting for rid, _ in events))):
             return

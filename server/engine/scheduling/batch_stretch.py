@@ -36,11 +36,11 @@ from typing import Sequence
 
 import numpy as np
 
-from server.engine.generation import RequestStatus, StreamEvent
+from server.engine.generation import BLOCK, CharBlock, RequestStatus, StreamEvent
 from server.engine.runner.model_runner import ModelRunner
 from server.engine.sampling import uniforms_at
 from server.engine.scheduling.slot_state import Request, SlotState
-from server.engine.scheduling.stretch import LoopOutput, agreed_lengths, keep_stretch, take_forced
+from server.engine.scheduling.stretch import LoopOutput, agreed_lengths, keep_stretch, keep_tokens, take_forced
 from server.engine.graphs.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
                                          INPUT_UNIFORMS)
 from server.engine.observer import StepObserver
@@ -76,7 +76,8 @@ def step_together(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]], l
                   most: int = DEFAULT_BATCH_STRETCH) -> list[tuple[int, StreamEvent]] | None:
     """One call for the whole batch sampling up to `most` characters per row, or None (nothing run)
     when it must take an ordinary step.
-    Returns the events of the characters kept, (request id, event) per row that kept any. Raises
+    Returns the events of the characters kept: the rows that run on as one CharBlock (several
+    characters a request), a row that finished or has stop strings as (request id, event). Raises
     what the model call raised, every session untouched."""
     if runner.stretch_session is None:
         return None
@@ -108,20 +109,37 @@ def step_together(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]], l
     if observer is not None:
         observer.observe_step(batch, time.perf_counter() - started)
     agreed = agreed_lengths(tokens, drawn, uniforms, temperature)  # [B]
-    events, sampled, kept = [], 0, 0
+    drawn_by_row = tokens.T.tolist()  # [B][K]: each row's characters as ints, converted once for the batch
+    events: list = []
+    sampled = kept = 0
+    plain_ids: list[int] = []  # the kept characters of rows that run on, as one block: (request id, token) each
+    plain_tokens: list[int] = []
     for row, (state, request) in enumerate(zip(states, requests)):
         # The state after the call is copied: a view would keep the whole batch's [L, B, H] alive as long
         # as this session idles. (Undo-window views are dropped or copied when the request settles.)
         output = LoopOutput(forced_inputs[:, :, row, :], tokens[:, row], inputs[:, :, row, :], drawn[:, row, :],
                             final_logits[row].copy(), final[:, row, :].copy())
         take_forced(state, output, lookahead)
-        limit = limits[row]
-        event = keep_stretch(request, state, output, min(int(agreed[row]), limit), chars, lookahead,
-                             disputed=int(agreed[row]) < min(count, limit))
-        sampled += min(count, limits[row])
-        if event is not None:
-            kept += len(event.text)
-            events.append((request.id, event))
+        limit, agreed_row = limits[row], int(agreed[row])
+        keep = min(agreed_row, limit)
+        disputed = agreed_row < min(count, limit)
+        sampled += min(count, limit)
+        if request.matcher.stops:  # a stop string may end the row early: the per-character path
+            event = keep_stretch(request, state, output, keep, chars, lookahead, disputed=disputed)
+            if event is not None:
+                kept += len(event.text)
+                events.append((request.id, event))
+            continue
+        row_tokens = drawn_by_row[row][:keep]
+        finish = keep_tokens(request, state, output, row_tokens, lookahead, numpy_draws=disputed)
+        kept += keep
+        if finish is None:
+            plain_ids += [request.id] * keep
+            plain_tokens += row_tokens
+        elif keep:
+            events.append((request.id, StreamEvent(text="".join([chars[t] for t in row_tokens]), finish=finish)))
+    if plain_ids:
+        events.append((BLOCK, CharBlock(np.array(plain_ids, np.int64), np.array(plain_tokens, np.int64), several=True)))
     if observer is not None:
         observer.observe_stretch(sampled, kept)
     return events

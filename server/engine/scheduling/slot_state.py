@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from server.engine.generation import SHUTDOWN, GenerationRequest, RequestStatus, StopMatcher, StreamEvent, recent_tail
+from server.engine.scheduling.undo_window import UndoWindow
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ class Request:
     delivered: int = 0  # characters its caller has handed to the client
     stepped: int = 0  # generated characters already consumed by a model step
     start_logits: np.ndarray | None = None  # [V] the first character was sampled from
-    window: dict[int, np.ndarray] = field(default_factory=dict)  # k -> [L, H] state before consuming char k
-    window_floor: int = 1  # the smallest k the window may still hold (acks drop the ones below)
+    window: UndoWindow = field(default_factory=UndoWindow)  # k -> [L, H] state before consuming char k
     numpy_draws: bool = False  # the stretch graph's draw of the next character was disputed: NumPy draws it
 
 
@@ -86,11 +86,7 @@ def acknowledge(request: Request, delivered: int) -> None:
     """The caller has handed `delivered` characters to its client in all: what undoing to fewer
     would need is dropped (window[m] stays: undoing to m delivered needs it)."""
     request.delivered = max(request.delivered, min(delivered, len(request.tokens)))
-    floor = max(request.delivered, 1)
-    window = request.window
-    for k in range(request.window_floor, floor):  # keys are consecutive: no scan of the window
-        window.pop(k, None)
-    request.window_floor = max(request.window_floor, floor)
+    request.window.drop_below(max(request.delivered, 1))
     if request.delivered > 0:
         request.start_logits = None
 
@@ -125,8 +121,7 @@ def own_window(request: Request) -> None:
     lookahead + 1, shared by every stream. A stream that stalls at its lookahead
     would keep those steps alive for as long as it stalls, so then it copies its
     rows (at most lookahead + 1 states of [L, H]) and pins nothing else."""
-    for k, kept in request.window.items():
-        request.window[k] = owned(kept)
+    request.window.own()
 
 
 def snapshot_of(state: SlotState, pooled: Callable[[], np.ndarray], decode: Callable[[list[int]], str]) -> SlotSnapshot:

@@ -170,25 +170,40 @@ def keep_stretch(request: Request, state: SlotState, output: LoopOutput, agreed:
     after the last kept. `disputed`: NumPy drew character agreed + 1 otherwise (not merely a
     limit cut the stretch there), so NumPy draws it next. Returns their event (None when none
     is kept)."""
-    text, finish, matched = [], None, None
-    for token in output.tokens[:agreed].tolist():
-        text.append(chars[token])
-        matched = request.matcher.push(chars[token]) if request.matcher.stops else None
-        if matched is not None:
-            finish = STOP
-            break
-    kept = len(text)
+    tokens = output.tokens[:agreed].tolist()
+    kept, matched = agreed, None
+    if request.matcher.stops:
+        for i, token in enumerate(tokens):
+            matched = request.matcher.push(chars[token])
+            if matched is not None:
+                kept = i + 1
+                break
+    tokens = tokens[:kept]
+    finish = keep_tokens(request, state, output, tokens, lookahead, numpy_draws=disputed and kept == agreed,
+                         finish=STOP if matched is not None else None)
+    if not tokens:
+        return None
+    return StreamEvent(text="".join([chars[token] for token in tokens]), finish=finish, matched_stop=matched or "")
+
+
+def keep_tokens(request: Request, state: SlotState, output: LoopOutput, tokens: list[int], lookahead: int,
+                numpy_draws: bool, finish: str | None = None) -> str | None:
+    """Make `tokens`, the first of the characters the call drew, the request's, as if each had been
+    sampled and stepped singly (no stop string is looked for: `finish` says if one ended them);
+    the session's state becomes the one after the last. `numpy_draws`: the next character is
+    NumPy's to draw. Returns the request's finish reason, None while it runs on."""
+    kept = len(tokens)
     if kept < len(output.tokens):  # the state after the last kept character is the next one's input
         # Copies: views would keep the whole call's outputs alive while the session idles.
         state.start, state.logits = output.inputs[kept].copy(), output.drawn[kept].copy()
-        request.numpy_draws = disputed and kept == agreed  # not cut by a stop string: NumPy decides it
+        request.numpy_draws = numpy_draws
     if kept == 0:
         return None
     generated = request.tokens
     assert request.stepped == len(generated), "a stretch starts with every generated character consumed"
-    for k in range(kept):  # window[j] = the state before consuming generated char j (1-based)
-        request.window[len(generated) + k + 1] = output.inputs[k]  # [L, H], a view of the call's output
-    generated.extend(output.tokens[:kept].tolist())
+    first = len(generated) + 1  # window[j] = the state before consuming generated char j (1-based)
+    request.window.put_block(first, output.inputs[:kept])  # [kept, L, H], a view of the call's output
+    generated.extend(tokens)
     request.stepped = len(generated)
     state.position += kept
     if finish is None and len(generated) >= request.spec.max_chars:
@@ -197,7 +212,7 @@ def keep_stretch(request: Request, state: SlotState, output: LoopOutput, agreed:
         request.status = FINISHED_BY_REASON[finish]
     if request.stepped - request.delivered >= lookahead or finish is not None:
         own_window(request)
-    return StreamEvent(text="".join(text), finish=finish, matched_stop=matched or "")
+    return finish
 
 
 def step_alone(runner: ModelRunner, slot: int, state: SlotState, lookahead: int, chars: Sequence[str],
