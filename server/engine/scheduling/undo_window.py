@@ -49,8 +49,9 @@ class UndoWindow:
 
     def drop_below(self, floor: int) -> None:
         """Forget the states of keys below `floor` (delivered characters need none)."""
-        for k in range(self._floor, floor):  # keys are consecutive: no scan of the entries
-            self._single.pop(k, None)
+        if self._single:  # a batch's stretches keep blocks alone: nothing to pop key by key
+            for k in range(self._floor, floor):  # keys are consecutive: no scan of the entries
+                self._single.pop(k, None)
         self._floor = max(self._floor, floor)
         blocks = self._blocks
         while blocks and blocks[0][0] + len(blocks[0][1]) <= self._floor:
