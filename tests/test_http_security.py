@@ -225,6 +225,11 @@ def test_mutual_tls_and_renewal_follow_the_grpc_ports_files(tiny_model_dir: Path
         _replace(renewed.key_path, live.key_path)
         assert wait_for_serial(port, member, renewed.serial) == renewed.serial
         assert Http(port, context=member).call("POST", "/v1/generate", {"prompt": "To be", "max_chars": 5}).status == 200
+        # The HTTP port's handshake saw the renewal first; the gRPC port, asking the same watcher
+        # afterwards, must serve the renewed certificate too (not "no change since the last check").
+        h2 = https(pki, pki.client)
+        h2.set_alpn_protocols(["h2"])  # gRPC speaks HTTP/2 only
+        assert served_serial(server.port, h2) == renewed.serial
 
         _replace(renewed.key_pem[: len(renewed.key_pem) // 2], live.key_path)  # a half-written key
         for _ in range(3):

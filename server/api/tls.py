@@ -122,6 +122,7 @@ class CertificateWatcher:
         self._stamps = self._current_stamps()
         self.files = load_tls_files(*self.paths)
         self._rejected: tuple[FileStamp, ...] | None = None
+        self._grpc_served = self.files  # what gRPC serves: the HTTP port may have seen a renewal first
         # Handshakes may run on several gRPC threads at once.
         self._lock = threading.Lock()
 
@@ -132,12 +133,17 @@ class CertificateWatcher:
         return _certificate_configuration(self.files)
 
     def __call__(self) -> grpc.ServerCertificateConfiguration | None:
-        files = self.renewed_files()
-        return None if files is None else _certificate_configuration(files)
+        self.renewed_files()
+        files = self.files  # compared with what gRPC serves, not with the last check: with the HTTP
+        if files is self._grpc_served:  # port sharing the watcher, its handshake may have seen the renewal
+            return None
+        self._grpc_served = files
+        return _certificate_configuration(files)
 
     def renewed_files(self) -> TlsFiles | None:
         """The files, when they changed since the last call and load; else None (keep serving the
-        current ones). gRPC's fetcher above and the HTTP front end (server/http/tls.py) both ask here."""
+        current ones). gRPC's fetcher above and the HTTP front end (server/http/tls.py) both ask here,
+        and each compares `files` with what it serves itself: only one of them sees a change here."""
         try:
             with self._lock:
                 return self._reload_if_changed()
