@@ -19,6 +19,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from server.background import BackgroundServer
 from server.clients.client import CharstreamClient
 from server.config import ServerConfig
+from server.api.errors import ServiceError
 from server.http.errors import HTTP_STATUS
 from tests.http_client import Http, abort_connection, read_events
 
@@ -171,11 +172,15 @@ def test_random_bodies_on_every_post_route_never_give_500(http: Http) -> None:
         if generator.random() < 0.3:
             body = bytes(generator.randrange(256) for _ in range(generator.randrange(0, 200)))
         path = generator.choice(paths)
-        reply = http.call("POST", path, body, headers={"Content-Type": generator.choice(
-            ["application/json", "application/octet-stream", "text/plain"])})
-        assert reply.status in (200, 400, 404, 409, 413), (path, body, reply.status, reply.body)
-        if reply.status != 200:
+        headers = {"Content-Type": generator.choice(["application/json", "application/octet-stream", "text/plain"])}
+        if generator.random() < 0.2:  # a compressed body that does not decompress
+            headers["Content-Encoding"] = generator.choice(["gzip", "deflate"])  # (br: aiohttp says 400 itself)
+        reply = http.call("POST", path, body, headers=headers)
+        assert reply.status in (200, 400, 404, 409, 413), (path, body, headers, reply.status, reply.body)
+        if reply.status != 200 and reply.headers.get("content-type", "").startswith("application/json"):
             assert reply.error["code"] in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION")
+        elif reply.status != 200:  # a body aiohttp cannot decompress is refused by aiohttp itself
+            assert "Content-Encoding" in headers and reply.status == 400, (path, reply.body)
 
 
 def test_bodies_over_the_message_limit_are_413(http: Http) -> None:
@@ -234,3 +239,48 @@ def test_the_proto_has_no_field_the_json_mapping_cannot_carry() -> None:
     assert to_message(to_json(message), pb.GenerateRequest()) == message
     assert json_format.MessageToDict(message)["seed"] == str(2**64 - 1)  # the proto mapping itself quotes it
     assert to_json(message)["seed"] == str(2**64 - 1)  # too big for a double: kept as a string
+
+
+class _FailsAfterTheLastMessage:
+    """A servicer whose Generate writes two messages, the last with its finish fields, then fails
+    (as a shared store's final write-back can): what a client reads must still parse."""
+
+    async def Generate(self, request, sink) -> None:
+        await sink.write(pb.GenerateResponse(text="ab"))
+        await sink.write(pb.GenerateResponse(text="c", finish_reason=pb.FINISH_REASON_LENGTH, generated_chars=3))
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the session store at redis://x is unreachable")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_failure_after_the_last_message_still_parses(stream: bool) -> None:
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from server.http.calls import Calls
+    from server.http.generate import generate
+    from server.metrics import ServerMetrics
+
+    calls = Calls(_FailsAfterTheLastMessage(), None, None, ServerMetrics(), 1 << 20)  # type: ignore[arg-type]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await generate(request, calls)
+
+    async def run() -> str:
+        app = web.Application()
+        app.router.add_post("/v1/generate", handler)
+        async with TestClient(TestServer(app)) as client:
+            response = await client.post("/v1/generate", json={"prompt": "a", "stream": stream})
+            assert response.status == 200  # the status line went out with the first message
+            return await response.text()
+
+    body = asyncio.run(run())
+    if not stream:
+        reply = json.loads(body)  # one object: the text, the last message's fields and the error
+        assert reply["text"] == "abc" and reply["finish_reason"] == "FINISH_REASON_LENGTH"
+        assert reply["error"]["code"] == "UNAVAILABLE" and "unreachable" in reply["error"]["message"]
+    else:
+        events = [block for block in body.split("\n\n") if block]
+        assert [json.loads(e.split("data: ", 1)[1]).get("text") for e in events[:2]] == ["ab", "c"]
+        assert events[2].startswith("event: error\n") and "UNAVAILABLE" in events[2]

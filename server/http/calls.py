@@ -16,6 +16,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
@@ -71,6 +73,8 @@ class Calls:
             return await request.read()  # the app's client_max_size is the same limit
         except web.HTTPRequestEntityTooLarge:
             raise too_large(None, limit) from None
+        except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a Content-Encoding the body breaks
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"the request body could not be read: {exc}") from None
 
     async def health_status(self, service: str) -> str:
         """The gRPC health service's answer for `service` ("" = the whole server), by its own Check."""

@@ -30,7 +30,8 @@ RPC = "Generate"
 
 class SseSink:
     """GenerateResponse messages as server-sent events: `data: {"text": ...}` per message, the last
-    message with every field (finish_reason, counts); a failure after the first as `event: error`."""
+    message with every field (finish_reason, counts); a failure after the first as `event: error`
+    (after the last one too, when a shared store's final write-back failed)."""
 
     def __init__(self, request: web.Request):
         self.request = request
@@ -40,6 +41,9 @@ class SseSink:
         response = self.response or await self._start()
         last = message.finish_reason != pb.FINISH_REASON_UNSPECIFIED
         await response.write(sse_event(to_json(message) if last else {"text": message.text}))
+
+    async def close(self) -> None:
+        """Every event has gone out as it came."""
 
     async def fail(self, error: ServiceError) -> None:
         assert self.response is not None
@@ -58,25 +62,30 @@ class SseSink:
 
 class JsonSink:
     """GenerateResponse messages as one JSON object, written piece by piece as they come:
-    `{"text":"` and the characters of each message, then the last message's other fields.
-    A failure after the first character closes the object with an "error" member instead."""
+    `{"text":"` and the characters of each message, then the last message's other fields once the
+    call has ended. A failure after the first character closes the object with an "error" member
+    instead (beside the last message's fields, when it failed after that one: a shared store's
+    final write-back)."""
 
     def __init__(self, request: web.Request):
         self.request = request
         self.response: web.StreamResponse | None = None
+        self._rest: dict | None = None  # the last message's fields but its text, written by close()
 
     async def write(self, message: pb.GenerateResponse) -> None:
         response = self.response or await self._start()
-        piece = json.dumps(message.text, ensure_ascii=False)[1:-1].encode("utf-8")  # escaped, unquoted
         if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            rest = to_json(message)
-            del rest["text"]
-            piece += b'",' + dumps(rest)[1:]  # '","finish_reason":...}'
-        await response.write(piece)
+            self._rest = to_json(message)
+            del self._rest["text"]
+        await response.write(json.dumps(message.text, ensure_ascii=False)[1:-1].encode("utf-8"))  # escaped, unquoted
+
+    async def close(self) -> None:
+        assert self.response is not None and self._rest is not None  # Generate writes a last message or raises
+        await self.response.write(b'",' + dumps(self._rest)[1:])  # '","finish_reason":...}'
 
     async def fail(self, error: ServiceError) -> None:
         assert self.response is not None
-        await self.response.write(b'","error":' + dumps(error_json(error)["error"]) + b"}")
+        await self.response.write(b'",' + dumps({**(self._rest or {}), "error": error_json(error)["error"]})[1:])
 
     async def _start(self) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
@@ -110,6 +119,8 @@ async def generate(request: web.Request, calls: Calls) -> web.StreamResponse:
             if sink.response is None:
                 raise  # answered with its own status by calls.run
             await sink.fail(failure_status(RPC, exc, calls.metrics))
+        else:
+            await sink.close()
         assert sink.response is not None  # Generate writes a last message or raises
         await sink.response.write_eof()
         return sink.response
