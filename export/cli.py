@@ -7,7 +7,12 @@ import sys
 
 from export.evaluate import DEFAULT_STREAMS
 from export.verify import GREEDY_LENGTH
-from server.engine.model.model_contract import DEFAULT_VARIANT, MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
+from server.engine.model.model_contract import (
+    DEFAULT_VARIANT,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    VARIANT_FILES,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

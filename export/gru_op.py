@@ -20,7 +20,12 @@ import numpy as np
 import onnx
 
 from export.onnx_cell import GraphBuilder
-from server.engine.model.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.model.model_contract import (
+    INPUT_HIDDEN,
+    INPUT_TOKENS,
+    OUTPUT_HIDDEN,
+    OUTPUT_LOGITS,
+)
 
 
 def build_gru_op_graph(

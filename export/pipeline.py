@@ -16,7 +16,13 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from export.evaluate import DEFAULT_STREAMS, EvalTextError, cell_loss, load_streams, validation_fraction
+from export.evaluate import (
+    DEFAULT_STREAMS,
+    EvalTextError,
+    cell_loss,
+    load_streams,
+    validation_fraction,
+)
 from export.reference import TorchReference
 from export.runtime import CellRunner, make_session
 from export.variants import VARIANTS, Tolerance, parse_variants

@@ -14,7 +14,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from server.engine.model.model_contract import CPU, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.model.model_contract import (
+    CPU,
+    INPUT_HIDDEN,
+    INPUT_TOKENS,
+    OUTPUT_HIDDEN,
+    OUTPUT_LOGITS,
+)
 from server.engine.model.providers import provider_entry
 
 

@@ -28,8 +28,15 @@ import onnx
 from export.reference import TorchReference
 from export.runtime import CellRunner, make_session
 from export.variants import Tolerance
-from server.engine.model.model_contract import (INPUT_HIDDEN, INPUT_TOKENS, META_CONFIG, META_VOCAB, MODEL_CONFIG_KEYS,
-                                          OUTPUT_HIDDEN, OUTPUT_LOGITS)
+from server.engine.model.model_contract import (
+    INPUT_HIDDEN,
+    INPUT_TOKENS,
+    META_CONFIG,
+    META_VOCAB,
+    MODEL_CONFIG_KEYS,
+    OUTPUT_HIDDEN,
+    OUTPUT_LOGITS,
+)
 
 BATCH_SIZES = (1, 3, 64)
 GREEDY_LENGTH = 500

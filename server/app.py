@@ -4,7 +4,6 @@ reflection and the metrics endpoint. Used by main.py and by BackgroundServer."""
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
@@ -20,14 +19,15 @@ from server.api.errors import ErrorInterceptor
 from server.api.service import GeneratorService
 from server.api.validation import Limits
 from server.config import ServerConfig
+from server.engine.prefix_cache import PrefixCache
+from server.engine.runner.model_runner import ModelRunner, RunnerInfo, load_runner
 from server.engine.runtime.interface import GenerationEngine
 from server.engine.runtime.loop import Engine
-from server.engine.runner.model_runner import ModelRunner, RunnerInfo, load_runner
 from server.engine.runtime.process import EngineProcess
+from server.http.security import is_loopback_name
 from server.metrics import MetricsEndpoint, ServerMetrics
 from server.sessions.backend import LocalSessions, SessionBackend
 from server.sessions.memory import SessionStore
-from server.engine.prefix_cache import PrefixCache
 from server.sessions.record import ModelFingerprint, file_sha256
 from server.structured_log import log_event
 
@@ -41,12 +41,8 @@ logger = logging.getLogger("charstream.server")
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: assume it reaches beyond this machine
-        return False
+    """Whether --host is this machine only (a host name other than localhost: assume it reaches beyond)."""
+    return is_loopback_name(host)
 
 
 def host_port(host: str, port: int) -> str:
@@ -122,7 +118,9 @@ def build_sessions(config: ServerConfig, engine: GenerationEngine, local: Sessio
     """The session backend --session-store asks for."""
     if config.session_store == "memory":
         return LocalSessions(local)
-    from server.sessions.redis_records import RedisRecords  # the redis package is needed only here
+    from server.sessions.redis_records import (
+        RedisRecords,  # the redis package is needed only here
+    )
     from server.sessions.redis_store import RedisSessions
 
     records = RedisRecords(config.session_store, config.session_ttl, config.lease_seconds)
@@ -253,7 +251,9 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     http = None
     if config.http_port is not None:
-        from server.http.front import start_http  # aiohttp is imported only where it serves
+        from server.http.front import (
+            start_http,  # aiohttp is imported only where it serves
+        )
 
         try:
             http = await start_http(config, service, health, metrics, api_keys, is_loopback(config.host), watcher)

@@ -10,11 +10,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
-from server.engine.runtime.loop import DEFAULT_LOOKAHEAD
 from server.engine.model.model_contract import MANIFEST_FILE, MODEL_FILE, VARIANT_FILES
 from server.engine.model.model_dir import AUTO, AUTO_PREFERENCE
 from server.engine.model.providers import DEVICES, ThreadSettings
+from server.engine.runtime.loop import DEFAULT_LOOKAHEAD
+from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.structured_log import LOG_FORMATS
 
 if TYPE_CHECKING:

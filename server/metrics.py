@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING, Callable
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 if TYPE_CHECKING:
     from server.engine.prefix_cache import PrefixCache

@@ -14,7 +14,12 @@ import pytest
 
 from protos.charstream.v1 import generator_pb2 as pb
 from server.background import BackgroundServer
-from server.clients.aio_client import AsyncCharstreamClient, AsyncTextStream, targets_to_uri, tls_credentials
+from server.clients.aio_client import (
+    AsyncCharstreamClient,
+    AsyncTextStream,
+    targets_to_uri,
+    tls_credentials,
+)
 from server.clients.client import CharstreamClient
 from server.config import ServerConfig
 from server.engine.sampling import SamplingSettings

@@ -19,13 +19,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH, agreed_lengths, keepable, plan_together
 from server.engine.generation import LENGTH, STOP, GenerationRequest, RequestStatus
-from server.engine.runtime.loop import Engine
-from server.engine.runner.model_runner import ModelRunner, load_runner
-from server.engine.sampling import SamplingSettings
-from server.engine.scheduling.slot_state import Request, SlotState
 from server.engine.graphs.stretch_graph import INPUT_UNIFORMS
+from server.engine.runner.model_runner import ModelRunner, load_runner
+from server.engine.runtime.loop import Engine
+from server.engine.sampling import SamplingSettings
+from server.engine.scheduling.batch_stretch import (
+    DEFAULT_BATCH_STRETCH,
+    agreed_lengths,
+    keepable,
+    plan_together,
+)
+from server.engine.scheduling.slot_state import Request, SlotState
 from tests.devices import SERVING_DEVICES
 from tests.plain_loop import onnx_loop
 from tests.test_server_engine import collect, request

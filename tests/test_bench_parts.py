@@ -13,8 +13,23 @@ import pytest
 
 from server.bench import bench
 from server.bench import turns as bench_turns
-from server.bench.raw import CPU, WARMUP_STEPS, load_cell, raw_ingest_seconds, raw_loop, session_options
-from server.bench.results import LongPromptResult, NoteRow, RawResult, Report, StreamsResult, print_report, write_json
+from server.bench.raw import (
+    CPU,
+    WARMUP_STEPS,
+    load_cell,
+    raw_ingest_seconds,
+    raw_loop,
+    session_options,
+)
+from server.bench.results import (
+    LongPromptResult,
+    NoteRow,
+    RawResult,
+    Report,
+    StreamsResult,
+    print_report,
+    write_json,
+)
 
 
 def test_only_the_flags_given_are_passed_to_the_server() -> None:

@@ -14,7 +14,13 @@ import pytest
 from server.bench import bench
 from server.bench import process as bench_process
 from server.bench import sessions as bench_sessions
-from server.bench.results import IdleSessionsResult, PrefixCacheResult, Report, SessionStoreResult, print_report
+from server.bench.results import (
+    IdleSessionsResult,
+    PrefixCacheResult,
+    Report,
+    SessionStoreResult,
+    print_report,
+)
 from tests.test_bench import _record_starts
 
 NO_REDIS = "redis-server is not on PATH; install the Debian package redis-server to run this test"

@@ -10,7 +10,14 @@ import pytest
 
 from server import config_docs
 from server.config import build_parser, env_name
-from server.config_docs import COMMAND, TABLES, Table, flags_table, stale_pages, with_table
+from server.config_docs import (
+    COMMAND,
+    TABLES,
+    Table,
+    flags_table,
+    stale_pages,
+    with_table,
+)
 
 
 def test_the_docs_match_the_parsers() -> None:

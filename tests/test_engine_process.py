@@ -21,8 +21,8 @@ from server.background import BackgroundServer
 from server.config import ServerConfig
 from server.engine.generation import StreamEvent
 from server.engine.runtime.process import EngineProcess
-from server.engine.sampling import SamplingSettings
 from server.engine.runtime.stream import GenerationStream
+from server.engine.sampling import SamplingSettings
 from tests.plain_loop import onnx_loop
 
 PROMPT = "To be, or not"

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import TINY_TEXT  # noqa: E402
+
 from export.evaluate import EvalTextError, load_streams, validation_fraction  # noqa: E402
 from export.pipeline import export_checkpoint  # noqa: E402
 from export.reference import TorchReference  # noqa: E402

@@ -19,6 +19,7 @@ import pytest
 pytest.importorskip("torch")
 
 from conftest import TINY_TEXT
+
 from export import pipeline
 from export.cli import main
 from export.onnx_cell import build_cell

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
@@ -25,8 +26,18 @@ from server.background import BackgroundServer
 from server.clients.client import tls_credentials
 from server.config import ServerConfig
 from server.engine.sampling import SamplingSettings
-from tests.fuzz_inputs import (GARBAGE_IDS, HEX_IDS, INDEX, PROMPTS, SAMPLING, SEEDS, TURN, VOCAB_TEXT, VOCABULARY,
-                               damaged)
+from tests.fuzz_inputs import (
+    GARBAGE_IDS,
+    HEX_IDS,
+    INDEX,
+    PROMPTS,
+    SAMPLING,
+    SEEDS,
+    TURN,
+    VOCAB_TEXT,
+    VOCABULARY,
+    damaged,
+)
 from tests.plain_loop import onnx_loop
 from tests.tls_certs import make_pki
 

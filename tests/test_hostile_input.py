@@ -11,7 +11,9 @@ from typing import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc

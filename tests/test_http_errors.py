@@ -16,10 +16,10 @@ import grpc
 import pytest
 
 from protos.charstream.v1 import generator_pb2 as pb
+from server.api.errors import ServiceError
 from server.background import BackgroundServer
 from server.clients.client import CharstreamClient
 from server.config import ServerConfig
-from server.api.errors import ServiceError
 from server.http.errors import HTTP_STATUS
 from tests.http_client import Http, abort_connection, read_events
 

@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-from server.engine.scheduling import prefill as prefill_policy
-from server.engine.runtime.loop import Engine
-from server.engine.runner.model_runner import load_runner
 from server.engine.graphs.prefill_graph import PREFIX, build_prefill
-from server.engine.sampling import SamplingSettings
 from server.engine.model.model_dir import ModelDirError
+from server.engine.runner.model_runner import load_runner
+from server.engine.runtime.loop import Engine
+from server.engine.sampling import SamplingSettings
+from server.engine.scheduling import prefill as prefill_policy
 from tests.conftest import TINY_TEXT
 from tests.devices import SERVING_DEVICES
 from tests.plain_loop import onnx_loop

@@ -8,7 +8,12 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from server.engine.prefix_cache import ENTRY_OVERHEAD_BYTES, CachedPrefix, PrefixCache, entry_nbytes
+from server.engine.prefix_cache import (
+    ENTRY_OVERHEAD_BYTES,
+    CachedPrefix,
+    PrefixCache,
+    entry_nbytes,
+)
 
 HIDDEN_SHAPE = (1, 8)
 VOCAB = 5

@@ -20,7 +20,12 @@ from server.config import ServerConfig
 from server.engine.generation import GenerationRequest, StreamEvent
 from server.engine.runtime.process import GONE, EngineProcess
 from server.engine.runtime.process_child import FLUSH_INTERVAL, ChildLoop, Observations
-from server.engine.runtime.process_pipe import ChildPipe, FrameReader, ServerPipe, encode
+from server.engine.runtime.process_pipe import (
+    ChildPipe,
+    FrameReader,
+    ServerPipe,
+    encode,
+)
 from server.engine.sampling import SamplingSettings
 
 WAIT = 30.0  # seconds before a test calls a wait a hang

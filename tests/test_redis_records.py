@@ -10,8 +10,8 @@ from typing import AsyncIterator
 import pytest
 
 from server.sessions.redis_records import (
-    LeaseLost,
     Leased,
+    LeaseLost,
     RecordBusy,
     RecordNotFound,
     RecordStoreError,

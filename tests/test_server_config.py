@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from server.config import ServerConfig, parse_config
-from server.engine.runtime.loop import DEFAULT_LOOKAHEAD
 from server.engine.model.providers import ThreadSettings
+from server.engine.runtime.loop import DEFAULT_LOOKAHEAD
 
 
 def test_environment_variables_set_defaults_and_flags_win() -> None:

@@ -10,9 +10,15 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from server.engine.generation import LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
-from server.engine.runtime.loop import Engine
+from server.engine.generation import (
+    LENGTH,
+    SHUTDOWN,
+    STOP,
+    GenerationRequest,
+    StreamEvent,
+)
 from server.engine.runner.model_runner import StepOutput, load_runner
+from server.engine.runtime.loop import Engine
 from server.engine.sampling import SamplingSettings
 from tests.devices import SERVING_DEVICES
 from tests.plain_loop import onnx_loop

@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from server.engine.model.model_dir import ModelDirError, choose_model_file
-from server.engine.runner.model_runner import load_runner
 from server.engine.model.providers import CUDA
+from server.engine.runner.model_runner import load_runner
 from tests.plain_loop import plain_step
 
 

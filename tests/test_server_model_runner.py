@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.engine.runner.model_runner import build_device_runner, load_runner
 from server.engine.model.providers import CUDA, DeviceError, cuda_device_count
+from server.engine.runner.model_runner import build_device_runner, load_runner
 from tests.plain_loop import plain_step
 
 HAS_CUDA = CUDA in ort.get_available_providers() and cuda_device_count()[0] > 0
@@ -181,7 +181,11 @@ def test_a_failing_device_state_pool_falls_back_to_host_states(
 
 
 def test_session_options_carry_the_thread_settings() -> None:
-    from server.engine.model.providers import ALLOW_SPINNING_KEY, ThreadSettings, session_options
+    from server.engine.model.providers import (
+        ALLOW_SPINNING_KEY,
+        ThreadSettings,
+        session_options,
+    )
 
     options = session_options(ThreadSettings(intra_op_threads=3, allow_spinning=True))
     assert options.intra_op_num_threads == 3
@@ -194,7 +198,11 @@ def test_session_options_carry_the_thread_settings() -> None:
 
 @pytest.mark.parametrize("allow_spinning", [True, False])
 def test_sessions_are_created_with_the_thread_settings(tiny_model_dir: Path, allow_spinning: bool) -> None:
-    from server.engine.model.providers import ALLOW_SPINNING_KEY, ThreadSettings, create_session
+    from server.engine.model.providers import (
+        ALLOW_SPINNING_KEY,
+        ThreadSettings,
+        create_session,
+    )
 
     threads = ThreadSettings(intra_op_threads=2, allow_spinning=allow_spinning)
     session = create_session(tiny_model_dir / "model.onnx", "cpu", threads)

@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from server.engine.generation import RECENT_CHARS
 from server.engine.sampling import SamplingSettings
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.sessions.record import (
     MAGIC,
     ModelFingerprint,
@@ -26,8 +29,14 @@ from server.sessions.record import (
     file_sha256,
     fingerprint_of,
 )
-from server.engine.scheduling.slot_state import SlotSnapshot
-from tests.session_records import VOCAB, assert_same, make_model, make_record, same_bits, split
+from tests.session_records import (
+    VOCAB,
+    assert_same,
+    make_model,
+    make_record,
+    same_bits,
+    split,
+)
 
 
 @pytest.mark.parametrize("with_logits", [True, False])

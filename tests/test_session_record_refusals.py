@@ -13,6 +13,7 @@ import pytest
 
 from server.engine.generation import RECENT_CHARS
 from server.engine.sampling import SamplingSettings
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.sessions.record import (
     FORMAT_VERSION,
     MAGIC,
@@ -22,8 +23,15 @@ from server.sessions.record import (
     decode_record,
     encode_record,
 )
-from server.engine.scheduling.slot_state import SlotSnapshot
-from tests.session_records import PREFIX, assert_same, forge, invalid_message, make_model, make_record, split
+from tests.session_records import (
+    PREFIX,
+    assert_same,
+    forge,
+    invalid_message,
+    make_model,
+    make_record,
+    split,
+)
 
 
 def test_a_forged_copy_of_a_valid_record_decodes() -> None:

@@ -192,7 +192,13 @@ def test_a_batch_stretch_block_expands_to_one_text_per_request() -> None:
     (batch_stretch.step_together): the engine on a thread turns it into one text event per request,
     the server's side into one text per request as well, each in the order drawn; the engine
     process sends such a block at once (it is a whole call's characters, not one to hold)."""
-    from server.engine.generation import BLOCK, CharBlock, StreamEvent, expand_events, merge_blocks
+    from server.engine.generation import (
+        BLOCK,
+        CharBlock,
+        StreamEvent,
+        expand_events,
+        merge_blocks,
+    )
 
     chars = list("abcdef")
     text_events = [StreamEvent(text=c) for c in chars]

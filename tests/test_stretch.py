@@ -18,13 +18,26 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.engine.generation import LENGTH, STOP, GenerationRequest, RequestStatus, StopMatcher
-from server.engine.runtime.loop import Engine
+from server.engine.generation import (
+    LENGTH,
+    STOP,
+    GenerationRequest,
+    RequestStatus,
+    StopMatcher,
+)
+from server.engine.graphs.stretch_graph import INPUT_FORCED, INPUT_UNIFORMS
 from server.engine.runner.model_runner import ModelRunner, load_runner
+from server.engine.runtime.loop import Engine
 from server.engine.sampling import SamplingSettings, sample_uncut, stream_key
 from server.engine.scheduling.slot_state import Request, SlotSnapshot, SlotState
-from server.engine.graphs.stretch_graph import INPUT_FORCED, INPUT_UNIFORMS
-from server.engine.scheduling.stretch import LoopOutput, agreed_length, keep_stretch, run_loop, stretch_length, stretch_uniforms
+from server.engine.scheduling.stretch import (
+    LoopOutput,
+    agreed_length,
+    keep_stretch,
+    run_loop,
+    stretch_length,
+    stretch_uniforms,
+)
 from tests.devices import SERVING_DEVICES
 from tests.plain_loop import onnx_loop, plain_step
 from tests.test_server_engine import collect, request
@@ -385,7 +398,12 @@ def test_the_graph_builds_for_newer_opsets(tiny_model_dir: Path) -> None:
     import onnx
     from onnx import version_converter
 
-    from server.engine.graphs.stretch_graph import INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE, build_stretch
+    from server.engine.graphs.stretch_graph import (
+        INPUT_STRETCH_LOGITS,
+        INPUT_STRETCH_START,
+        INPUT_TEMPERATURE,
+        build_stretch,
+    )
 
     cell = onnx.load(str(tiny_model_dir / "model.onnx"))
     spec = load_runner(tiny_model_dir, device="cpu", num_slots=1).info.spec

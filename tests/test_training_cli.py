@@ -13,7 +13,8 @@ import torch
 from training import corpus as corpus_mod
 from training.checkpoint import load_model
 from training.cli import main
-from training.sample import generate, main as sample_main
+from training.sample import generate
+from training.sample import main as sample_main
 
 TEXT = "It is a truth universally acknowledged, that a single man\n" * 20
 TINY = ["--embedding-dim", "8", "--hidden-size", "16", "--seq-len", "20", "--batch-size", "4", "--threads", "1", "--no-progress"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TEXT
 from safetensors.torch import load_file
 
 from training.checkpoint import load_model, save_model
@@ -17,8 +18,6 @@ from training.metrics_log import read_metrics
 from training.model import CharGRU, ModelConfig
 from training.train import Limits, Settings, evaluate, train
 from training.vocab import Vocab
-
-from conftest import TINY_TEXT
 
 TOY = "the cat sat on the mat.\n" * 120  # learnable: each character follows from the last few
 TINY = dict(embedding_dim=16, hidden_size=32, seq_len=16, batch_size=8, lr=1e-2, warmup_steps=5)

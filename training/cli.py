@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings_and_limits(args: argparse.Namespace) -> tuple[Settings, Limits]:
     """The run's settings and limits: from the flags, or from the resumed run plus the flags that may change."""
     from training.corpus import SHAKESPEARE
-    from training.runstate import load_run_settings
     from training.run_setup import TrainError
+    from training.runstate import load_run_settings
 
     given = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None}
     stops = {k: getattr(args, k) for k in ("epochs", "max_steps", "max_minutes") if getattr(args, k) is not None}

@@ -37,7 +37,13 @@ from training.loss_plot import PLOT_FILE, plot_losses
 from training.metrics_log import read_metrics, write_metrics
 from training.model import CharGRU, ModelConfig
 from training.settings import Limits, Settings
-from training.trainer_dir import TRAINER_DIR, SavedTrainer, load_trainer, restore_optimizer, save_trainer
+from training.trainer_dir import (
+    TRAINER_DIR,
+    SavedTrainer,
+    load_trainer,
+    restore_optimizer,
+    save_trainer,
+)
 from training.vocab import Vocab
 
 LN2 = math.log(2.0)

@@ -25,8 +25,24 @@ from protos.charstream.v1 import generator_pb2 as pb
 from server.api.auth import caller
 from server.api.errors import ServiceError
 from server.api.session_rpcs import SessionRPCs, store_errors
-from server.api.validation import Limits, check_max_chars, check_session_id, check_stops, check_text, resolve_settings, seed_of
-from server.engine.generation import CANCELLED, ERROR, LENGTH, SHUTDOWN, STOP, GenerationRequest, StreamEvent
+from server.api.validation import (
+    Limits,
+    check_max_chars,
+    check_session_id,
+    check_stops,
+    check_text,
+    resolve_settings,
+    seed_of,
+)
+from server.engine.generation import (
+    CANCELLED,
+    ERROR,
+    LENGTH,
+    SHUTDOWN,
+    STOP,
+    GenerationRequest,
+    StreamEvent,
+)
 from server.engine.runtime.interface import GenerationEngine
 from server.engine.sampling import DEFAULT_SETTINGS
 from server.metrics import ServerMetrics

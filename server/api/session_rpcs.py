@@ -19,11 +19,28 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
+from server.api.auth import caller
 from server.api.errors import ServiceError
+from server.api.validation import (
+    Limits,
+    check_session_id,
+    check_text,
+    resolve_settings,
+    seed_of,
+)
 from server.engine.runtime.interface import GenerationEngine
 from server.engine.sampling import DEFAULT_SETTINGS
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.metrics import ServerMetrics
 from server.sessions.backend import SessionBackend
+from server.sessions.memory import (
+    Session,
+    SessionBusy,
+    SessionNotFound,
+    SessionTakenOver,
+    StoreFull,
+    StoreUnavailable,
+)
 from server.sessions.record import (
     MAX_RECORD_BYTES,
     ModelFingerprint,
@@ -33,17 +50,6 @@ from server.sessions.record import (
     decode_record,
     encode_record,
 )
-from server.sessions.memory import (
-    Session,
-    SessionBusy,
-    SessionNotFound,
-    SessionTakenOver,
-    StoreFull,
-    StoreUnavailable,
-)
-from server.api.auth import caller
-from server.api.validation import Limits, check_session_id, check_text, resolve_settings, seed_of
-from server.engine.scheduling.slot_state import SlotSnapshot
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")

@@ -9,8 +9,8 @@ from typing import Any
 import grpc
 
 from server.api.errors import ServiceError
-from server.engine.sampling import SamplingSettings
 from server.engine.model.vocabulary import Vocabulary
+from server.engine.sampling import SamplingSettings
 from server.sessions.memory import SESSION_ID_PATTERN
 from server.sessions.record_checks import FLOAT32_TINY
 

@@ -43,12 +43,33 @@ import onnxruntime as ort
 
 from protos.charstream.v1 import generator_pb2 as pb
 from server.bench import ceiling, clients, http_rows, sessions, spread
-from server.bench.args import batches, build_parser, expected_rows, paired_batch, server_flags
+from server.bench.args import (
+    batches,
+    build_parser,
+    expected_rows,
+    paired_batch,
+    server_flags,
+)
 from server.bench.context import Measure
-from server.bench.process import ServerProcess, describe_server, machine_info, running_server
+from server.bench.process import (
+    ServerProcess,
+    describe_server,
+    machine_info,
+    running_server,
+)
 from server.bench.raw import load_cell, raw_ingest_seconds, raw_loop, torch_loop
-from server.bench.results import (LongPromptResult, NoteRow, Ratio, Report, Row, StreamsResult, find,
-                                  print_report, ratio_of, write_json)
+from server.bench.results import (
+    LongPromptResult,
+    NoteRow,
+    Ratio,
+    Report,
+    Row,
+    StreamsResult,
+    find,
+    print_report,
+    ratio_of,
+    write_json,
+)
 from server.bench.turns import rows_in_turns
 from server.engine.model.model_contract import CUDA
 

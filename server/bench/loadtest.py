@@ -28,8 +28,20 @@ import grpc
 
 from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
-from server.bench.loadtest_workers import UNARY_TIMEOUT, LoadStats, WorkerContext, bearer, stream, worker
-from server.bench.process import ServerStartError, metrics_text, running_server, vm_rss_bytes
+from server.bench.loadtest_workers import (
+    UNARY_TIMEOUT,
+    LoadStats,
+    WorkerContext,
+    bearer,
+    stream,
+    worker,
+)
+from server.bench.process import (
+    ServerStartError,
+    metrics_text,
+    running_server,
+    vm_rss_bytes,
+)
 
 STREAMS_PER_CHANNEL = 32
 # Separate channels share one connection unless each has its own subchannel pool.

@@ -15,7 +15,14 @@ import numpy as np
 import onnxruntime as ort
 
 from server.bench.results import RawResult, TorchResult
-from server.engine.model.model_contract import CPU, CUDA, INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.model.model_contract import (
+    CPU,
+    CUDA,
+    INPUT_HIDDEN,
+    INPUT_TOKENS,
+    OUTPUT_HIDDEN,
+    OUTPUT_LOGITS,
+)
 from server.engine.model.providers import provider_entry
 
 WARMUP_STEPS = 5

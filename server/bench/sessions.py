@@ -28,8 +28,18 @@ from protos.charstream.v1 import generator_pb2 as pb
 from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.bench import clients
 from server.bench.context import BenchContext
-from server.bench.process import REDIS_SERVER, ServerProcess, metrics_text, private_redis, vm_rss_bytes
-from server.bench.results import IdleSessionsResult, PrefixCacheResult, SessionStoreResult
+from server.bench.process import (
+    REDIS_SERVER,
+    ServerProcess,
+    metrics_text,
+    private_redis,
+    vm_rss_bytes,
+)
+from server.bench.results import (
+    IdleSessionsResult,
+    PrefixCacheResult,
+    SessionStoreResult,
+)
 
 LONG_PROMPT_REPEATS = 3  # row 7 sends prompts 0-2 of distinct_prompts
 PREFIX_REPEATS = 3  # row 9 sends prompts 3-5, so nothing row 7 left in the cache serves them

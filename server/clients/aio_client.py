@@ -43,7 +43,11 @@ from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.clients import calls
 from server.clients.calls import SessionRef, StreamOutcome, TurnOutcome
 from server.clients.client import targets_to_uri
-from server.clients.credentials import AUTHORIZATION, authorization_value, tls_credentials
+from server.clients.credentials import (
+    AUTHORIZATION,
+    authorization_value,
+    tls_credentials,
+)
 
 __all__ = ["AsyncCharstreamClient", "AsyncConversation", "AsyncSessionHandle", "AsyncTextStream", "targets_to_uri",
            "tls_credentials"]

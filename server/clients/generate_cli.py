@@ -28,7 +28,12 @@ from typing import Sequence
 
 import grpc
 
-from server.clients.client import CharstreamClient, has_uri_scheme, targets_to_uri, tls_credentials
+from server.clients.client import (
+    CharstreamClient,
+    has_uri_scheme,
+    targets_to_uri,
+    tls_credentials,
+)
 
 DEFAULT_TARGET = "localhost:50051"
 API_KEY_ENV = "CHARSTREAM_API_KEY"

@@ -11,6 +11,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from server.http.routes import ID, JSON, RECORD, ROUTES, Route
 from server.http.sse import EVENT_STREAM
+from server.sessions.memory import SESSION_ID_PATTERN
 
 F = FieldDescriptor
 INTEGER_FORMATS = {F.TYPE_INT32: "int32", F.TYPE_SINT32: "int32", F.TYPE_SFIXED32: "int32",
@@ -71,7 +72,7 @@ def operation(route: Route, schemas: dict[str, Any], keys: bool) -> dict[str, An
                                                     "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}}}
     if ID in route.path:
         op["parameters"] = [{"name": "session_id", "in": "path", "required": True,
-                             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}]
+                             "schema": {"type": "string", "pattern": f"^{SESSION_ID_PATTERN.pattern}$"}}]
     if route.body == JSON and route.request is not None:
         ref = message_schema(route.request.DESCRIPTOR, schemas, skip=("session_id",) if ID in route.path else ())
         body = {"$ref": f"#/components/schemas/{ref}"}

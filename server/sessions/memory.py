@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from server.engine.generation import RECENT_CHARS
+from server.engine.runner.state_pool import SlotAllocator
 from server.engine.sampling import SamplingSettings
 from server.engine.scheduling.slot_state import SlotSnapshot
-from server.engine.runner.state_pool import SlotAllocator
 
 SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 

@@ -33,13 +33,31 @@ import numpy as np
 
 from server.engine.generation import RECENT_CHARS
 from server.engine.runtime.interface import GenerationEngine
-from server.sessions.redis_records import (Leased, LeaseLost, RecordBusy, RecordNotFound, RecordStoreError,
-                                           RedisRecords)
 from server.engine.sampling import SamplingSettings, stream_key
 from server.engine.scheduling.slot_state import SlotSnapshot
-from server.sessions.memory import Session, SessionBusy, SessionNotFound, SessionStore, SessionTakenOver, StoreUnavailable
-from server.sessions.record import ModelFingerprint, SessionRecord, decode_record, encode_record
-from server.sessions.redis_records import RedisUnavailable
+from server.sessions.memory import (
+    Session,
+    SessionBusy,
+    SessionNotFound,
+    SessionStore,
+    SessionTakenOver,
+    StoreUnavailable,
+)
+from server.sessions.record import (
+    ModelFingerprint,
+    SessionRecord,
+    decode_record,
+    encode_record,
+)
+from server.sessions.redis_records import (
+    Leased,
+    LeaseLost,
+    RecordBusy,
+    RecordNotFound,
+    RecordStoreError,
+    RedisRecords,
+    RedisUnavailable,
+)
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from server.engine.model.model_contract import INPUT_HIDDEN, INPUT_NAMES, OUTPUT_HIDDEN, OUTPUT_LOGITS
+from server.engine.model.model_contract import (
+    INPUT_HIDDEN,
+    INPUT_NAMES,
+    OUTPUT_HIDDEN,
+    OUTPUT_LOGITS,
+)
 from server.engine.model.model_dir import ModelDirError
 
 INPUT_SLOTS = "slots"

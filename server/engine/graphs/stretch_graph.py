@@ -47,8 +47,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from server.engine.graphs.loop_graph import copied_nodes, finished_model, loop_body
-from server.engine.model.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_HIDDEN, OUTPUT_LOGITS
 from server.engine.graphs.pooled_graph import check_wrappable
+from server.engine.model.model_contract import (
+    INPUT_HIDDEN,
+    INPUT_TOKENS,
+    OUTPUT_HIDDEN,
+    OUTPUT_LOGITS,
+)
 
 if TYPE_CHECKING:
     import onnx

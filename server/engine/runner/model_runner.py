@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from server.engine.model.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_LOGITS
-from server.engine.model.model_dir import AUTO, ModelDirError, ModelFile, ModelSpec, choose_model_file, read_spec
 from server.engine.graphs.pooled_graph import (
     INPUT_KEEP,
     INPUT_POOL,
@@ -38,9 +36,29 @@ from server.engine.graphs.pooled_graph import (
     OUTPUT_START_STATE,
     build_pooled_step,
 )
-from server.engine.graphs.prefill_graph import INPUT_CHUNK, INPUT_CHUNK_START, build_prefill
+from server.engine.graphs.prefill_graph import (
+    INPUT_CHUNK,
+    INPUT_CHUNK_START,
+    build_prefill,
+)
 from server.engine.graphs.stretch_graph import build_stretch
-from server.engine.model.providers import CPU, CUDA, MODEL_LOAD_ERRORS, ThreadSettings, create_session, expected_provider
+from server.engine.model.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_LOGITS
+from server.engine.model.model_dir import (
+    AUTO,
+    ModelDirError,
+    ModelFile,
+    ModelSpec,
+    choose_model_file,
+    read_spec,
+)
+from server.engine.model.providers import (
+    CPU,
+    CUDA,
+    MODEL_LOAD_ERRORS,
+    ThreadSettings,
+    create_session,
+    expected_provider,
+)
 from server.engine.runner.state_pool import DeviceStatePool, HostStatePool
 from server.structured_log import log_event
 

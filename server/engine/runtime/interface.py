@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Protocol
 
 from server.engine.generation import GenerationRequest
-from server.engine.scheduling.slot_state import SlotSnapshot
-from server.engine.runtime.stream import GenerationStream
 from server.engine.model.vocabulary import Vocabulary
+from server.engine.runtime.stream import GenerationStream
+from server.engine.scheduling.slot_state import SlotSnapshot
 
 
 class GenerationEngine(Protocol):

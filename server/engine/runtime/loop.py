@@ -18,15 +18,15 @@ import logging
 import threading
 from typing import Callable
 
-from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.engine.generation import GenerationRequest, StreamEvent
-from server.engine.runner.model_runner import ModelRunner
+from server.engine.model.vocabulary import Vocabulary
 from server.engine.observer import StepObserver
+from server.engine.prefix_cache import PrefixCache
+from server.engine.runner.model_runner import ModelRunner
+from server.engine.runtime.stream import GenerationStream, StreamHub, StreamHubs
+from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.engine.scheduling.scheduler import Scheduler
 from server.engine.scheduling.slot_state import SlotSnapshot
-from server.engine.runtime.stream import GenerationStream, StreamHub, StreamHubs
-from server.engine.model.vocabulary import Vocabulary
-from server.engine.prefix_cache import PrefixCache
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")

@@ -32,13 +32,18 @@ from typing import Any, Callable
 import numpy as np
 
 from server.engine.generation import BLOCK, GenerationRequest, StreamEvent, merge_blocks
-from server.engine.runner.model_runner import RunnerInfo
-from server.engine.runtime.process_child import STARTUP_ERRORS, EngineParams, engine_main, wire_error
-from server.engine.runtime.process_pipe import ServerPipe, run_on_loop
-from server.engine.observer import StepObserver
-from server.engine.scheduling.slot_state import SlotSnapshot
-from server.engine.runtime.stream import GenerationStream, StreamHub, StreamHubs
 from server.engine.model.vocabulary import Vocabulary
+from server.engine.observer import StepObserver
+from server.engine.runner.model_runner import RunnerInfo
+from server.engine.runtime.process_child import (
+    STARTUP_ERRORS,
+    EngineParams,
+    engine_main,
+    wire_error,
+)
+from server.engine.runtime.process_pipe import ServerPipe, run_on_loop
+from server.engine.runtime.stream import GenerationStream, StreamHub, StreamHubs
+from server.engine.scheduling.slot_state import SlotSnapshot
 from server.structured_log import log_event
 
 logger = logging.getLogger("charstream.server")

@@ -33,15 +33,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.engine.generation import BLOCK, StreamEvent
-from server.engine.runtime.loop import command_failed, run_iteration
 from server.engine.model.model_dir import ModelDirError
-from server.engine.runner.model_runner import load_runner
-from server.engine.runtime.process_pipe import ChildPipe
 from server.engine.model.providers import DeviceError, ThreadSettings
-from server.engine.scheduling.scheduler import Scheduler
 from server.engine.prefix_cache import PrefixCache
+from server.engine.runner.model_runner import load_runner
+from server.engine.runtime.loop import command_failed, run_iteration
+from server.engine.runtime.process_pipe import ChildPipe
+from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
+from server.engine.scheduling.scheduler import Scheduler
 from server.structured_log import configure_logging, log_event
 
 logger = logging.getLogger("charstream.server")

@@ -37,13 +37,24 @@ from typing import Sequence
 import numpy as np
 
 from server.engine.generation import BLOCK, CharBlock, RequestStatus, StreamEvent
+from server.engine.graphs.stretch_graph import (
+    INPUT_FORCED,
+    INPUT_STRETCH_LOGITS,
+    INPUT_STRETCH_START,
+    INPUT_TEMPERATURE,
+    INPUT_UNIFORMS,
+)
+from server.engine.observer import StepObserver
 from server.engine.runner.model_runner import ModelRunner
 from server.engine.sampling import uniforms_at
 from server.engine.scheduling.slot_state import Request, SlotState
-from server.engine.scheduling.stretch import LoopOutput, agreed_lengths, keep_stretch, keep_tokens, take_forced
-from server.engine.graphs.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
-                                         INPUT_UNIFORMS)
-from server.engine.observer import StepObserver
+from server.engine.scheduling.stretch import (
+    LoopOutput,
+    agreed_lengths,
+    keep_stretch,
+    keep_tokens,
+    take_forced,
+)
 
 DEFAULT_BATCH_STRETCH = 16  # characters a batch's call samples per row at most (--batch-stretch)
 BATCH_STRETCH_MIN = 2  # fewer than this: an ordinary step costs less

@@ -13,8 +13,8 @@ import logging
 import numpy as np
 
 from server.engine.generation import StreamEvent, expand_events
-from server.engine.runner.model_runner import ModelRunner
 from server.engine.observer import StepObserver
+from server.engine.runner.model_runner import ModelRunner
 from server.engine.scheduling.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.scheduling.prefix_states import PrefixStates
 from server.engine.scheduling.row_updates import run_step, take_step

@@ -12,10 +12,10 @@ import collections
 
 import numpy as np
 
+from server.engine.observer import StepObserver
+from server.engine.prefix_cache import PrefixCache
 from server.engine.runner.model_runner import ModelRunner
 from server.engine.scheduling.slot_state import SlotSnapshot, SlotState
-from server.engine.prefix_cache import PrefixCache
-from server.engine.observer import StepObserver
 
 
 class PrefixStates:

@@ -12,10 +12,21 @@ from typing import Sequence
 
 import numpy as np
 
-from server.engine.generation import FINISHED_BY_REASON, LENGTH, STOP, RequestStatus, StreamEvent
-from server.engine.runner.model_runner import ModelRunner, StepOutput
-from server.engine.scheduling.slot_state import Request, SlotState, own_window, prompt_progress
+from server.engine.generation import (
+    FINISHED_BY_REASON,
+    LENGTH,
+    STOP,
+    RequestStatus,
+    StreamEvent,
+)
 from server.engine.observer import StepObserver
+from server.engine.runner.model_runner import ModelRunner, StepOutput
+from server.engine.scheduling.slot_state import (
+    Request,
+    SlotState,
+    own_window,
+    prompt_progress,
+)
 
 
 def take_drawn(rows: Sequence[Request], states: Sequence[SlotState], tokens: Sequence[int], draws: Sequence[int],

@@ -38,19 +38,25 @@ import logging
 
 import numpy as np
 
-from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
-from server.engine.generation import BLOCK, FINISHED_BY_REASON, SHUTDOWN, RequestStatus, StreamEvent
-from server.engine.runner.model_runner import ModelRunner
+from server.engine.generation import (
+    BLOCK,
+    FINISHED_BY_REASON,
+    SHUTDOWN,
+    RequestStatus,
+    StreamEvent,
+)
 from server.engine.observer import StepObserver
+from server.engine.prefix_cache import PrefixCache
+from server.engine.runner.model_runner import ModelRunner
+from server.engine.sampling import sample_batch
+from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
 from server.engine.scheduling.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.scheduling.prefix_states import PrefixStates
 from server.engine.scheduling.row_updates import run_step, take_drawn, take_step
-from server.engine.sampling import sample_batch
 from server.engine.scheduling.scheduler_commands import SessionCommands
 from server.engine.scheduling.slot_state import Request, SlotState, lose
 from server.engine.scheduling.steady_lane import SteadyLane, may_enter
 from server.engine.scheduling.stretch import step_alone, stretch_length
-from server.engine.prefix_cache import PrefixCache
 
 logger = logging.getLogger("charstream.server")
 

@@ -12,11 +12,27 @@ import collections
 
 import numpy as np
 
-from server.engine.generation import CANCELLED, GenerationRequest, RequestStatus, StopMatcher, StreamEvent, recent_tail
+from server.engine.generation import (
+    CANCELLED,
+    GenerationRequest,
+    RequestStatus,
+    StopMatcher,
+    StreamEvent,
+    recent_tail,
+)
 from server.engine.sampling import stream_key
-from server.engine.scheduling.slot_state import (Request, SlotSnapshot, SlotState, acknowledge, owned, refusal_of, restored, rewind,
-                                      snapshot_of)
 from server.engine.scheduling.lane_glue import LaneGlue
+from server.engine.scheduling.slot_state import (
+    Request,
+    SlotSnapshot,
+    SlotState,
+    acknowledge,
+    owned,
+    refusal_of,
+    restored,
+    rewind,
+    snapshot_of,
+)
 
 
 class SessionCommands(LaneGlue):

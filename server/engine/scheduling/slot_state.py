@@ -17,7 +17,14 @@ from typing import Callable
 
 import numpy as np
 
-from server.engine.generation import SHUTDOWN, GenerationRequest, RequestStatus, StopMatcher, StreamEvent, recent_tail
+from server.engine.generation import (
+    SHUTDOWN,
+    GenerationRequest,
+    RequestStatus,
+    StopMatcher,
+    StreamEvent,
+    recent_tail,
+)
 from server.engine.scheduling.undo_window import UndoWindow
 
 

@@ -37,7 +37,12 @@ import numpy as np
 
 from server.engine.generation import CharBlock, RequestStatus
 from server.engine.sampling import sample_tokens, sample_uncut, uniforms_at
-from server.engine.scheduling.slot_state import Request, SlotState, acknowledge, own_window
+from server.engine.scheduling.slot_state import (
+    Request,
+    SlotState,
+    acknowledge,
+    own_window,
+)
 
 TOKENS = 256  # characters a row holds before every row's are written to its Request (a rare O(n) pass)
 

@@ -46,14 +46,30 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from server.engine.generation import FINISHED_BY_REASON, LENGTH, STOP, RequestStatus, StreamEvent
-from server.engine.runner.model_runner import ModelRunner
-from server.engine.scheduling.prefill import PREFILL_MIN_CHARS
-from server.engine.sampling import sample_uncut, uniforms_at
-from server.engine.scheduling.slot_state import Request, SlotState, own_window, prompt_progress
-from server.engine.graphs.stretch_graph import (INPUT_FORCED, INPUT_STRETCH_LOGITS, INPUT_STRETCH_START, INPUT_TEMPERATURE,
-                                         INPUT_UNIFORMS)
+from server.engine.generation import (
+    FINISHED_BY_REASON,
+    LENGTH,
+    STOP,
+    RequestStatus,
+    StreamEvent,
+)
+from server.engine.graphs.stretch_graph import (
+    INPUT_FORCED,
+    INPUT_STRETCH_LOGITS,
+    INPUT_STRETCH_START,
+    INPUT_TEMPERATURE,
+    INPUT_UNIFORMS,
+)
 from server.engine.observer import StepObserver
+from server.engine.runner.model_runner import ModelRunner
+from server.engine.sampling import sample_uncut, uniforms_at
+from server.engine.scheduling.prefill import PREFILL_MIN_CHARS
+from server.engine.scheduling.slot_state import (
+    Request,
+    SlotState,
+    own_window,
+    prompt_progress,
+)
 
 # Most queued characters a Loop call consumes: longer queues (long prompts) are prefill's, whose graph
 # has no head or sampler to run per character (prefill.py), or else single steps'.
