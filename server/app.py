@@ -21,6 +21,7 @@ from server.api.validation import Limits
 from server.config import ServerConfig
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner.model_runner import ModelRunner, RunnerInfo, load_runner
+from server.engine.runtime.engine_client import EngineClient
 from server.engine.runtime.interface import GenerationEngine
 from server.engine.runtime.loop import Engine
 from server.engine.runtime.process import EngineProcess
@@ -134,11 +135,12 @@ KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
 
-def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+def server_options(config: ServerConfig, shared_port: bool = False) -> list[tuple[str, int]]:
     return [
         # gRPC binds with SO_REUSEPORT by default: a second server on a taken port would
-        # silently share its traffic. Refuse instead.
-        ("grpc.so_reuseport", 0),
+        # silently share its traffic. Refuse instead, unless this is one of several front-ends
+        # sharing the port on purpose (server/frontends/: the supervisor holds it reserved).
+        ("grpc.so_reuseport", 1 if shared_port else 0),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
@@ -189,23 +191,25 @@ def build_engine(config: ServerConfig, runner: ModelRunner | None,
     return engine, runner.info
 
 
-def build_service(config: ServerConfig, engine: GenerationEngine, info: RunnerInfo,
-                  metrics: ServerMetrics) -> tuple[GeneratorService, ApiKeys | None]:
-    """The session backend and servicer over `engine` (nothing started yet)."""
+def build_service(config: ServerConfig, engine: GenerationEngine, info: RunnerInfo, metrics: ServerMetrics,
+                  sessions: SessionBackend | None = None) -> tuple[GeneratorService, ApiKeys | None]:
+    """The session backend (unless given: a front-end's are the engine's) and servicer over
+    `engine` (nothing started yet)."""
     api_keys = load_api_keys(config.api_keys) if config.api_keys else None
     if api_keys is None and not is_loopback(config.host):
         log_event(logger, "no_api_keys", logging.WARNING, host=config.host,
                   message="listening beyond loopback without --api-keys: anyone who can connect may use any session")
-    store = SessionStore(
-        engine,
-        config.max_sessions,
-        config.session_ttl,
-        on_removed=lambda reason: metrics.sessions_removed.labels(reason=reason).inc(),
-        per_owner_limit=config.sessions_per_key if api_keys else None,
-    )
-    metrics.track_sessions(lambda: len(store))
     fingerprint = model_fingerprint(info)
-    sessions = build_sessions(config, engine, store, fingerprint)
+    if sessions is None:
+        store = SessionStore(
+            engine,
+            config.max_sessions,
+            config.session_ttl,
+            on_removed=lambda reason: metrics.sessions_removed.labels(reason=reason).inc(),
+            per_owner_limit=config.sessions_per_key if api_keys else None,
+        )
+        metrics.track_sessions(lambda: len(store))
+        sessions = build_sessions(config, engine, store, fingerprint)
     limits = Limits(max_chars=config.max_chars, max_prompt_chars=config.max_prompt_chars)
     service = GeneratorService(engine, sessions, limits, metrics, model_info_message(info, config), fingerprint,
                                streams_per_key=config.streams_per_key if api_keys else None,
@@ -214,12 +218,12 @@ def build_service(config: ServerConfig, engine: GenerationEngine, info: RunnerIn
 
 
 def build_grpc_server(config: ServerConfig, service: GeneratorService, metrics: ServerMetrics,
-                      api_keys: ApiKeys | None,
-                      watcher: CertificateWatcher | None = None) -> tuple[grpc.aio.Server, HealthServicer, int]:
+                      api_keys: ApiKeys | None, watcher: CertificateWatcher | None = None,
+                      shared_port: bool = False) -> tuple[grpc.aio.Server, HealthServicer, int]:
     """The gRPC server with the Generator, health and reflection services, bound: (server, health, port)."""
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/", metrics, api_keys.authenticate if api_keys else None)],
-        options=server_options(config),
+        options=server_options(config, shared_port),
     )
     pb_grpc.add_GeneratorServicer_to_server(service, server)
     health = HealthServicer()
@@ -234,17 +238,27 @@ def build_grpc_server(config: ServerConfig, service: GeneratorService, metrics: 
     return server, health, port
 
 
-async def start_server(config: ServerConfig, runner: ModelRunner | None = None) -> RunningServer:
-    """Load the model (unless `runner` is given), bind, and start serving."""
+async def start_server(config: ServerConfig, runner: ModelRunner | None = None,
+                       engine_path: str | None = None) -> RunningServer:
+    """Load the model (unless `runner` is given), bind, and start serving. `engine_path`: serve as
+    a front-end of the engine process listening there (server/frontends/), on a shared port."""
     metrics = ServerMetrics()
-    engine, info = build_engine(config, runner, metrics)
+    sessions = None
+    if engine_path is not None:
+        from server.frontends.frontend import connect_engine
+
+        engine, sessions = connect_engine(config, engine_path, metrics)
+        info = engine.info
+    else:
+        engine, info = build_engine(config, runner, metrics)
     try:
-        service, api_keys = build_service(config, engine, info, metrics)
+        service, api_keys = build_service(config, engine, info, metrics, sessions)
         watcher = tls_watcher(config)
-        server, health, port = build_grpc_server(config, service, metrics, api_keys, watcher)
+        server, health, port = build_grpc_server(config, service, metrics, api_keys, watcher,
+                                                 shared_port=engine_path is not None)
     except BaseException:
-        if isinstance(engine, EngineProcess):
-            engine.stop()  # the child is running already; the thread engine has not started
+        if isinstance(engine, EngineClient):
+            engine.stop()  # the child is running already (or this front-end's link open); a thread has not started
         raise
     engine.start()
     await server.start()
@@ -256,7 +270,8 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
         )
 
         try:
-            http = await start_http(config, service, health, metrics, api_keys, is_loopback(config.host), watcher)
+            http = await start_http(config, service, health, metrics, api_keys, is_loopback(config.host), watcher,
+                                    shared_port=engine_path is not None)
         except BaseException:  # the port is taken, say: nothing of this server may stay behind
             await server.stop(0)
             await service.store.close()
@@ -273,7 +288,7 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
 
     # Expiry sweeps, and for a shared store its leases and health.
     sweeper = asyncio.create_task(service.store.run_background(set_serving))
-    if isinstance(engine, EngineProcess):
+    if isinstance(engine, EngineClient):
         # Without its engine the server can only refuse: health checks say so, so that a load
         # balancer or an orchestrator moves traffic away and restarts it.
         loop = asyncio.get_running_loop()
@@ -285,7 +300,7 @@ async def start_server(config: ServerConfig, runner: ModelRunner | None = None) 
         "listening",
         address=running.address,
         provider=info.provider,
-        engine="process" if isinstance(engine, EngineProcess) else "thread",
+        engine="front-end" if engine_path else "process" if isinstance(engine, EngineProcess) else "thread",
         metrics=host_port(config.metrics_host or config.host, endpoint.port) if endpoint else "off",
         http=http.url if http else "off",
     )

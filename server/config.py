@@ -18,7 +18,7 @@ from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
 from server.structured_log import LOG_FORMATS
 
 if TYPE_CHECKING:
-    from server.engine.runtime.process_child import EngineParams
+    from server.engine.runtime.process_messages import EngineParams
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class ServerConfig:
     stretch: bool = True
     batch_stretch: int = DEFAULT_BATCH_STRETCH
     engine_process: bool = True
+    frontends: int = 1
     coalesce_streams: int = 4
     prefix_cache_bytes: int = 64 * 1024 * 1024
     session_store: str = "memory"
@@ -72,7 +73,7 @@ class ServerConfig:
 
     def engine_params(self) -> "EngineParams":
         """What the engine process needs to load the model and run (server/engine/runtime/process_child.py)."""
-        from server.engine.runtime.process_child import EngineParams
+        from server.engine.runtime.process_messages import EngineParams
 
         return EngineParams(self.model, self.variant, self.device, self.max_sessions, self.thread_settings(),
                             self.max_batch, self.lookahead, self.prefix_cache_bytes, self.log_format, self.log_level,
@@ -124,6 +125,10 @@ HELP = {
     "ready",
     "engine_process": "run the model and scheduler in a process of their own, so that model steps never wait "
     "for the gRPC threads (Python's interpreter lock); --no-engine-process runs them on a thread of this process",
+    "frontends": "gRPC (and HTTP) server processes sharing the port and one engine process, each writing "
+    "its own streams' messages on a core of its own; the sessions live in the engine process, so any "
+    "front-end serves any session (needs --engine-process and --session-store memory); 1 = one server "
+    "process, as measured best on a 2-core machine (docs/serving.md)",
     "prefix_cache_bytes": "bytes of session states kept by prompt text, so that a new session whose prompt starts "
     "with a cached text skips consuming it; 0 = off",
     "session_store": "memory: sessions live in this process; redis://HOST:PORT/DB: session records in Redis, "
@@ -150,13 +155,13 @@ CHOICES: dict[str, Sequence[str]] = {
     "log_format": LOG_FORMATS,
     "log_level": ("debug", "info", "warning", "error"),
 }
-INTEGERS = ("port", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "http_port",
+INTEGERS = ("port", "frontends", "max_sessions", "max_batch", "max_chars", "max_prompt_chars", "metrics_port", "http_port",
             "intra_op_threads",
             "lookahead", "batch_stretch", "coalesce_streams", "prefix_cache_bytes", "write_back_chars", "max_sessions_per_key",
             "max_streams_per_key", "max_message_bytes")
 FLOATS = ("session_ttl", "shutdown_grace", "lease_seconds")
 BOOLEANS = ("allow_spinning", "engine_process", "stretch")
-MINIMUM = {"port": 0, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
+MINIMUM = {"port": 0, "frontends": 1, "max_sessions": 1, "max_batch": 1, "max_chars": 1, "max_prompt_chars": 1,
            "metrics_port": 0, "http_port": 0, "shutdown_grace": 0, "coalesce_streams": 0, "intra_op_threads": 0, "lookahead": 1,
            "batch_stretch": 0,
            "prefix_cache_bytes": 0, "write_back_chars": 1, "max_sessions_per_key": 0, "max_streams_per_key": 0, "max_message_bytes": 4096}
@@ -230,6 +235,11 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Serv
     store = values["session_store"]
     if store != "memory" and not store.startswith("redis://"):
         parser.error(f"--session-store must be memory or redis://HOST:PORT/DB, got {store!r}")
+    if values["frontends"] > 1 and not values["engine_process"]:
+        parser.error("--frontends above 1 needs --engine-process: the front-ends share the engine process")
+    if values["frontends"] > 1 and store != "memory":
+        parser.error("--frontends above 1 serves --session-store memory (the sessions live in the engine "
+                     "process); with Redis, run several servers instead, each pointed at it")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")
     if values["tls_client_ca"] and not values["tls_cert"]:

@@ -46,8 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_format, config.log_level)
     log_event(logger, "config", **describe(config))
     try:
+        if config.frontends > 1:
+            from server.frontends.supervisor import serve_frontends
+
+            return asyncio.run(serve_frontends(config))
         return asyncio.run(serve(config))
-    except (ModelDirError, DeviceError, OSError) as exc:
+    except (ModelDirError, DeviceError, OSError, RuntimeError) as exc:
         log_event(logger, "startup_failed", logging.ERROR, error=str(exc))
         print(f"charstream-serve: error: {exc}", file=sys.stderr)
         return 2

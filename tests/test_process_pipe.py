@@ -19,7 +19,8 @@ import pytest
 from server.config import ServerConfig
 from server.engine.generation import GenerationRequest, StreamEvent
 from server.engine.runtime.process import GONE, EngineProcess
-from server.engine.runtime.process_child import FLUSH_INTERVAL, ChildLoop, Observations
+from server.engine.runtime.process_child import FLUSH_INTERVAL, ChildLoop
+from server.engine.runtime.process_messages import Observations
 from server.engine.runtime.process_pipe import (
     ChildPipe,
     FrameReader,
@@ -169,6 +170,23 @@ class _Sent:
         return [[payload for _, payload in message[1]] for message in self.messages]
 
 
+class _OneLink:
+    """Links with link 0 alone, recording what is sent to it."""
+
+    def __init__(self, pipe: _Sent):
+        self.pipe = pipe
+
+    def observer(self, hosted: bool) -> int:
+        return 0
+
+    def split(self, events: list) -> dict[int, list]:
+        return {0: events}
+
+    def send(self, index: int, *messages: tuple) -> bool:
+        self.pipe.send(*messages)
+        return True
+
+
 def test_plain_characters_wait_for_the_next_message_only_within_the_interval() -> None:
     """The child's messages: acceptances, first characters and finishes go at once, later plain
     characters may wait for company, but never past FLUSH_INTERVAL, and nothing is lost,
@@ -176,7 +194,7 @@ def test_plain_characters_wait_for_the_next_message_only_within_the_interval() -
     pipe = _Sent()
     scheduler = SimpleNamespace(events=[], submit=None, abort=None, open=None, reset=None, close=None,
                                 restore=None, drain=None)
-    child = ChildLoop(pipe, scheduler, Observations(), None)  # type: ignore[arg-type]
+    child = ChildLoop(_OneLink(pipe), scheduler, Observations(), None)  # type: ignore[arg-type]
     scheduler.events = [(1, StreamEvent(accepted=True))]
     child._flush()
     scheduler.events = [(1, StreamEvent(text="a"))]

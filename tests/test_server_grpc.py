@@ -1,5 +1,7 @@
 """The gRPC service end to end: a real grpc.aio server on a loopback port with the tiny
-exported model, called over the network by the synchronous gRPC client."""
+exported model, called over the network by the synchronous gRPC client. Every test runs on one
+server process and on two front-ends over one engine process (--frontends 2, a subprocess,
+where the sessions live in the engine process)."""
 
 from __future__ import annotations
 
@@ -17,17 +19,23 @@ from protos.charstream.v1 import generator_pb2_grpc as pb_grpc
 from server.background import BackgroundServer
 from server.config import ServerConfig
 from server.engine.sampling import SamplingSettings
+from tests.frontends_server import FrontendsServer
 from tests.plain_loop import onnx_loop, wire
 
 MAX_CHARS = 20_000
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> Iterator[BackgroundServer]:
-    config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=64, max_chars=MAX_CHARS,
-                          max_prompt_chars=1000)
-    with BackgroundServer(config) as running:
-        yield running
+@pytest.fixture(scope="module", params=[1, 2], ids=["frontends1", "frontends2"])
+def server(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Iterator[BackgroundServer | FrontendsServer]:
+    if request.param == 1:
+        config = ServerConfig(model=str(tiny_model_dir), port=0, device="cpu", max_sessions=64, max_chars=MAX_CHARS,
+                              max_prompt_chars=1000)
+        with BackgroundServer(config) as running:
+            yield running
+        return
+    with FrontendsServer(tiny_model_dir, request.param, "--max-sessions", "64", "--max-chars", str(MAX_CHARS),
+                         "--max-prompt-chars", "1000") as frontends:
+        yield frontends
 
 
 @pytest.fixture(scope="module")
@@ -268,11 +276,13 @@ def test_converse_rejects_a_bad_turn(stub: pb_grpc.GeneratorStub) -> None:
 
 
 def test_unexpected_errors_become_internal_and_the_server_goes_on(
-    server: BackgroundServer, stub: pb_grpc.GeneratorStub, monkeypatch: pytest.MonkeyPatch
+    server: BackgroundServer | FrontendsServer, stub: pb_grpc.GeneratorStub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken() -> list:
         raise KeyError("simulated bug")
 
+    if not isinstance(server, BackgroundServer):
+        pytest.skip("patches the servicer in this process; a front-end runs in another")
     assert server.running is not None
     monkeypatch.setattr(server.running.service.store, "sessions", broken)
     with pytest.raises(grpc.RpcError) as error:

@@ -93,10 +93,21 @@ class GeneratorService(SessionRPCs):
         self.streams_per_key = streams_per_key  # None: no per-key limit (the server has no API keys)
         self._streams_by_key: collections.Counter[str] = collections.Counter()
 
-    @contextlib.contextmanager
-    def _stream_quota(self) -> Iterator[None]:
-        """One Generate call or Converse stream of the caller's key, within --max-streams-per-key."""
+    @contextlib.asynccontextmanager
+    async def _stream_quota(self) -> AsyncIterator[None]:
+        """One Generate call or Converse stream of the caller's key, within --max-streams-per-key
+        (counted by the engine over every front-end when the sessions live there)."""
         key, limit = caller(), self.streams_per_key
+        shared = getattr(self.store, "take_stream", None) if limit is not None else None
+        if shared is not None:
+            with store_errors():
+                await shared(key)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(RuntimeError):  # the engine is gone: nothing to count
+                    await self.store.give_stream(key)  # type: ignore[attr-defined]
+            return
         if limit is not None and self._streams_by_key[key] >= limit:
             raise ServiceError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -119,7 +130,7 @@ class GeneratorService(SessionRPCs):
     # ---- streaming RPCs ----
 
     async def Generate(self, request: pb.GenerateRequest, context: Sink) -> None:
-        with self._stream_quota():
+        async with self._stream_quota():
             await self._generate(request, context)
 
     async def _generate(self, request: pb.GenerateRequest, context: Sink) -> None:
@@ -169,7 +180,7 @@ class GeneratorService(SessionRPCs):
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
     ) -> None:
-        with self._stream_quota():
+        async with self._stream_quota():
             await self._converse(request_iterator, context)
 
     async def _converse(self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context) -> None:

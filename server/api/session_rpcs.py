@@ -40,6 +40,7 @@ from server.sessions.memory import (
     SessionTakenOver,
     StoreFull,
     StoreUnavailable,
+    StreamsFull,
 )
 from server.sessions.record import (
     MAX_RECORD_BYTES,
@@ -60,6 +61,7 @@ STORE_ERRORS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (SessionBusy, grpc.StatusCode.FAILED_PRECONDITION),
     (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StreamsFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (SessionTakenOver, grpc.StatusCode.ABORTED),
     (RecordModelMismatch, grpc.StatusCode.FAILED_PRECONDITION),

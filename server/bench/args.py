@@ -13,7 +13,7 @@ DESCRIPTION = "charstream-bench: the server against the raw model it serves, eve
 DEFAULT_JSON = "charstream-bench.json"
 # Flags handed to the server processes only when given here, so the server's own defaults apply otherwise.
 PASS_THROUGH = ("device", "variant", "intra_op_threads", "allow_spinning", "lookahead", "max_batch", "coalesce_streams",
-                "engine_process", "stretch", "batch_stretch")
+                "engine_process", "stretch", "batch_stretch", "frontends")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None, help=same)
     server.add_argument("--stretch", action=argparse.BooleanOptionalAction, default=None, help=same)
     server.add_argument("--batch-stretch", type=int, metavar="N", help=same)
+    server.add_argument("--frontends", type=int, metavar="N", help=same)
     server.add_argument("--max-batch", type=int, metavar="N", help="for rows 4, 5, 7; row 6's server always gets 1")
     sessions.add_arguments(parser)
     ceiling.add_arguments(parser)

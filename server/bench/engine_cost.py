@@ -31,7 +31,7 @@ import numpy as np
 from server.engine.generation import BLOCK, GenerationRequest
 from server.engine.model.model_dir import ModelFile, ModelSpec
 from server.engine.runner.model_runner import ModelRunner, RunnerInfo, StepOutput
-from server.engine.runtime.process_child import wire_events
+from server.engine.runtime.process_messages import wire_events
 from server.engine.sampling import SamplingSettings
 from server.engine.scheduling.scheduler import Scheduler
 

@@ -60,8 +60,9 @@ class HttpFrontEnd:
 
 async def start_http(config: ServerConfig, service: GeneratorService, health: HealthServicer,
                      metrics: ServerMetrics, api_keys: ApiKeys | None, loopback: bool,
-                     watcher: CertificateWatcher | None) -> HttpFrontEnd:
-    """Bind --http-port on --host (TLS with `watcher`'s files) and start serving; OSError if it cannot."""
+                     watcher: CertificateWatcher | None, shared_port: bool = False) -> HttpFrontEnd:
+    """Bind --http-port on --host (TLS with `watcher`'s files) and start serving; OSError if it cannot.
+    `shared_port`: one of several front-ends on the port (SO_REUSEPORT, server/frontends/)."""
     assert config.http_port is not None
     calls = Calls(service, health, api_keys, metrics, config.max_message_bytes)
     # handler_cancellation: a client that disconnects cancels its request, as grpc.aio cancels a
@@ -74,7 +75,7 @@ async def start_http(config: ServerConfig, service: GeneratorService, health: He
         from server.http.tls import RenewingContext
 
         ssl_context = RenewingContext(watcher)
-    site = web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context, reuse_port=False)
+    site = web.TCPSite(runner, config.host, config.http_port, ssl_context=ssl_context, reuse_port=shared_port)
     try:
         await site.start()
     except OSError as exc:

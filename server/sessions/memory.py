@@ -44,6 +44,10 @@ class StoreFull(RuntimeError):
     """Every session is busy, so none can be evicted to make room."""
 
 
+class StreamsFull(RuntimeError):
+    """An API key runs its limit of streams (--max-streams-per-key) already."""
+
+
 class StoreUnavailable(RuntimeError):
     """A shared session store cannot be reached; the message names it."""
 
@@ -174,6 +178,10 @@ class SessionStore:
                 "or gone long ago); create one with CreateSession"
             )
         return session
+
+    def loaded(self, session_id: str) -> Session | None:
+        """The live session with this id, whoever owns it (the server's own bookkeeping only)."""
+        return self._live.get(session_id)
 
     def acquire(self, session_id: str, owner: str = "") -> Session:
         """Mark the session busy for one call; SessionBusy when another call holds it."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from server.engine.generation import (
     CANCELLED,
+    FINISHED_BY_REASON,
     GenerationRequest,
     RequestStatus,
     StopMatcher,
@@ -132,6 +133,16 @@ class SessionCommands(LaneGlue):
 
     def drain(self) -> None:
         self.draining = True
+
+    def end_requests(self, request_ids: list[int], reason: str) -> None:
+        """End these running requests with `reason` (one caller's shutdown, as drain does for all);
+        each is settled when its caller's final ack or abort says what it delivered."""
+        for request_id in request_ids:
+            self._leave_request(request_id)
+            request = self.requests.get(request_id)
+            if request is not None and not request.status.is_finished:
+                request.status = FINISHED_BY_REASON[reason]
+                self.events.append((request_id, StreamEvent(finish=reason)))
 
     # ---- settling a finished request ----
 

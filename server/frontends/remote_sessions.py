@@ -1,0 +1,151 @@
+"""A front-end's session backend: the sessions live in the engine process (session_host.py).
+
+Every operation is one message over the front-end's engine link and its answer,
+awaited on the serving loop; errors come back by name and are raised as the
+store's own exceptions, so the servicer maps them to gRPC statuses as it
+always does. The Session objects are copies: the servicer updates its copy
+while it streams (stream.on_update), and `release` sends the final counts (the
+engine settles them against its own: session_host.py).
+
+A session this front-end is streaming is answered from its live copy (a GetSession
+during the stream sees the characters delivered so far); another front-end's
+GetSession sees where it stood when the call began, until the call ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.engine.runtime.engine_client import EngineClient
+from server.engine.sampling import SamplingSettings
+from server.engine.scheduling.slot_state import SlotSnapshot
+from server.frontends.session_host import HOST_ERRORS
+from server.sessions.memory import Session
+
+GONE = "the engine process is not running"
+
+
+class RemoteSessions:
+    write_back_chars = None  # the state stays in the engine's slot: nothing to write back
+
+    def __init__(self, engine: EngineClient, max_sessions: int, ttl_seconds: float,
+                 streams_per_key: int | None = None):
+        self.engine = engine
+        self.max_sessions = max_sessions
+        self.ttl_seconds = ttl_seconds
+        self.streams_per_key = streams_per_key  # counted by the engine over every front-end
+        self.live_count = 0  # sessions in the engine, as of its last answer (metrics)
+        self.removed: dict[str, int] = {}  # sessions removed by reason since the engine started
+        self._tokens = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._streaming: dict[str, Session] = {}  # sessions this front-end's calls hold
+        engine.on_message = self._on_message
+        self.on_counts: Callable[[int, dict[str, int]], None] = lambda live, removed: None
+
+    def __len__(self) -> int:
+        return self.live_count
+
+    # ---- the engine's answers (on the serving loop) ----
+
+    def _on_message(self, message: tuple[Any, ...]) -> bool:
+        if message[0] != "session":
+            return False
+        _, token, result, error, (live, removed) = message
+        self.live_count, self.removed = live, removed
+        self.on_counts(live, removed)
+        future = self._waiting.pop(token, None)
+        if future is not None and not future.done():
+            if error is not None:
+                kind, text = error
+                future.set_exception(HOST_ERRORS.get(kind, RuntimeError)(text))
+            else:
+                future.set_result(result)
+        return True
+
+    def fail_all(self) -> None:
+        """The engine is gone: every operation waiting fails (called when the link breaks)."""
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(RuntimeError(GONE))
+
+    async def _ask(self, operation: str, *args: Any) -> Any:
+        if self.engine.gone:
+            raise RuntimeError(GONE)
+        token = next(self._tokens)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        self.engine.send(("session", token, operation, args))
+        return await future
+
+    # ---- SessionBackend ----
+
+    async def create(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
+                     prompt_text: str, owner: str) -> Session:
+        return await self._ask("create", settings, seed, list(prompt_tokens), prompt_text, owner)
+
+    async def create_ephemeral(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
+                               prompt_text: str, owner: str) -> Session:
+        session = await self._ask("create_ephemeral", settings, seed, list(prompt_tokens), prompt_text, owner)
+        self._streaming[session.id] = session
+        return session
+
+    async def create_restored(self, settings: SamplingSettings, snapshot: SlotSnapshot, owner: str) -> Session:
+        return await self._ask("create_restored", settings, snapshot, owner)
+
+    async def get(self, session_id: str, owner: str) -> Session:
+        session = await self._ask("get", session_id, owner)
+        return self._streaming.get(session_id, session)
+
+    async def acquire(self, session_id: str, owner: str) -> Session:
+        session = await self._ask("acquire", session_id, owner)
+        self._streaming[session.id] = session
+        return session
+
+    async def checkpoint(self, session: Session) -> None:
+        return None
+
+    async def release(self, session: Session) -> None:
+        self._streaming.pop(session.id, None)
+        session.busy = False
+        session.last_used = time.monotonic()
+        await self._ask("release", session.id, session.consumed_chars, session.recent_text)
+
+    async def reset(self, session_id: str, seed: int | None, prompt_tokens: list[int], prompt_text: str,
+                    owner: str) -> Session:
+        return await self._ask("reset", session_id, seed, list(prompt_tokens), prompt_text, owner)
+
+    async def delete(self, session_id: str, owner: str) -> None:
+        await self._ask("delete", session_id, owner)
+
+    async def discard(self, session: Session) -> None:
+        self._streaming.pop(session.id, None)
+        await self._ask("discard", session.id)
+
+    async def sessions(self, owner: str) -> list[Session]:
+        found = await self._ask("sessions", owner)
+        return [self._streaming.get(session.id, session) for session in found]
+
+    async def take_stream(self, key: str) -> None:
+        await self._ask("take_stream", key)
+
+    async def give_stream(self, key: str) -> None:
+        await self._ask("give_stream", key)
+
+    # Both processes read the same clock: time.monotonic is the machine's (CLOCK_MONOTONIC).
+    def idle_seconds(self, session: Session) -> float:
+        return 0.0 if session.busy else max(0.0, time.monotonic() - session.last_used)
+
+    def age_seconds(self, session: Session) -> float:
+        return max(0.0, time.monotonic() - session.created)
+
+    async def run_background(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        """Nothing to sweep here: the engine expires idle sessions (session_host.py)."""
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        self.fail_all()
