@@ -11,13 +11,15 @@
 #    so nothing is fetched, and exported with fp32 and fp16 verified on CUDA;
 # 4. charstream-bench --device cuda for fp32 and fp16: rows 1-7 at 64 streams,
 #    then rows 5 and 6 at 256 and 1024 streams (raw loop at the same batch),
-#    with clients spread over several processes; row 12 (the ceiling) at 256.
+#    with clients spread over several processes; row 12 (the ceiling) at 256;
+#    then fp16 rows 5 and 6 at the largest stream count again with --frontends
+#    FRONTENDS (default 4) gRPC front-end processes.
 #
 # Every step's output and JSON lands in OUT_DIR; a failed step is reported and
 # the next one still runs. Environment: PYTHON (default python3) with the
 # project importable (pip install -e '.[all]' with onnxruntime-gpu, or
 # PYTHONPATH=.), BENCH_TIMEOUT (seconds per bench row, default 120), STREAMS
-# (the larger stream counts, default "256 1024"), DEVICE (default cuda; cpu
+# (the larger stream counts, default "256 1024"), FRONTENDS (default 4), DEVICE (default cuda; cpu
 # runs the same steps on the CPU provider, without the CUDA tests, to try the
 # script on a machine without a GPU).
 set -uo pipefail
@@ -27,6 +29,7 @@ PY=${PYTHON:-python3}
 ROW_TIMEOUT=${BENCH_TIMEOUT:-120}
 DEVICE=${DEVICE:-cuda}
 STREAMS=${STREAMS:-256 1024}
+FRONTENDS=${FRONTENDS:-4}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
@@ -80,6 +83,11 @@ for variant in fp32 fp16; do
             --ceiling-streams 0 --http-streams 0 --store-calls 20
     done
 done
+
+largest=${STREAMS##* }
+bench "bench-fp16-$largest-frontends$FRONTENDS" --variant fp16 --streams "$largest" --batch "$largest" \
+    --max-batch "$largest" --frontends "$FRONTENDS" --long-prompt 0 --repeats 1 --streams-repeats 1 \
+    --ceiling-streams 256 --http-streams 0 --store-calls 20
 
 printf '\n==> results in %s\n' "$OUT"
 if [ ${#failed[@]} -gt 0 ]; then

@@ -217,6 +217,19 @@ def test_http_and_metrics_of_every_frontend_on_one_port(tiny_model_dir: Path) ->
         counted = float(next(line.split()[-1] for line in metrics.splitlines()
                              if line.startswith("charstream_generated_chars_total ")))
         assert counted == 12 * 50  # every front-end's characters, counted once
+        stubs = [pb_grpc.GeneratorStub(channel(server.address)) for _ in range(4)]
+        made = [stub.CreateSession(pb.CreateSessionRequest(prompt=PROMPT)).session_id for stub in stubs]
+        stubs[0].DeleteSession(pb.DeleteSessionRequest(session_id=made[1]))
+
+        def sessions_metric() -> float:
+            text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+            return float(next(line.split()[-1] for line in text.splitlines()
+                              if line.startswith("charstream_active_sessions ")))
+
+        deadline = time.monotonic() + 10  # the engine tells one front-end when the count changes
+        while sessions_metric() != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sessions_metric() == 3  # the engine's count, once, whichever front-end made them
 
 
 def test_when_the_engine_dies_every_frontend_exits_and_so_does_the_server(tiny_model_dir: Path) -> None:

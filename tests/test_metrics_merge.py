@@ -27,11 +27,11 @@ charstream_rpc_errors_total{code="NOT_FOUND",method="GetSession"} 1.0
 """
 
 
-def test_samples_add_up_and_the_engine_wide_ones_count_once() -> None:
+def test_samples_add_up_and_the_engine_totals_are_taken_once() -> None:
     merged = merge_expositions([FIRST, SECOND]).splitlines()
     assert "charstream_generated_chars_total 12.5" in merged
     assert "charstream_generated_chars_created 1700000000.0" in merged  # the earliest start
-    assert "charstream_active_sessions 7.0" in merged  # the engine's count, which both report
+    assert "charstream_active_sessions 7.0" in merged  # the engine's count: never added
     assert 'charstream_sessions_removed_total{reason="closed"} 5.0' in merged
     assert 'charstream_step_seconds_bucket{le="0.001"} 3.0' in merged
     assert 'charstream_rpc_errors_total{code="NOT_FOUND",method="GetSession"} 1.0' in merged  # in one only

@@ -224,3 +224,26 @@ def test_plain_characters_wait_for_the_next_message_only_within_the_interval() -
     assert texts[6:] == [["x"], [StreamEvent(finish="length", text="y"), "z"], ["w"]]
     assert scheduler.events == []
     pipe.socket.close()
+
+
+def test_a_cancelled_stream_waiting_for_its_ack_does_not_cancel_the_others_wait() -> None:
+    """A front-end's streams acked in one loop pass wait for the same sent-future (engine_client.py):
+    one caller cancelled while waiting must leave the others to take their characters."""
+    from server.engine.runtime.stream import GenerationStream
+
+    async def scenario() -> tuple[str, bool]:
+        loop = asyncio.get_running_loop()
+        sent = loop.create_future()
+        streams = [GenerationStream(request_id, lambda rid, n: sent, lambda rid, n: None) for request_id in (1, 2)]
+        for stream in streams:
+            stream.receive(StreamEvent(accepted=True))
+            stream.receive(StreamEvent(text="ab"))
+        waiting = [asyncio.ensure_future(stream.next_chunk()) for stream in streams]
+        await asyncio.sleep(0)  # both wait for the ack to be sent
+        waiting[0].cancel()
+        await asyncio.sleep(0)
+        sent.set_result(None)
+        chunk = await asyncio.wait_for(waiting[1], 5)
+        return chunk.text, waiting[0].cancelled()
+
+    assert asyncio.run(scenario()) == ("ab", True)

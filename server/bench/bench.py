@@ -255,7 +255,8 @@ def standard_rows(bench: Bench, report: Report) -> None:
     serve_rows(bench, server_flags(args), bench.first_server, first, report.machine)
     serve_rows(bench, server_flags(args, max_batch=1), bench.second_server, [second], report.machine)
     sessions.redis_rows(bench, lambda url, serve, row_ids: serve_rows(
-        bench, server_flags(args, session_store=url), serve, row_ids, report.machine))
+        # A Redis store is served by one process per replica (--frontends serves memory sessions only).
+        bench, server_flags(args, session_store=url, frontends=None), serve, row_ids, report.machine))
     http_rows.run_http_row(bench, server_flags(args), lambda flags, serve, row_ids: serve_rows(
         bench, flags, serve, row_ids, report.machine))
 

@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="seed of the workers' random choices")
     parser.add_argument("--device", help="--model only: passed to the server")
     parser.add_argument("--variant", help="--model only: passed to the server")
+    parser.add_argument("--frontends", type=int, help="--model only: passed to the server (gRPC front-end processes)")
     parser.add_argument("--json", help="write the report here as JSON")
     return parser
 
@@ -201,6 +202,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.streams < 1 or args.seconds <= 0:
         parser.error("--streams must be >= 1 and --seconds > 0")
+    if args.frontends is not None and (not args.model or args.frontends < 1):
+        parser.error("--frontends goes with --model and is >= 1")
     if args.model and (args.api_key or args.tls_ca or args.metrics_port is not None):
         parser.error("--api-key, --tls-ca and --metrics-port go with --target")
     return args
@@ -209,9 +212,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _server_flags(args: argparse.Namespace) -> list[str]:
     # Two sessions per worker at most (its own and its reference), plus room for the warm-up.
     flags = ["--max-sessions", str(max(1024, 2 * args.streams + 64))]
-    for name in ("device", "variant"):
+    for name in ("device", "variant", "frontends"):
         if getattr(args, name):
-            flags += [f"--{name}", getattr(args, name)]
+            flags += [f"--{name}", str(getattr(args, name))]
     return flags
 
 

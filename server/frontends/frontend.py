@@ -39,7 +39,7 @@ def connect_engine(config: ServerConfig, engine_path: str,
     counted: dict[str, int] = {}
 
     def follow_removals(live: int, removed: dict[str, int]) -> None:
-        # The engine's totals since it started; every front-end reports them (merged with max).
+        # The engine's totals since it started, heard by the front-end that reports its metrics.
         for reason, total in removed.items():
             if total > counted.get(reason, 0):
                 metrics.sessions_removed.labels(reason=reason).inc(total - counted.get(reason, 0))

@@ -1,11 +1,12 @@
 """One /metrics for a server of several front-ends: each front-end's exposition, merged.
 
-Each front-end counts what it serves (streams, messages, errors) and the engine's
-observations go to one of them (child_links.Links.observer), so adding the
-front-ends' samples gives the server's figures: counters, histogram buckets and
-gauges alike. Two families every front-end reports identically, from the
-engine's own answers, are taken once (their largest value): the live sessions
-and the sessions removed. A `_created` sample (a timestamp) is the earliest.
+Each front-end counts what it serves (streams, messages, errors), and the
+engine's own figures (observations, cache size, session count and removals) go
+to one of them (child_links.Links.observer), so adding the front-ends' samples
+gives the server's figures: counters, histogram buckets and gauges alike. A
+`_created` sample (a timestamp) is the earliest. The session count and removals
+are taken as their largest value rather than added: a front-end that took over
+from one that died starts from the engine's totals.
 
     MergedMetrics(lambda: [port, ...]).serve(host, port)   # an HTTP server on a thread
 """
@@ -17,7 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SAME_IN_EVERY_FRONTEND = ("charstream_active_sessions", "charstream_sessions_removed")
+ENGINE_TOTALS = ("charstream_active_sessions", "charstream_sessions_removed")
 SCRAPE_TIMEOUT = 5.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -54,7 +55,7 @@ def _combine(key: str, old: float, new: float) -> float:
     name = key.split("{", 1)[0]
     if name.endswith("_created"):
         return min(old, new)
-    if name.startswith(SAME_IN_EVERY_FRONTEND):
+    if name.startswith(ENGINE_TOTALS):
         return max(old, new)
     return old + new
 

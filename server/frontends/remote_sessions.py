@@ -38,8 +38,10 @@ class RemoteSessions:
         self.max_sessions = max_sessions
         self.ttl_seconds = ttl_seconds
         self.streams_per_key = streams_per_key  # counted by the engine over every front-end
-        self.live_count = 0  # sessions in the engine, as of its last answer (metrics)
-        self.removed: dict[str, int] = {}  # sessions removed by reason since the engine started
+        # The engine's session count and removals by reason, as last heard (only the front-end that
+        # reports the engine's metrics hears them: session_host.py).
+        self.live_count = 0
+        self.removed: dict[str, int] = {}
         self._tokens = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
         self._streaming: dict[str, Session] = {}  # sessions this front-end's calls hold
@@ -52,11 +54,13 @@ class RemoteSessions:
     # ---- the engine's answers (on the serving loop) ----
 
     def _on_message(self, message: tuple[Any, ...]) -> bool:
+        if message[0] == "session_counts":  # this front-end reports the engine's metrics
+            _, self.live_count, self.removed = message
+            self.on_counts(self.live_count, self.removed)
+            return True
         if message[0] != "session":
             return False
-        _, token, result, error, (live, removed) = message
-        self.live_count, self.removed = live, removed
-        self.on_counts(live, removed)
+        _, token, result, error = message
         future = self._waiting.pop(token, None)
         if future is not None and not future.done():
             if error is not None:

@@ -5,7 +5,8 @@ the next call on it may reach another. So the session store (memory.py's
 SessionStore, unchanged) runs in the engine process, beside the scheduler it
 opens slots in, and front-ends ask it over their engine link (RemoteSessions,
 remote_sessions.py): ("session", token, operation, args) in, ("session", token,
-result, error, counts) back to the asking link.
+result, error) back to the asking link; ("session_counts", live, removed by reason)
+to the front-end that reports the engine's metrics, when they change.
 
 The host also remembers which link holds which session (a Generate call's, or a
 one-shot call's own), and how many streams each API key runs on each link. When
@@ -76,6 +77,7 @@ class SessionHost:
         self._held: dict[int, dict[str, bool]] = {}  # link -> {session id: one-shot (discard when lost)}
         self._streams: dict[int, collections.Counter[str]] = {}  # link -> API key -> streams running
         self.handlers = {"session": self._session}
+        self._published: tuple[int, tuple[int, dict[str, int]]] | None = None  # (link, counts) sent last
 
     def _count_removed(self, reason: str) -> None:
         self.removed[reason] += 1
@@ -84,6 +86,7 @@ class SessionHost:
 
     def tick(self) -> None:
         self.store.expire_idle()
+        self._publish()
 
     def on_lost(self, link: int) -> None:
         """A front-end is gone: its sessions are free again, holding what was delivered."""
@@ -97,6 +100,8 @@ class SessionHost:
             self._settle_counts(session)
             self.store.release(session)
         self._streams.pop(link, None)
+        self._published = None  # the observer may be another front-end now
+        self._publish()
 
     # ---- operations ----
 
@@ -106,7 +111,17 @@ class SessionHost:
         except Exception as exc:  # noqa: BLE001 - every failure goes to the caller, by name
             kind = type(exc).__name__
             result, error = None, (kind if kind in HOST_ERRORS else "RuntimeError", str(exc))
-        self._links.send(link, ("session", token, result, error, (len(self.store), dict(self.removed))))
+        self._links.send(link, ("session", token, result, error))
+        self._publish()
+
+    def _publish(self) -> None:
+        """The session count and removals, to the front-end that reports the engine's metrics
+        (the others report none, so that the merged /metrics counts them once), when they change."""
+        observer = self._links.observer(hosted=True)
+        counts = (len(self.store), dict(self.removed))
+        if observer is not None and (observer, counts) != self._published:
+            self._published = (observer, counts)
+            self._links.send(observer, ("session_counts", *counts))
 
     def _hold(self, link: int, session: Session, one_shot: bool) -> Session:
         self._held.setdefault(link, {})[session.id] = one_shot

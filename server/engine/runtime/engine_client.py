@@ -65,6 +65,7 @@ class EngineClient:
         self._send_lock = threading.Lock()
         self._acks: dict[int, int] = {}  # request id -> characters delivered, not sent yet
         self._acks_scheduled: set[asyncio.AbstractEventLoop] = set()  # loops with a flush to come
+        self._acks_sent: dict[asyncio.AbstractEventLoop, asyncio.Future] = {}  # done once that flush is sent
         self._ids = itertools.count((link << ID_SHIFT) + 1)  # 0 is BLOCK's
         self._hubs = StreamHubs()
         self._routes: dict[int, StreamHub] = {}  # request id -> its caller's hub
@@ -154,21 +155,31 @@ class EngineClient:
         self._send(("submit", stream.request_id, slot, request))
         return stream
 
-    def ack(self, request_id: int, delivered: int) -> None:
+    def ack(self, request_id: int, delivered: int) -> asyncio.Future | None:
         """Acks made in one pass of the caller's loop travel as one message (one per stream and
-        write otherwise: the child would spend more time reading acks than stepping)."""
+        write otherwise: the child would spend more time reading acks than stepping).
+
+        A front-end (link > 0) returns a future that is done once that message is sent, and
+        the stream waits for it before the characters are written: the engine outlives a
+        front-end that is killed, and the session must then hold every character a client may
+        have received. (A single server's engine stops with it: nothing to wait for.)"""
         loop = asyncio.get_running_loop()
         with self._send_lock:
             self._acks[request_id] = delivered
             if loop in self._acks_scheduled:
-                return
+                return self._acks_sent.get(loop) if self.link else None
             self._acks_scheduled.add(loop)
+            sent = self._acks_sent[loop] = loop.create_future() if self.link else None
         loop.call_soon(self._flush_acks, loop)
+        return sent
 
     def _flush_acks(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._send_lock:
             self._acks_scheduled.discard(loop)
+            sent = self._acks_sent.pop(loop, None)
         self._send(None)
+        if sent is not None and not sent.done():
+            sent.set_result(None)
 
     @property
     def gone(self) -> bool:

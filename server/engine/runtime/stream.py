@@ -20,11 +20,11 @@ import asyncio
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from server.engine.generation import StreamEvent, recent_tail
 
-Settle = Callable[[int, int], None]  # (request id, characters delivered) -> None
+Settle = Callable[[int, int], Any]  # (request id, characters delivered) -> None, or an awaitable to wait for
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,18 @@ class GenerationStream:
             self.consumed_chars += len(text)
             self.recent_text = recent_tail(self.recent_text, text)
             self._updated()
-        if text or self._end is not None:
-            # With the end, this final ack lets the engine settle the request.
-            self._ack(self.request_id, self.delivered)
-        if self._end is not None:
+        end = self._end  # as taken with `text`: an end arriving later comes with characters of its own
+        if end is not None:
             self.settled = True
-        return Chunk(text, self._end)
+        if text or end is not None:
+            # With the end, this final ack lets the engine settle the request. An engine that
+            # must hear of it before the characters are written says so (engine_client.py).
+            sent = self._ack(self.request_id, self.delivered)
+            if sent is not None:
+                # Shared by every stream acked in the same pass: this call's cancellation must
+                # not cancel it for the others.
+                await asyncio.shield(sent)
+        return Chunk(text, end)
 
     def _updated(self) -> None:
         if self.on_update is not None:
