@@ -27,12 +27,17 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.engine.generation import BLOCK, GenerationRequest, StreamEvent, merge_blocks
+from server.engine.generation import BLOCK, GenerationRequest, StreamEvent
 from server.engine.model.vocabulary import Vocabulary
 from server.engine.observer import StepObserver
 from server.engine.runner.model_runner import RunnerInfo
 from server.engine.runtime.child_links import ID_SHIFT
-from server.engine.runtime.process_messages import wire_error
+from server.engine.runtime.process_messages import (
+    PrefixCacheStats,
+    WireEvents,
+    replay_observations,
+    wire_error,
+)
 from server.engine.runtime.process_pipe import ServerPipe, run_on_loop
 from server.engine.runtime.stream import GenerationStream, StreamHub, StreamHubs
 from server.engine.scheduling.slot_state import SlotSnapshot
@@ -44,13 +49,6 @@ GONE = "the engine process exited"
 CONNECT_TIMEOUT = 30.0  # seconds a front-end waits for the engine's greeting
 
 
-class PrefixCacheStats:
-    """The engine's prefix-cache size, as last reported (metrics read it at scrape time)."""
-
-    bytes = 0
-    entries = 0
-
-
 class EngineClient:
     def __init__(self, pipe: ServerPipe, info: RunnerInfo, lookahead: int, observer: StepObserver | None = None,
                  link: int = 0):
@@ -58,7 +56,7 @@ class EngineClient:
         self.info = info
         self.link = link  # this server's index at the engine (0: the server that spawned it)
         self.vocab = Vocabulary(info.spec.vocab)
-        self._chars = np.array(self.vocab.chars)  # token id -> character, for merge_blocks
+        self._wire = WireEvents(self.vocab.chars)
         self.lookahead = lookahead
         self.prefix_cache = PrefixCacheStats()
         self._observer = observer
@@ -70,7 +68,6 @@ class EngineClient:
         self._hubs = StreamHubs()
         self._routes: dict[int, StreamHub] = {}  # request id -> its caller's hub
         self._snapshots: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._text_events: dict[str, StreamEvent] = {}
         self._gone = False
         self._stopping = False
         self.on_gone: Callable[[], None] | None = None  # called on the loop if the engine goes away
@@ -219,7 +216,7 @@ class EngineClient:
                 return
             if message[0] == "events":
                 self._route(message[1])
-                self._observe(message[2], message[3])
+                replay_observations(self._observer, self.prefix_cache, message[2], message[3])
             elif message[0] == "snapshot":
                 self._settle_snapshot(*message[1:])
         except Exception:  # noqa: BLE001 - the reader must outlive any one message
@@ -228,12 +225,12 @@ class EngineClient:
     def _route(self, wire: list[tuple[int, Any]]) -> None:
         by_hub: dict[StreamHub, list] = {}
         if any(request_id == BLOCK for request_id, _ in wire):
-            wire = self._expand_blocks(wire)
+            wire = self._wire.expand_blocks(wire)
         for request_id, payload in wire:
             hub = self._routes.get(request_id)
             if hub is None:
                 continue
-            event = self._text_event(payload) if isinstance(payload, str) else payload
+            event = self._wire.text_event(payload) if isinstance(payload, str) else payload
             by_hub.setdefault(hub, []).append((request_id, event))
             if event.ends_stream:
                 del self._routes[request_id]
@@ -242,47 +239,6 @@ class EngineClient:
                 hub.dispatch(events)  # already on its loop
             else:
                 hub.post(events)
-
-    def _expand_blocks(self, wire: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
-        """The lane's blocks (BLOCK, (request ids, tokens)) as (request id, text): each run of
-        consecutive blocks (a message holds an iteration's, or several held ones) as one text
-        per request, so a stream takes one event per message, not one per character."""
-        out: list[tuple[int, Any]] = []
-        run: list[tuple[np.ndarray, np.ndarray]] = []
-        for request_id, payload in wire:
-            if request_id == BLOCK:
-                run.append(payload)
-                continue
-            if run:
-                out += merge_blocks(run, self._chars)
-                run = []
-            out.append((request_id, payload))
-        if run:
-            out += merge_blocks(run, self._chars)
-        return out
-
-    def _text_event(self, text: str) -> StreamEvent:
-        event = self._text_events.get(text)
-        if event is None:
-            event = StreamEvent(text=text)
-            if len(text) == 1 and len(self._text_events) < 4096:  # single characters: shared events
-                self._text_events[text] = event
-        return event
-
-    def _observe(self, observed: list[tuple[Any, ...]], stats: tuple[int, int] | None) -> None:
-        if stats is not None:
-            self.prefix_cache.bytes, self.prefix_cache.entries = stats
-        if self._observer is None:
-            return
-        for kind, *values in observed:
-            if kind == "step":
-                self._observer.observe_step(*values)
-            elif kind == "lookahead":
-                self._observer.observe_lookahead(*values)
-            elif kind == "prefix":
-                self._observer.observe_prefix_cache(*values, self.prefix_cache)  # type: ignore[arg-type]
-            elif kind == "stretch":
-                self._observer.observe_stretch(*values)
 
     def _settle_snapshot(self, token: int, result: SlotSnapshot | None,
                          error: tuple[str, str] | Exception | None) -> None:

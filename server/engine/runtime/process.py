@@ -25,7 +25,7 @@ from typing import Any
 
 from server.engine.observer import StepObserver
 from server.engine.runner.model_runner import RunnerInfo
-from server.engine.runtime.engine_client import GONE, EngineClient, PrefixCacheStats  # noqa: F401 - re-exported
+from server.engine.runtime.engine_client import GONE, EngineClient
 from server.engine.runtime.process_child import MakeExtension, engine_main
 from server.engine.runtime.process_messages import STARTUP_ERRORS, EngineParams
 from server.engine.runtime.process_pipe import ServerPipe, run_on_loop

@@ -4,12 +4,16 @@ See process_child.py for the messages themselves."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.generation import BLOCK
+import numpy as np
+
+from server.engine.generation import BLOCK, StreamEvent, merge_blocks
 from server.engine.model.model_dir import ModelDirError
 from server.engine.model.providers import DeviceError, ThreadSettings
+from server.engine.observer import StepObserver
 from server.engine.prefix_cache import PrefixCache
 from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH
 
@@ -72,3 +76,62 @@ class Observations:
 
     def observe_stretch(self, sampled: int, kept: int) -> None:
         self.pending.append(("stretch", sampled, kept))
+
+
+class WireEvents:
+    """The server's side of wire_events: what arrived back as (request id, StreamEvent) pairs."""
+
+    def __init__(self, chars: Sequence[str]):
+        self._chars = np.array(chars)  # token id -> character, for merge_blocks
+        self._text_events: dict[str, StreamEvent] = {}
+
+    def expand_blocks(self, wire: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """The lane's blocks (BLOCK, (request ids, tokens)) as (request id, text): each run of
+        consecutive blocks (a message holds an iteration's, or several held ones) as one text
+        per request, so a stream takes one event per message, not one per character."""
+        out: list[tuple[int, Any]] = []
+        run: list[tuple[np.ndarray, np.ndarray]] = []
+        for request_id, payload in wire:
+            if request_id == BLOCK:
+                run.append(payload)
+                continue
+            if run:
+                out += merge_blocks(run, self._chars)
+                run = []
+            out.append((request_id, payload))
+        if run:
+            out += merge_blocks(run, self._chars)
+        return out
+
+    def text_event(self, text: str) -> StreamEvent:
+        event = self._text_events.get(text)
+        if event is None:
+            event = StreamEvent(text=text)
+            if len(text) == 1 and len(self._text_events) < 4096:  # single characters: shared events
+                self._text_events[text] = event
+        return event
+
+
+class PrefixCacheStats:
+    """The engine's prefix-cache size, as last reported (metrics read it at scrape time)."""
+
+    bytes = 0
+    entries = 0
+
+
+def replay_observations(observer: StepObserver | None, cache: PrefixCacheStats, observed: list[tuple[Any, ...]],
+                        stats: tuple[int, int] | None) -> None:
+    """The child's observations, made again on the server's observer (its metrics)."""
+    if stats is not None:
+        cache.bytes, cache.entries = stats
+    if observer is None:
+        return
+    for kind, *values in observed:
+        if kind == "step":
+            observer.observe_step(*values)
+        elif kind == "lookahead":
+            observer.observe_lookahead(*values)
+        elif kind == "prefix":
+            observer.observe_prefix_cache(*values, cache)  # type: ignore[arg-type]
+        elif kind == "stretch":
+            observer.observe_stretch(*values)
