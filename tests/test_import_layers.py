@@ -193,9 +193,11 @@ def test_only_the_benchmark_imports_torch_or_training() -> None:
 
 
 # The engine's layers (server/engine/__init__.py), lowest first: a module may import its own layer, the
-# layers before it, and the shared modules at the engine's top (generation, sampling, observer).
+# layers before it, and the shared modules at the engine's top (generation, sampling and its
+# float32 screen, observer).
 ENGINE_LAYERS = ("model", "graphs", "runner", "scheduling", "runtime")
-ENGINE_SHARED = ("server.engine.generation", "server.engine.sampling", "server.engine.observer", "server.engine.prefix_cache")
+ENGINE_SHARED = ("server.engine.generation", "server.engine.sampling", "server.engine.sampling_screen",
+                 "server.engine.observer", "server.engine.prefix_cache")
 OUTSIDE_ALLOWED = ("server.structured_log",)  # the log line format: imports nothing of the server
 
 

@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
+from server.engine.sampling_screen import screen_uncut
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -186,8 +188,24 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
     small arrays spend more time in call overhead than in arithmetic, and more still right
     after a model call has pushed NumPy's code out of the caches. The same float64
     operations as sample_tokens (maximum.reduce is max, add.accumulate is cumsum), so the
-    same tokens bit for bit."""
+    same tokens bit for bit. A large float32 batch is screened in float32 first, and only the
+    rows the screen cannot prove are computed in float64 (sampling_screen.py): the same tokens."""
     logits = np.asarray(logits)
+    if logits.ndim == 2 and len(logits) >= SCREEN_ROWS and logits.dtype == np.float32:
+        temperature = np.asarray(temperature, np.float64)
+        if temperature.shape != (len(logits),):  # (np.broadcast_to costs more than a [B] array's arithmetic)
+            temperature = np.broadcast_to(temperature, (len(logits),))
+        tokens, proven = screen_uncut(logits, temperature, uniforms)  # [B], [B]
+        if not np.logical_and.reduce(proven):
+            unproven = (~proven).nonzero()[0]  # [F], about 1% of the rows
+            tokens[unproven] = _sample_uncut_float64(logits[unproven], temperature[unproven],
+                                                     np.asarray(uniforms)[unproven])  # [F]
+        return tokens
+    return _sample_uncut_float64(logits, temperature, uniforms)
+
+
+def _sample_uncut_float64(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """sample_uncut's float64 definition, every row computed (the reference's operations)."""
     if logits.ndim == 2 and len(logits) >= COLUMN_ROWS:
         return _sample_uncut_columns(logits, temperature, uniforms)
     # In place, one buffer: the same values as the expressions of sample_tokens, fewer allocations.
@@ -199,6 +217,7 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
 
 
 COLUMN_ROWS = 128  # from this many rows sample_uncut works on the transposed batch (_sample_uncut_columns)
+SCREEN_ROWS = 128  # from this many float32 rows it screens them in float32 first (sampling_screen.py)
 
 
 def _sample_uncut_columns(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:

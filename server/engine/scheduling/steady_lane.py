@@ -44,6 +44,7 @@ from server.engine.scheduling.slot_state import (
     own_window,
 )
 
+_NONE = np.zeros(0, np.int64)  # no rows (read only: callers test .size)
 TOKENS = 256  # characters a row holds before every row's are written to its Request (a rare O(n) pass)
 
 
@@ -81,6 +82,12 @@ class SteadyLane:
         self._ring: list[np.ndarray | None] = [None] * w  # lane step t's inputs [L, B, H] at t % W
         self._t = 0  # lane steps taken
         self._arange = np.arange(c)
+        # Bounds that let an iteration skip whole-lane checks that cannot find a row (each is
+        # conservative: a check skipped is one that would have found nothing).
+        self._least_left = 0  # <= every row's max_chars - generated (finishing)
+        self._partial_step = 0  # the last lane step that left a lane row out (expiring)
+        self._since_write = 0  # >= every row's unwritten (sample)
+        self._order: np.ndarray | None = None  # argsort of rid[:n] (ack), None when rows moved
 
     def __len__(self) -> int:
         return self.n
@@ -106,6 +113,8 @@ class SteadyLane:
         self.requests.append(request)
         self.states.append(state)
         self.row_of_request[request.id] = self.row_of_slot[request.slot] = row
+        self._least_left = min(self._least_left, request.spec.max_chars - len(request.tokens))
+        self._order = None
 
     def leave(self, rows: Sequence[int] | np.ndarray) -> list[Request]:
         """Write the rows back to their Request and SlotState and drop them from the lane; returns
@@ -137,6 +146,7 @@ class SteadyLane:
 
     def _remove(self, row: int) -> None:
         last = self.n - 1
+        self._order = None
         del self.row_of_request[int(self.rid[row])], self.row_of_slot[int(self.slot[row])]
         if row != last:  # every column's last row into the freed one
             for column in (self.slot, self.rid, self.key, self.position, self.temperature, self.top_k, self.top_p,
@@ -156,23 +166,36 @@ class SteadyLane:
         """Rows that may sample the character max_chars ends them with: the per-row path draws it
         (its event finishes the request)."""
         n = self.n
-        return np.flatnonzero(self.has_logits[:n] & (self.generated[:n] + 1 >= self.max_chars[:n])
-                              & (self.generated[:n] - self.delivered[:n] < self.lookahead))
+        if self._least_left > 1:  # no row is within a character of its max_chars
+            return _NONE
+        left = self.max_chars[:n] - self.generated[:n]  # [n]
+        self._least_left = int(left.min()) if n else 0
+        return (self.has_logits[:n] & (left <= 1) & (self.generated[:n] - self.delivered[:n] < self.lookahead)
+                ).nonzero()[0]
 
     def expiring(self) -> np.ndarray:
         """Rows whose oldest undo state the next lane step would push out of the ring (their reader
         stalled while the others stepped): they leave first, keeping copies."""
         n = self.n
+        # None can while the last `lookahead` lane steps took every lane row. A row holds undo
+        # states for characters oldest .. stepped, where oldest >= delivered, so at most
+        # generated - delivered <= lookahead of them (a row samples only below its lookahead). Had
+        # every step since its oldest was consumed (lane step `held`) taken it, it consumed one
+        # character per step: t - held <= lookahead, so held > t + 1 - W (W = lookahead + 2). A
+        # row left out of some step, but of none of the last `lookahead`, consumed a character in
+        # each of those: its oldest was consumed within them, the same case.
+        if self._t - self._partial_step > self.lookahead:
+            return _NONE
         oldest = np.maximum(np.maximum(self.delivered[:n], 1), self.entered[:n] + 1)  # [n]
         live = oldest <= self.stepped[:n]
         held = self.win_step[self._arange[:n], oldest % self.window]  # [n]
-        return np.flatnonzero(live & (held <= self._t + 1 - self.window))
+        return (live & (held <= self._t + 1 - self.window)).nonzero()[0]
 
     def sample(self) -> CharBlock | None:
         """Draw the next character of every row that may run ahead; None when none may."""
         n = self.n
         generated = self.generated[:n]
-        rows = np.flatnonzero(self.has_logits[:n] & (generated - self.delivered[:n] < self.lookahead))  # [R]
+        rows = (self.has_logits[:n] & (generated - self.delivered[:n] < self.lookahead)).nonzero()[0]  # [R]
         if rows.size == 0:
             return None
         if rows.size == n:  # every row (the steady state): slices, cheaper than gathers
@@ -188,7 +211,9 @@ class SteadyLane:
         self.tokens[self._arange[rows], self.unwritten[rows]] = tokens  # row by row: no outer indexing
         self.unwritten[rows] += 1
         self.generated[rows] += 1
-        if self.unwritten[:n].max() == TOKENS:
+        self._least_left -= 1  # each row drew at most one character
+        self._since_write += 1
+        if self._since_write >= TOKENS and self.unwritten[:n].max() == TOKENS:
             self._write_tokens()
         return CharBlock(self.rid[rows].copy(), tokens)  # a copy: rows move when others leave
 
@@ -196,27 +221,31 @@ class SteadyLane:
         for row in range(self.n):
             self.requests[row].tokens.extend(self.tokens[row, : self.unwritten[row]].tolist())
         self.unwritten[: self.n] = 0
+        self._since_write = 0
 
     def ready(self) -> np.ndarray:
         """Rows with a sampled character for the next step to consume."""
-        return np.flatnonzero(self.waiting[: self.n] >= 0)
+        return (self.waiting[: self.n] >= 0).nonzero()[0]
 
     def take_step(self, rows: np.ndarray, logits: np.ndarray, inputs: np.ndarray, offset: int,
                   iteration: int) -> None:
         """A step consumed `rows`' characters as its rows offset, offset + 1, ...: logits [B, V] and
         inputs [L, B, H] are the whole step's."""
         self._t += 1
-        positions = offset + np.arange(rows.size)  # [R]
-        consumed = self.stepped[rows] + 1  # [R]: generated char k, 1-based
-        slots = consumed % self.window
-        self.win_step[rows, slots], self.win_pos[rows, slots] = self._t, positions
+        n = self.n
+        every = rows.size == n  # ready() is sorted: then rows is 0 .. n-1, and slices serve
+        if not every:
+            self._partial_step = self._t
+        taken = slice(0, n) if every else rows
+        positions = offset + self._arange[: rows.size]  # [R]
+        consumed = self.stepped[taken] + 1  # [R]: generated char k, 1-based
+        # win_step[rows, k % W] and win_pos[rows, k % W] through their flat views: one index for both.
+        at = (self._arange[:n] if every else rows) * self.window + consumed % self.window  # [R]
+        self.win_step.ravel()[at], self.win_pos.ravel()[at] = self._t, positions
         self._ring[self._t % self.window] = inputs
-        self.stepped[rows] = consumed
-        if rows.size == self.n and (rows[-1] - rows[0] == rows.size - 1):  # every row, in order: slices
-            self.logits[: self.n] = logits[offset: offset + self.n]
-        else:
-            self.logits[rows] = logits[positions]
-        self.has_logits[rows], self.waiting[rows], self.last_step[rows] = True, -1, iteration
+        self.stepped[taken] = consumed
+        self.logits[taken] = logits[offset: offset + n] if every else logits[positions]
+        self.has_logits[taken], self.waiting[taken], self.last_step[taken] = True, -1, iteration
 
     def ack(self, request_ids: np.ndarray, delivered: np.ndarray) -> np.ndarray:
         """Acknowledgements (request id [N], characters delivered in all [N]): the lane's applied;
@@ -224,7 +253,9 @@ class SteadyLane:
         n = self.n
         if n == 0:
             return np.ones(len(request_ids), bool)
-        order = np.argsort(self.rid[:n])
+        if self._order is None:
+            self._order = np.argsort(self.rid[:n])
+        order = self._order
         ids = self.rid[:n][order]  # [n] sorted
         at = np.minimum(np.searchsorted(ids, request_ids), n - 1)  # [N]
         ours = ids[at] == request_ids  # [N]
