@@ -14,6 +14,7 @@ from server.app import start_server
 from server.config import ServerConfig, describe, parse_config
 from server.engine.model.model_dir import ModelDirError
 from server.engine.model.providers import DeviceError
+from server.frontends.supervisor import FrontendStartError, serve_frontends
 from server.structured_log import configure_logging, log_event
 
 logger = logging.getLogger("charstream.server")
@@ -47,11 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_event(logger, "config", **describe(config))
     try:
         if config.frontends > 1:
-            from server.frontends.supervisor import serve_frontends
-
             return asyncio.run(serve_frontends(config))
         return asyncio.run(serve(config))
-    except (ModelDirError, DeviceError, OSError, RuntimeError) as exc:
+    except (ModelDirError, DeviceError, OSError, FrontendStartError) as exc:
         log_event(logger, "startup_failed", logging.ERROR, error=str(exc))
         print(f"charstream-serve: error: {exc}", file=sys.stderr)
         return 2

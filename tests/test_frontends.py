@@ -245,3 +245,41 @@ def test_when_the_engine_dies_every_frontend_exits_and_so_does_the_server(tiny_m
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     finally:
         server.stop()
+
+
+def test_a_second_server_on_the_port_is_refused(server: FrontendsServer, tiny_model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    port = server.address.rsplit(":", 1)[1]
+    second = subprocess.run([sys.executable, "-m", "server", "--model", str(tiny_model_dir), "--port", port,
+                             "--frontends", "2"], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "cannot listen" in second.stderr  # never a silent share of the port
+
+
+def test_a_session_call_cancelled_while_waiting_is_undone_at_the_engine() -> None:
+    """The engine carries out an acquire whose caller was cancelled while waiting for the answer:
+    the front-end then releases it, or the session would stay busy for good."""
+    from types import SimpleNamespace
+
+    from server.frontends.remote_sessions import RemoteSessions
+    from server.sessions.memory import Session
+
+    sent: list[tuple] = []
+    engine = SimpleNamespace(gone=False, send=sent.append, on_message=None, on_closed=None)
+
+    async def scenario() -> None:
+        sessions = RemoteSessions(engine, 8, 60.0)  # type: ignore[arg-type]
+        call = asyncio.ensure_future(sessions.acquire("a" * 32, ""))
+        await asyncio.sleep(0)
+        call.cancel()
+        await asyncio.sleep(0)
+        (_, token, operation, _), = sent
+        assert operation == "acquire"
+        held = Session("a" * 32, 3, SamplingSettings(), 0.0, 0.0, consumed_chars=7, recent_text="To be, ", busy=True)
+        sessions._on_message(("session", token, held, None))
+        await asyncio.sleep(0)
+        assert call.cancelled()
+
+    asyncio.run(scenario())
+    assert [command[2:] for command in sent[1:]] == [("release", ("a" * 32, 7, "To be, "))]

@@ -10,7 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.engine.sampling import SamplingSettings, _sample_uncut_float64, choose_token, sample_uncut
+from server.engine.sampling import (
+    SamplingSettings,
+    _sample_uncut_float64,
+    choose_token,
+    sample_uncut,
+)
 from server.engine.sampling_screen import screen_uncut
 
 

@@ -17,7 +17,7 @@ import itertools
 import logging
 import secrets
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import grpc
 
@@ -105,7 +105,7 @@ class GeneratorService(SessionRPCs):
             try:
                 yield
             finally:
-                with contextlib.suppress(RuntimeError):  # the engine is gone: nothing to count
+                with contextlib.suppress(RuntimeError):  # the engine is gone (StoreUnavailable): nothing to count
                     await self.store.give_stream(key)  # type: ignore[attr-defined]
             return
         if limit is not None and self._streams_by_key[key] >= limit:

@@ -13,6 +13,7 @@ from one that died starts from the engine's totals.
 
 from __future__ import annotations
 
+import socket
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -101,7 +102,13 @@ class MergedMetrics:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not logged
                 return
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        address = host.strip("[]")
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+        class Server(ThreadingHTTPServer):
+            address_family = family  # IPv6 hosts too (the base class is IPv4 only)
+
+        self._server = Server((address, port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="charstream-metrics", daemon=True)

@@ -24,9 +24,9 @@ from server.engine.runtime.engine_client import EngineClient
 from server.engine.sampling import SamplingSettings
 from server.engine.scheduling.slot_state import SlotSnapshot
 from server.frontends.session_host import HOST_ERRORS
-from server.sessions.memory import Session
+from server.sessions.memory import Session, StoreUnavailable
 
-GONE = "the engine process is not running"
+GONE = "the engine process is not running: the server is restarting or broken; retry later"
 
 
 class RemoteSessions:
@@ -75,16 +75,29 @@ class RemoteSessions:
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
-                future.set_exception(RuntimeError(GONE))
+                future.set_exception(StoreUnavailable(GONE))
 
-    async def _ask(self, operation: str, *args: Any) -> Any:
+    async def _ask(self, operation: str, *args: Any, undo: Callable[[Any], None] | None = None) -> Any:
+        """The engine's answer to one operation. `undo`: what to do with its result if the caller
+        is cancelled while waiting (the engine carries the operation out all the same)."""
         if self.engine.gone:
-            raise RuntimeError(GONE)
+            raise StoreUnavailable(GONE)
         token = next(self._tokens)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._waiting[token] = future
         self.engine.send(("session", token, operation, args))
-        return await future
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if undo is not None:
+                future.add_done_callback(lambda done: undo(done.result())
+                                         if not done.cancelled() and done.exception() is None else None)
+            raise
+
+    def _tell(self, operation: str, *args: Any) -> None:
+        """An operation whose answer nobody waits for (an undo)."""
+        if not self.engine.gone:
+            self.engine.send(("session", next(self._tokens), operation, args))
 
     # ---- SessionBackend ----
 
@@ -94,7 +107,8 @@ class RemoteSessions:
 
     async def create_ephemeral(self, settings: SamplingSettings, seed: int, prompt_tokens: list[int],
                                prompt_text: str, owner: str) -> Session:
-        session = await self._ask("create_ephemeral", settings, seed, list(prompt_tokens), prompt_text, owner)
+        session = await self._ask("create_ephemeral", settings, seed, list(prompt_tokens), prompt_text, owner,
+                                  undo=lambda made: self._tell("discard", made.id))
         self._streaming[session.id] = session
         return session
 
@@ -106,7 +120,8 @@ class RemoteSessions:
         return self._streaming.get(session_id, session)
 
     async def acquire(self, session_id: str, owner: str) -> Session:
-        session = await self._ask("acquire", session_id, owner)
+        session = await self._ask("acquire", session_id, owner, undo=lambda held: self._tell(
+            "release", held.id, held.consumed_chars, held.recent_text))
         self._streaming[session.id] = session
         return session
 
@@ -135,7 +150,7 @@ class RemoteSessions:
         return [self._streaming.get(session.id, session) for session in found]
 
     async def take_stream(self, key: str) -> None:
-        await self._ask("take_stream", key)
+        await self._ask("take_stream", key, undo=lambda _: self._tell("give_stream", key))
 
     async def give_stream(self, key: str) -> None:
         await self._ask("give_stream", key)

@@ -14,7 +14,7 @@ a front-end's link breaks (the process was killed), the loop has already ended
 its requests keeping what was delivered (process_child.py); the host then frees
 its sessions, with the counts the scheduler settled, and drops its streams.
 
-    make = functools.partial(session_host, config)   # picklable: the engine is spawned
+    make = functools.partial(session_host, HostSettings(...))   # picklable: the engine is spawned
     EngineProcess(params, make_extension=make)
 """
 
@@ -27,7 +27,14 @@ from typing import Any
 from server.engine.runtime.child_links import Links
 from server.engine.scheduling.scheduler import Scheduler
 from server.engine.scheduling.slot_state import SlotSnapshot
-from server.sessions.memory import Session, SessionBusy, SessionNotFound, SessionStore, StoreFull, StreamsFull
+from server.sessions.memory import (
+    Session,
+    SessionBusy,
+    SessionNotFound,
+    SessionStore,
+    StoreFull,
+    StreamsFull,
+)
 
 # Exceptions a front-end re-raises by name (the servicer maps them to gRPC statuses); anything
 # else is a bug, and travels as RuntimeError.

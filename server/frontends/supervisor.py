@@ -50,16 +50,29 @@ RESTART_PAUSE = 1.0  # seconds between a front-end's death and its replacement (
 
 def reserve_port(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port) with SO_REUSEPORT that never listens: the front-ends bind the
-    same port beside it; OSError when the port is taken by anything else."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    same port beside it; OSError when the port is taken by anything else.
+
+    The port is first bound without SO_REUSEPORT, which fails while any socket holds it (another
+    server's front-ends, with SO_REUSEPORT, would otherwise let this one join their group)."""
+    address = host.strip("[]") if host != "localhost" else "127.0.0.1"
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_STREAM)
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        sock.bind((host.strip("[]") if host not in ("localhost",) else "127.0.0.1", port))
+        probe.bind((address, port))
+        port = probe.getsockname()[1]
+        probe.close()  # (a stranger binding in this instant is refused by the reservation below)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((address, port))
     except OSError as exc:
+        probe.close()
         sock.close()
         raise OSError(f"cannot listen on {host_port(host, port)}: {exc.strerror or exc}") from exc
     return sock
+
+
+class FrontendStartError(RuntimeError):
+    """A front-end process did not become ready (its reason, as it said or as far as known)."""
 
 
 class FrontEnd:
@@ -132,7 +145,7 @@ class Supervisor:
         except EOFError:
             reply = ("failed", f"it exited with status {frontend.process.exitcode}")
         if reply[0] != "ready":
-            raise RuntimeError(f"a front-end failed to start: {reply[1]}")
+            raise FrontendStartError(f"a front-end failed to start: {reply[1]}")
         frontend.metrics_port = reply[3]
         log_event(logger, "frontend_ready", frontend=index, pid=frontend.process.pid)
 
@@ -156,13 +169,14 @@ class Supervisor:
                 await asyncio.sleep(RESTART_PAUSE)
                 if self._stopping:
                     return
-                replacement = self._spawn(index)
+                await loop.run_in_executor(None, frontend.process.join, 1.0)
+                replacement = self.frontends[index] = self._spawn(index)  # in the list at once: stop() sees it
                 try:
                     await self._wait_ready(index, replacement)
-                except RuntimeError as exc:
+                except FrontendStartError as exc:  # the next pass sees it dead (a live one that is not ready is killed)
                     log_event(logger, "frontend_restart_failed", logging.ERROR, frontend=index, error=str(exc))
-                self.frontends[index] = replacement
-                await loop.run_in_executor(None, frontend.process.join, 1.0)
+                    if replacement.process.is_alive():
+                        replacement.process.kill()
 
     async def stop(self) -> int:
         """Drain every front-end (SIGTERM, each waits --shutdown-grace), then stop the engine."""
@@ -212,6 +226,8 @@ async def serve_frontends(config: ServerConfig) -> int:
     watching = asyncio.ensure_future(supervisor.watch())
     await asyncio.wait({asyncio.ensure_future(stop.wait()), watching}, return_when=asyncio.FIRST_COMPLETED)
     engine_died = watching.done() and not stop.is_set()
+    if watching.done() and not watching.cancelled() and watching.exception() is not None:
+        log_event(logger, "supervisor_failed", logging.ERROR, error=repr(watching.exception()))
     watching.cancel()
     code = await supervisor.stop()
     return 3 if engine_died else code

@@ -47,6 +47,7 @@ class Links:
         self._next = 1
         self.lost: list[int] = []  # links that broke since the loop last looked (it ends their requests)
         self.accepted: list[int] = []  # links that connected since the loop last looked (it greets them)
+        self._mute: set[int] = set()  # links a write found gone: read to their end, never written
         self._poller = select.poll()  # one poll object: building a selector per call costs an iteration
         self._poller.register(first.fileno(), select.POLLIN)
         if listener is not None:
@@ -84,6 +85,7 @@ class Links:
     def drop(self, index: int) -> None:
         """Forget a broken link (idempotent); the loop learns of it from `lost`."""
         pipe = self.pipes.pop(index, None)
+        self._mute.discard(index)
         if pipe is None:
             return
         fd = pipe.fileno()
@@ -99,12 +101,14 @@ class Links:
     def send(self, index: int, *messages: Any) -> bool:
         """Send to one link (blocking: a server process always reads); False if it is gone."""
         pipe = self.pipes.get(index)
-        if pipe is None:
+        if pipe is None or index in self._mute:
             return False
         try:
             pipe.send(*messages)
         except OSError:  # the process is gone (EPIPE, reset): its requests end, the rest go on
-            self.drop(index)
+            # Not dropped yet: what it sent before it died (its last acknowledgements) is still
+            # to be read, and the read that reaches the end drops it.
+            self._mute.add(index)
             return False
         return True
 
