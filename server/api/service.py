@@ -11,8 +11,6 @@ undoes what was generated ahead of it.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import itertools
 import logging
 import secrets
@@ -25,6 +23,7 @@ from protos.charstream.v1 import generator_pb2 as pb
 from server.api.auth import caller
 from server.api.errors import ServiceError
 from server.api.session_rpcs import SessionRPCs, store_errors
+from server.api.stream_quota import StreamQuota
 from server.api.validation import (
     Limits,
     check_max_chars,
@@ -91,36 +90,7 @@ class GeneratorService(SessionRPCs):
         self.shutting_down = asyncio.Event()
         self.active_streams = 0
         self.streams_per_key = streams_per_key  # None: no per-key limit (the server has no API keys)
-        self._streams_by_key: collections.Counter[str] = collections.Counter()
-
-    @contextlib.asynccontextmanager
-    async def _stream_quota(self) -> AsyncIterator[None]:
-        """One Generate call or Converse stream of the caller's key, within --max-streams-per-key
-        (counted by the engine over every front-end when the sessions live there)."""
-        key, limit = caller(), self.streams_per_key
-        shared = getattr(self.store, "take_stream", None) if limit is not None else None
-        if shared is not None:
-            with store_errors():
-                await shared(key)
-            try:
-                yield
-            finally:
-                with contextlib.suppress(RuntimeError):  # the engine is gone (StoreUnavailable): nothing to count
-                    await self.store.give_stream(key)  # type: ignore[attr-defined]
-            return
-        if limit is not None and self._streams_by_key[key] >= limit:
-            raise ServiceError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"API key {key} already runs {limit} streams, its limit (--max-streams-per-key); "
-                "wait for one to finish",
-            )
-        self._streams_by_key[key] += 1
-        try:
-            yield
-        finally:
-            self._streams_by_key[key] -= 1
-            if not self._streams_by_key[key]:
-                del self._streams_by_key[key]
+        self._quota = StreamQuota(streams_per_key, store)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
@@ -130,7 +100,7 @@ class GeneratorService(SessionRPCs):
     # ---- streaming RPCs ----
 
     async def Generate(self, request: pb.GenerateRequest, context: Sink) -> None:
-        async with self._stream_quota():
+        async with self._quota.held(caller()):
             await self._generate(request, context)
 
     async def _generate(self, request: pb.GenerateRequest, context: Sink) -> None:
@@ -180,7 +150,7 @@ class GeneratorService(SessionRPCs):
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
     ) -> None:
-        async with self._stream_quota():
+        async with self._quota.held(caller()):
             await self._converse(request_iterator, context)
 
     async def _converse(self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context) -> None:
