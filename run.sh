@@ -35,7 +35,8 @@ setup_env() {
         "$PYTHON" -m venv "$VENV" || die "could not create a venv (on Debian/Ubuntu: apt install python3-venv)"
     fi
     local py="$VENV/bin/python" stamp="$VENV/.charstream-installed"
-    local want; want="$(cat pyproject.toml) $TORCH_REQ"
+    # (setup.py builds the sampler's C kernel: a change to it reinstalls too)
+    local want; want="$(cat pyproject.toml setup.py server/engine/sampling_kernel.c) $TORCH_REQ"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi

@@ -46,6 +46,12 @@ step() {  # step NAME COMMAND...: run it, its output to OUT/NAME.log, note a fai
     [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
 }
 
+# The sampler's compiled kernel, built in place where it is missing (PYTHONPATH=. checkouts);
+# without a compiler the server screens with NumPy (engine-cost prints which screen ran).
+"$PY" -c 'import server.engine._sampling_kernel' 2>/dev/null \
+    || step build-kernel "$PY" setup.py -q build_ext --inplace
+step engine-cost "$PY" -m server.bench.engine_cost --json "$OUT/engine-cost.json"  # the host's own cost
+
 if [ "$DEVICE" = cuda ]; then
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || { echo "nvidia-smi failed: no NVIDIA driver here" >&2; exit 2; }
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/providers.txt"

@@ -1,5 +1,7 @@
 """The float32 screen of the sampler (server/engine/sampling_screen.py): a row it proves draws the
 float64 sampler's token, and sample_uncut, which falls back to float64 for the rest, is exact.
+Every screen test runs on both implementations, NumPy's and the compiled kernel's
+(sampling_kernel.c; its own checks are in test_sampling_kernel.py).
 
 The adversarial cases put the target exactly on, and one ULP either side of, a boundary of
 the float64 cdf: the rows where float32 and float64 can disagree. The screen must leave every
@@ -7,26 +9,38 @@ such row it cannot decide to the float64 path."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pytest
 
+from server.engine import sampling_screen
 from server.engine.sampling import (
     SamplingSettings,
     _sample_uncut_float64,
     choose_token,
     sample_uncut,
 )
-from server.engine.sampling_screen import screen_uncut
+from server.engine.sampling_screen import screen_compiled, screen_numpy
+
+Screen = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+@pytest.fixture(params=["numpy", "compiled"])
+def screen(request: pytest.FixtureRequest) -> Screen:
+    if request.param == "compiled" and not sampling_screen.COMPILED:
+        pytest.skip("the compiled kernel is not built (no C compiler at install; test_sampling_kernel.py says more)")
+    return screen_compiled if request.param == "compiled" else screen_numpy
 
 
 def _reference(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return _sample_uncut_float64(logits, temperature, uniforms)  # [N], the float64 definition
 
 
-def _check(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+def _check(screen: Screen, logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Proven rows agree with float64, sample_uncut agrees everywhere; returns the proven mask."""
     expected = _reference(logits, temperature, uniforms)
-    tokens, proven = screen_uncut(logits, temperature, uniforms)
+    tokens, proven = screen(logits, temperature, uniforms)
     wrong = np.flatnonzero(proven & (tokens != expected))
     assert wrong.size == 0, f"proven rows {wrong[:10]} differ from float64"
     assert np.array_equal(sample_uncut(logits, temperature, uniforms), expected)
@@ -34,7 +48,7 @@ def _check(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) ->
 
 
 @pytest.mark.parametrize("vocab", [2, 3, 6, 65, 67, 256])
-def test_proven_rows_draw_the_float64_token(vocab: int) -> None:
+def test_proven_rows_draw_the_float64_token(screen: Screen, vocab: int) -> None:
     rng = np.random.default_rng(vocab)
     for scale in (0.1, 1.0, 4.0, 30.0):
         count = 2048
@@ -44,12 +58,12 @@ def test_proven_rows_draw_the_float64_token(vocab: int) -> None:
         uniforms = rng.random(count)
         uniforms[:16] = [0.0, np.nextafter(1.0, 0.0)] * 8
         uniforms[16:64] = rng.random(48) * 1e-9  # targets below the smallest weights
-        proven = _check(logits, temperature, uniforms)
+        proven = _check(screen, logits, temperature, uniforms)
         assert proven.mean() > 0.5  # the screen does its job on ordinary rows
 
 
 @pytest.mark.parametrize("vocab", [3, 65])
-def test_targets_on_a_float64_boundary(vocab: int) -> None:
+def test_targets_on_a_float64_boundary(screen: Screen, vocab: int) -> None:
     """u * total exactly on c64[j], and one ULP either side: float32 may land on either side."""
     rng = np.random.default_rng(7 + vocab)
     count = 4096
@@ -60,11 +74,11 @@ def test_targets_on_a_float64_boundary(vocab: int) -> None:
     boundary = cdf[np.arange(count), rng.integers(0, vocab - 1, size=count)] / cdf[:, -1]  # [N]
     for uniforms in (boundary, np.nextafter(boundary, 0.0), np.nextafter(boundary, 1.0),
                      boundary * (1 + 1e-7), boundary * (1 - 1e-7)):
-        proven = _check(logits, temperature, np.minimum(uniforms, np.nextafter(1.0, 0.0)))
+        proven = _check(screen, logits, temperature, np.minimum(uniforms, np.nextafter(1.0, 0.0)))
         if uniforms is boundary:  # within the two sides' rounding of a boundary: never proven
             assert not proven.any()
 
-def test_odd_rows_fall_back() -> None:
+def test_odd_rows_fall_back(screen: Screen) -> None:
     """NaN and infinite logits, and temperatures at the edges, are float64's (the same tokens)."""
     rng = np.random.default_rng(3)
     count, vocab = 256, 65
@@ -79,7 +93,7 @@ def test_odd_rows_fall_back() -> None:
     temperature[6:9] = [1.18e-38, 1e-30, 1e300]
     uniforms = rng.random(count)
     with np.errstate(all="ignore"):
-        proven = _check(logits, temperature, uniforms)
+        proven = _check(screen, logits, temperature, uniforms)
     assert not proven[[0, 1, 2, 4, 6, 7, 8]].any()
     assert proven[3]
 
@@ -119,3 +133,20 @@ def test_float32_exp_is_within_the_screens_bound() -> None:
     normal = exact >= 2.0**-126
     assert np.max(np.abs(got[normal] - exact[normal]) / exact[normal]) <= 2.0**-21
     assert np.max(np.abs(got[~normal] - exact[~normal])) <= 2.0**-124
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 16, 33, 127])
+def test_small_batches_draw_the_reference_token(count: int) -> None:
+    """With the compiled kernel sample_uncut screens batches of any size (NumPy's screen only from
+    128 rows): every size against the one-row reference, with targets on float64 boundaries."""
+    rng = np.random.default_rng(count)
+    vocab = 65
+    logits = (rng.standard_normal((count, vocab)) * 3).astype(np.float32)
+    temperature = rng.uniform(0.3, 1.5, size=count)
+    scaled = logits.astype(np.float64) / temperature[:, None]
+    cdf = np.cumsum(np.exp(scaled - scaled.max(axis=1, keepdims=True)), axis=1)
+    boundary = cdf[np.arange(count), rng.integers(0, vocab - 1, size=count)] / cdf[:, -1]
+    for uniforms in (rng.random(count), np.minimum(boundary, np.nextafter(1.0, 0.0))):
+        got = sample_uncut(logits, temperature, uniforms)
+        expected = [choose_token(logits[i], SamplingSettings(temperature[i]), uniforms[i]) for i in range(count)]
+        assert got.tolist() == expected

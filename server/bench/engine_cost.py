@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from server.engine import sampling_screen
 from server.engine.generation import BLOCK, GenerationRequest
 from server.engine.model.model_dir import ModelFile, ModelSpec
 from server.engine.runner.model_runner import ModelRunner, RunnerInfo, StepOutput
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=200, help="iterations per repeat")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per batch (the median is reported)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    parser.add_argument("--numpy-screen", action="store_true",
+                        help="sample with NumPy only, not the compiled kernel (sampling_kernel.c), to compare")
     parser.add_argument("--no-lane", dest="lane", action="store_false",
                         help="every row through the per-row path (steady_lane.py off), to compare")
     return parser
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.numpy_screen:
+        sampling_screen.COMPILED = False
+    print(f"screen: {'compiled' if sampling_screen.COMPILED else 'NumPy'}")
     results = [measure(batch, args.iterations, args.repeats, lane=args.lane) for batch in args.batches]
     print(f"{'batch':>6} {'us/iteration':>13} {'us/row':>8}  vs first")
     for result in results:

@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from server.engine.sampling_screen import screen_uncut
+from server.engine import sampling_screen
+from server.engine.sampling_screen import screen_uncut, worth_screening
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,13 @@ def stream_key(seed: int) -> int:
 def uniforms_at(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Uniform in [0, 1) at each (key, position): keys uint64 [B], positions [B] -> float64 [B]."""
     keys = np.atleast_1d(np.asarray(keys, dtype=np.uint64))  # [B]
+    if sampling_screen.COMPILED and keys.size > 1:  # the same bits (sampling_kernel.c), in one pass
+        positions = np.atleast_1d(np.asarray(positions))
+        if positions.dtype not in (np.int64, np.uint64):
+            positions = positions.astype(np.uint64)
+        out = np.empty(keys.shape, np.float64)
+        sampling_screen.uniforms_compiled(np.ascontiguousarray(keys), np.ascontiguousarray(positions), out)
+        return out
     counters = np.atleast_1d(np.asarray(positions).astype(np.uint64)) + np.uint64(1)  # [B]
     bits = _mix(keys + counters * _GAMMA)  # [B], the SplitMix64 output for state key + n*gamma
     # Top 53 bits -> an exact double in [0, 1); never 1.0.
@@ -188,18 +196,23 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
     small arrays spend more time in call overhead than in arithmetic, and more still right
     after a model call has pushed NumPy's code out of the caches. The same float64
     operations as sample_tokens (maximum.reduce is max, add.accumulate is cumsum), so the
-    same tokens bit for bit. A large float32 batch is screened in float32 first, and only the
-    rows the screen cannot prove are computed in float64 (sampling_screen.py): the same tokens."""
+    same tokens bit for bit. A float32 batch is screened in float32 first (any size with the
+    compiled screen, from 128 rows with NumPy's), and only the rows the screen cannot prove are
+    computed in float64 (sampling_screen.py): the same tokens."""
     logits = np.asarray(logits)
-    if logits.ndim == 2 and len(logits) >= SCREEN_ROWS and logits.dtype == np.float32:
+    if logits.ndim == 2 and logits.dtype == np.float32 and worth_screening(*logits.shape):
         temperature = np.asarray(temperature, np.float64)
         if temperature.shape != (len(logits),):  # (np.broadcast_to costs more than a [B] array's arithmetic)
             temperature = np.broadcast_to(temperature, (len(logits),))
         tokens, proven = screen_uncut(logits, temperature, uniforms)  # [B], [B]
         if not np.logical_and.reduce(proven):
-            unproven = (~proven).nonzero()[0]  # [F], about 1% of the rows
-            tokens[unproven] = _sample_uncut_float64(logits[unproven], temperature[unproven],
-                                                     np.asarray(uniforms)[unproven])  # [F]
+            unproven = (~proven).nonzero()[0]  # [F], about 0.2% of the rows
+            if len(unproven) <= FEW_UNPROVEN:  # one at a time: the same float64 operations, less overhead
+                for row in unproven.tolist():
+                    tokens[row] = sample_plain_row(logits[row], float(temperature[row]), float(uniforms[row]))
+            else:
+                tokens[unproven] = _sample_uncut_float64(logits[unproven], temperature[unproven],
+                                                         np.asarray(uniforms)[unproven])  # [F]
         return tokens
     return _sample_uncut_float64(logits, temperature, uniforms)
 
@@ -216,8 +229,8 @@ def _sample_uncut_float64(logits: np.ndarray, temperature: np.ndarray, uniforms:
     return _inverse_cdf(weights, uniforms)
 
 
+FEW_UNPROVEN = 2  # up to this many unproven rows are drawn one by one (sample_plain_row)
 COLUMN_ROWS = 128  # from this many rows sample_uncut works on the transposed batch (_sample_uncut_columns)
-SCREEN_ROWS = 128  # from this many float32 rows it screens them in float32 first (sampling_screen.py)
 
 
 def _sample_uncut_columns(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> np.ndarray:

@@ -40,6 +40,13 @@ float32 logits x and float64 temperature T; D is the row's spread, min(-min d32,
   0.009 R of slack in kappa.
   NaN or infinite logits make a comparison false (the row falls back); temperatures whose
   reciprocal float32 cannot hold within its relative rounding fall back too.
+
+Two implementations of the same screen, under the same bound: screen_compiled (sampling_kernel.c,
+built by setup.py where a C compiler is found: each tile of 16 rows stays in the first-level
+cache through every step, and its running sum is sequential, h = V) and screen_numpy (NumPy
+passes over the [V, N] batch, the running sum blocked). screen_uncut takes the compiled one
+when it is built and the vocabulary is at most MAX_DEPTH; a proven row's token is the float64
+one whichever ran, so the choice never changes a draw.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+
+try:
+    from server.engine import _sampling_kernel
+except ImportError:  # built only where setup.py found a C compiler: NumPy screens then
+    _sampling_kernel = None
 
 MAX_DEPTH = 512  # most roundings the running sum puts a term through (b + K - 1) for the bound above
 ABS = 2.0**-100  # absolute margin: weights under float32's normal range
@@ -64,10 +76,44 @@ def scan_blocks(vocab: int) -> tuple[int, int]:
                key=lambda bk: (bk[0] - 1) + (bk[1] - 1) + (bk[0] * bk[1] - vocab) / 2)
 
 
+COMPILED = _sampling_kernel is not None  # sampling_kernel.c is built (see screen_uncut)
+NUMPY_SCREEN_ROWS = 128  # NumPy's screen pays from this many rows; the compiled one from 1 (2 us at 1 to 16)
+
+
+def worth_screening(rows: int, vocab: int) -> bool:
+    """Whether screen_uncut is faster than the float64 sampler for [rows, vocab] float32 logits."""
+    return rows >= 1 and ((COMPILED and 2 <= vocab <= MAX_DEPTH) or rows >= NUMPY_SCREEN_ROWS)
+
+
 def screen_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The float32 screen of sample_uncut: logits [N, V] float32, temperature [N] float64 (> 0), uniforms
     [N] -> (token ids int64 [N], proven bool [N]). Where proven, the token is the one the float64
     sampler draws, bit for bit (see the module's docstring); elsewhere it means nothing."""
+    if COMPILED and 2 <= logits.shape[1] <= MAX_DEPTH:
+        return screen_compiled(logits, temperature, uniforms)
+    return screen_numpy(logits, temperature, uniforms)
+
+
+def screen_compiled(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """screen_uncut in compiled code (sampling_kernel.c); vocabularies of 2 to MAX_DEPTH entries."""
+    if _sampling_kernel is None:
+        raise RuntimeError("the compiled screen is not built: reinstall charstream where a C compiler is found")
+    count, vocab = logits.shape
+    tokens = np.empty(count, np.int64)  # [N]
+    proven = np.empty(count, bool)  # [N]
+    _sampling_kernel.screen(np.ascontiguousarray(logits, np.float32), vocab,
+                          np.ascontiguousarray(temperature, np.float64), np.ascontiguousarray(uniforms, np.float64),
+                          tokens, proven)
+    return tokens, proven
+
+
+def uniforms_compiled(keys: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+    """sampling.uniforms_at in compiled code, into out: keys uint64 [N], positions int64 or uint64 [N]."""
+    _sampling_kernel.uniforms(keys, positions, out)
+
+
+def screen_numpy(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """screen_uncut in NumPy passes over the [V, N] batch (any vocabulary up to about 65,000)."""
     count, vocab = logits.shape
     reciprocal = 1.0 / temperature  # [N] float64
     # The [V, N] layout, C order: reductions and the running sum are vector calls over all rows at
