@@ -210,3 +210,30 @@ def test_a_batch_stretch_block_expands_to_one_text_per_request() -> None:
     assert merge_blocks([(block.request_ids, block.tokens)], np.array(chars)) == [(7, "abc"), (9, "fe")]
     lane = CharBlock(np.array([7, 9]), np.array([3, 3]))  # the steady lane's: one character a request
     assert [(rid, e.text) for rid, e in expand_events([(BLOCK, lane)], text_events)] == [(7, "d"), (9, "d")]
+
+
+def test_repeated_acks_land_on_the_right_rows_after_rows_move() -> None:
+    """The lane reuses an ack's row lookup while its ids repeat and no row moved; a row leaving
+    (here: aborted, its row refilled by the last one) must not send a repeated ack to the wrong row."""
+    batch = 8
+    scheduler = Scheduler(NullRunner(batch), max_batch=batch, lookahead=64, stretch=False)
+    for slot in range(batch):
+        scheduler.open(slot, slot, [1])
+        scheduler.submit(slot + 1, slot, GenerationRequest((), 10**6, SamplingSettings(temperature=0.8)))
+    for _ in range(30):  # about 29 characters each: every ack below is below what was generated
+        scheduler.sample()
+        scheduler.step()
+    lane = scheduler.lane
+    assert lane is not None and len(lane) == batch
+    ids = np.arange(batch, 0, -1)  # not the lane's row order
+
+    def delivered() -> dict[int, int]:
+        return {int(rid): int(count) for rid, count in zip(lane.rid[: lane.n], lane.delivered[: lane.n])}
+
+    for count in (1, 3):  # the same ids twice: the second call takes the cached rows
+        scheduler.ack_many(ids, count + ids)  # a different count per request
+        assert delivered() == {int(r): count + int(r) for r in ids}
+    scheduler.abort(2, 1)  # row of request 2 leaves; the last row moves into it
+    assert 2 not in lane.row_of_request
+    scheduler.ack_many(ids, 5 + ids)
+    assert delivered() == {int(r): 5 + int(r) for r in ids if r != 2}
