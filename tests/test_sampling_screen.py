@@ -47,7 +47,7 @@ def _check(screen: Screen, logits: np.ndarray, temperature: np.ndarray, uniforms
     return proven
 
 
-@pytest.mark.parametrize("vocab", [2, 3, 6, 65, 67, 256])
+@pytest.mark.parametrize("vocab", [2, 3, 6, 65, 67, 256, 511, 512])
 def test_proven_rows_draw_the_float64_token(screen: Screen, vocab: int) -> None:
     rng = np.random.default_rng(vocab)
     for scale in (0.1, 1.0, 4.0, 30.0):
@@ -150,3 +150,35 @@ def test_small_batches_draw_the_reference_token(count: int) -> None:
         got = sample_uncut(logits, temperature, uniforms)
         expected = [choose_token(logits[i], SamplingSettings(temperature[i]), uniforms[i]) for i in range(count)]
         assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8, 16, 200])
+def test_a_row_with_odd_logits_draws_the_same_token_in_any_batch(count: int) -> None:
+    """A NaN or infinite logit is never proven, and its row's fallback draw must not depend on how
+    many other rows fell back (one at a time, or as a batch) nor differ from the reference."""
+    rng = np.random.default_rng(count)
+    logits = rng.standard_normal((count, 65)).astype(np.float32)
+    temperature, uniforms = np.full(count, 0.8), rng.random(count)
+    for odd in (np.nan, np.inf, -np.inf):
+        bad = logits.copy()
+        bad[0, 5] = odd
+        if odd == -np.inf:
+            bad[0, :] = -np.inf  # a row with no possible character
+        with np.errstate(all="ignore"):
+            expected = _reference(bad, temperature, uniforms)
+            assert sample_uncut(bad, temperature, uniforms).tolist() == expected.tolist()
+            assert choose_token(bad[0], SamplingSettings(0.8), uniforms[0]) == expected[0]
+
+
+def test_partial_tiles_prove_their_rows() -> None:
+    """Batches that leave a tile of 16 rows part full: every real row is screened (proven at the
+    usual rate), none is left to float64 for being in a short tile."""
+    if not sampling_screen.COMPILED:
+        pytest.skip("the compiled kernel is not built")
+    rng = np.random.default_rng(2)
+    for count in (1, 7, 15, 17, 33):
+        logits = (rng.standard_normal((count, 65)) * 2).astype(np.float32)
+        temperature, uniforms = np.full(count, 0.8), rng.random(count)
+        tokens, proven = screen_compiled(logits, temperature, uniforms)
+        assert proven.all(), (count, proven)
+        assert np.array_equal(tokens, _reference(logits, temperature, uniforms))

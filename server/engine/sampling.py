@@ -65,8 +65,9 @@ def choose_token(logits: np.ndarray, settings: SamplingSettings, uniform: float)
     top_k = settings.top_k if 0 < settings.top_k < len(logits) else 0  # k >= V cuts nothing
     if top_k == 0 and settings.top_p >= 1.0:
         cdf = np.cumsum(weights)  # [V], in token-id order
-        index = int(np.searchsorted(cdf, uniform * cdf[-1], side="right"))
-        return min(index, len(cdf) - 1)
+        # searchsorted(cdf, u * total, "right") capped at V - 1, written as a count of cdf[:V-1] <= the
+        # target: the same index for any real cdf, and 0 for a NaN one (odd logits), as every sampler.
+        return int(np.count_nonzero(cdf[:-1] <= uniform * cdf[-1]))
     # Most likely first; ties keep token-id order so the cut is deterministic.
     order = np.argsort(-scaled, kind="stable")  # [V]
     sorted_weights = weights[order]
@@ -104,14 +105,14 @@ def stream_key(seed: int) -> int:
 def uniforms_at(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Uniform in [0, 1) at each (key, position): keys uint64 [B], positions [B] -> float64 [B]."""
     keys = np.atleast_1d(np.asarray(keys, dtype=np.uint64))  # [B]
-    if sampling_screen.COMPILED and keys.size > 1:  # the same bits (sampling_kernel.c), in one pass
-        positions = np.atleast_1d(np.asarray(positions))
+    positions = np.atleast_1d(np.asarray(positions))
+    if sampling_screen.COMPILED and keys.size > 1 and positions.shape == keys.shape:  # the same bits, one pass
         if positions.dtype not in (np.int64, np.uint64):
             positions = positions.astype(np.uint64)
         out = np.empty(keys.shape, np.float64)
         sampling_screen.uniforms_compiled(np.ascontiguousarray(keys), np.ascontiguousarray(positions), out)
         return out
-    counters = np.atleast_1d(np.asarray(positions).astype(np.uint64)) + np.uint64(1)  # [B]
+    counters = positions.astype(np.uint64) + np.uint64(1)  # [B] (broadcasting against keys)
     bits = _mix(keys + counters * _GAMMA)  # [B], the SplitMix64 output for state key + n*gamma
     # Top 53 bits -> an exact double in [0, 1); never 1.0.
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [B]
@@ -262,8 +263,7 @@ def sample_plain_row(logits: np.ndarray, temperature: float, uniform: float) -> 
     weights -= np.maximum.reduce(weights)
     np.exp(weights, out=weights)  # max = 1
     cdf = np.add.accumulate(weights)  # [V], as np.cumsum
-    index = int(cdf.searchsorted(uniform * cdf[-1], "right"))
-    return min(index, len(cdf) - 1)
+    return int(np.add.reduce(cdf[:-1] <= uniform * cdf[-1]))  # choose_token's count: 0 for a NaN cdf
 
 
 def _inverse_cdf(weights: np.ndarray, u: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -30,7 +31,12 @@
 #define RECIPROCAL_HIGH 1.2676506002282294e30  /* 2^100 */
 #define EXP_FLOOR -87.0f  /* below it exp32 gives 0: e^-87 < 2^-125, inside the bound's A */
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+/* A build that would break those rules fails here (the install then falls back to NumPy). */
+#if defined(__FAST_MATH__) || FLT_EVAL_METHOD != 0
+#error "sampling_kernel.c needs IEEE float arithmetic as written: no -ffast-math, no extended precision"
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
 #define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define VECTOR_CLONES
@@ -215,6 +221,18 @@ done:
     return release(views, held);
 }
 
+VECTOR_CLONES
+static void exp_values(const float *x, float *y, Py_ssize_t count)  /* the same clone as screen_tile */
+{
+    for (Py_ssize_t n = 0; n < count; n += LANES) {
+        Py_ssize_t left = count - n < LANES ? count - n : LANES;
+        vfloat values = splat(0.0f);
+        memcpy(&values, x + n, (size_t)left * sizeof(float));
+        vfloat e = exp32_clamped(values);
+        memcpy(y + n, &e, (size_t)left * sizeof(float));
+    }
+}
+
 static PyObject *exp_float32(PyObject *module, PyObject *args)
 {
     PyObject *source, *destination;
@@ -230,16 +248,8 @@ static PyObject *exp_float32(PyObject *module, PyObject *args)
     if (in.len != out.len) {
         PyErr_SetString(PyExc_ValueError, "values and out must have the same length");
     } else {
-        const float *x = in.buf;
-        float *y = out.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t n = 0; n < in.len / 4; n += LANES) {
-            Py_ssize_t left = in.len / 4 - n < LANES ? in.len / 4 - n : LANES;
-            vfloat values = splat(0.0f);
-            memcpy(&values, x + n, (size_t)left * sizeof(float));
-            vfloat e = exp32_clamped(values);
-            memcpy(y + n, &e, (size_t)left * sizeof(float));
-        }
+        exp_values(in.buf, out.buf, in.len / 4);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&in);
