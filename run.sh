@@ -36,7 +36,7 @@ setup_env() {
     fi
     local py="$VENV/bin/python" stamp="$VENV/.charstream-installed"
     # (setup.py builds the sampler's C kernel: a change to it reinstalls too)
-    local want; want="$(cat pyproject.toml setup.py server/engine/sampling_kernel.c) $TORCH_REQ"
+    local want; want="$(cat pyproject.toml setup.py server/engine/sampling_kernel.h server/engine/sampling_*.c) $TORCH_REQ"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi

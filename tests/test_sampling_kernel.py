@@ -60,10 +60,30 @@ def test_exp32_is_within_the_bound_at_every_float32_it_is_used_on() -> None:
 
 @needs_kernel
 def test_exp32_outside_its_range() -> None:
-    x = np.array([-87.00001, -100.0, -np.inf, np.nan, 0.0, 1e-30, 5.0, -0.0], np.float32)
+    """Below -87 (and NaN, in rows never proven) every weight is e^-87: within 2^-124 of the real one."""
+    x = np.array([-87.00001, -100.0, -np.inf, np.nan, -87.0, 0.0, -0.0], np.float32)
     out = np.empty_like(x)
     kernel.exp32(x, out)
-    assert out.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # 0 below -87 and NaN; capped at 0 above
+    floor = out[4]
+    assert abs(float(floor) - np.exp(-87.0)) <= 2.0**-22 * np.exp(-87.0)
+    assert out.tolist() == [floor] * 5 + [1.0, 1.0]
+    real = np.exp(x[:3].astype(np.float64))  # the weights e^-87 stands for
+    assert np.all(np.abs(out[:3].astype(np.float64) - real) < 2.0**-124)
+
+
+@needs_kernel
+def test_exp64_is_numpys_within_a_few_ulp() -> None:
+    """The float64 check assumes libm's exp and NumPy's are each within 2^-40 of e^d; they agree to
+    1 ULP (2^-52) over the range a weight comes from, 10^7 values, and exactly at 0."""
+    rng = np.random.default_rng(17)
+    x = np.concatenate([rng.uniform(-745.0, 0.0, 6_000_000), -rng.exponential(1.0, 3_000_000),
+                        rng.uniform(-1e-3, 0.0, 1_000_000), [0.0, -0.0, -np.inf, -745.2, -708.5]])
+    out = np.empty_like(x)
+    kernel.exp64(x, out)
+    expected = np.exp(x)
+    assert out[-5:-3].tolist() == [1.0, 1.0] and out[-3] == 0.0  # the maximum's weight is exactly 1
+    ulps = np.abs(out.view(np.int64) - expected.view(np.int64))
+    assert int(ulps.max()) <= 4, int(ulps.max())
 
 
 @needs_kernel

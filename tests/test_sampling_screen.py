@@ -79,7 +79,7 @@ def test_targets_on_a_float64_boundary(screen: Screen, vocab: int) -> None:
             assert not proven.any()
 
 def test_odd_rows_fall_back(screen: Screen) -> None:
-    """NaN and infinite logits, and temperatures at the edges, are float64's (the same tokens)."""
+    """NaN and infinite logits, and temperatures at the edges, draw float64's tokens."""
     rng = np.random.default_rng(3)
     count, vocab = 256, 65
     logits = rng.standard_normal((count, vocab)).astype(np.float32)
@@ -94,8 +94,11 @@ def test_odd_rows_fall_back(screen: Screen) -> None:
     uniforms = rng.random(count)
     with np.errstate(all="ignore"):
         proven = _check(screen, logits, temperature, uniforms)
-    assert not proven[[0, 1, 2, 4, 6, 7, 8]].any()
+    assert not proven[[0, 1, 2]].any()  # NaN and infinite values: NumPy's float64 draws them
     assert proven[3]
+    # Huge scaled logits and edge temperatures: float32 cannot prove them; the compiled kernel's
+    # float64 check can (and _check held its tokens to float64's).
+    assert proven[[4, 6, 7, 8]].all() if screen is screen_compiled else not proven[[4, 6, 7, 8]].any()
 
 
 def test_sample_uncut_matches_choose_token_on_large_batches() -> None:
@@ -182,3 +185,28 @@ def test_partial_tiles_prove_their_rows() -> None:
         tokens, proven = screen_compiled(logits, temperature, uniforms)
         assert proven.all(), (count, proven)
         assert np.array_equal(tokens, _reference(logits, temperature, uniforms))
+
+
+@pytest.mark.parametrize("vocab", [3, 65, 512])
+def test_the_kernels_float64_check_settles_rows_float32_cannot(vocab: int) -> None:
+    """Targets 10^-7 (relative) from a float64 boundary are inside float32's margin but far outside
+    float64's: the compiled kernel proves them with its float64 check, each the float64 token (the
+    few that the shift put on another boundary aside), and leaves the targets on a boundary to NumPy."""
+    if not sampling_screen.COMPILED:
+        pytest.skip("the compiled kernel is not built")
+    rng = np.random.default_rng(31 + vocab)
+    count = 2048
+    logits = (rng.standard_normal((count, vocab)) * 3).astype(np.float32)
+    temperature = rng.choice(np.array([0.5, 0.8, 1.3]), size=count)
+    scaled = logits.astype(np.float64) / temperature[:, None]
+    cdf = np.cumsum(np.exp(scaled - scaled.max(axis=1, keepdims=True)), axis=1)  # [N, V]
+    boundary = cdf[np.arange(count), rng.integers(0, vocab - 1, size=count)] / cdf[:, -1]  # [N]
+    near = np.minimum(boundary * (1 + rng.choice([-1e-7, 1e-7], size=count)), np.nextafter(1.0, 0.0))
+    _, float32_proven = screen_numpy(logits, temperature, near)
+    assert float32_proven.mean() < 0.5  # these rows are the float32 screen's hard ones
+    target = near * cdf[:, -1]  # [N]
+    clear = np.min(np.abs(cdf[:, :-1] - target[:, None]), axis=1) > 1e-9 * target  # off every boundary
+    assert clear.mean() > 0.99
+    assert _check(screen_compiled, logits, temperature, near)[clear].all()
+    on = np.minimum(boundary, np.nextafter(1.0, 0.0))
+    assert not _check(screen_compiled, logits, temperature, on).any()

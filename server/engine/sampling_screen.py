@@ -24,7 +24,8 @@ float32 logits x and float64 temperature T; D is the row's spread, min(-min d32,
     [-104, 0] was checked exhaustively: 3.6 ULP). A normal result has |d| <= 87.4, and
     |d| <= D(1 + 2^-22) anyway, so e = W * (1 + r) with |r| <= D * 3.001 * 2^-24 + 2^-21; a
     result below 2^-126 is within 2^-124 of W (absolute; flushed subnormals too, if a thread
-    flushes them): A = 2^-110 covers V of those.
+    flushes them), and so is the compiled exp's e^-87 for every d below -87 (it raises such
+    inputs to -87; e^-87 < 2^-125): A = 2^-110 covers V of those.
   - the blocked running sum adds each term through at most h = b + K - 1 roundings (b entries
     per block, K blocks): with non-negative terms, within gamma_h = h * 2^-24 * 1.001 of the
     exact sum (subnormals included). u32 * c[V-1] adds two roundings (2^-22 covers them).
@@ -41,10 +42,14 @@ float32 logits x and float64 temperature T; D is the row's spread, min(-min d32,
   NaN or infinite logits make a comparison false (the row falls back); temperatures whose
   reciprocal float32 cannot hold within its relative rounding fall back too.
 
-Two implementations of the same screen, under the same bound: screen_compiled (sampling_kernel.c,
-built by setup.py where a C compiler is found: each tile of 16 rows stays in the first-level
-cache through every step, and its running sum is sequential, h = V) and screen_numpy (NumPy
-passes over the [V, N] batch, the running sum blocked). screen_uncut takes the compiled one
+Two implementations of the same screen, under the same bound: screen_compiled (sampling_kernel.c
+and sampling_screen32.c, built by setup.py where a C compiler is found: each tile of 16 rows
+stays in the first-level cache through every step, and its running sum is sequential, h = V)
+and screen_numpy (NumPy passes over the [V, N] batch, the running sum blocked). The compiled
+one also checks each row it cannot prove in float64 (sampling_check64.c): NumPy's own
+arithmetic but for exp (libm's against NumPy's, both within a few ULP), with a margin of
+about 2^-35 relative, which leaves only targets on a boundary, NaN and infinities unproven
+(about one row in 10^9 against 0.2%). screen_uncut takes the compiled one
 when it is built and the vocabulary is at most MAX_DEPTH; a proven row's token is the float64
 one whichever ran, so the choice never changes a draw.
 """
