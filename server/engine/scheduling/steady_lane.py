@@ -14,11 +14,16 @@ same few dozen NumPy calls at any batch size:
     key, position [n] uint64     the random stream (sampling.py), per row
     temperature, top_k, top_p    the settings; greedy rows draw nothing
     generated, delivered, stepped [n]   the request's counters
-    logits [n, V], has_logits    what the next character is drawn from
+    logits [n, V], has_logits    what the next character is drawn from (after a step that took
+                                 every row: that step's own logits, not copied; see _owned_logits)
     waiting [n]                  the sampled character a step has yet to consume (-1: none)
-    win_step, win_pos [n, W]     where the state before generated char k lies:
-                                 row win_pos of the inputs of lane step win_step (ring of W steps)
-    tokens [n, TOKENS]           characters generated since they were last written to the Request
+    win_step, win_pos [n, K]     where the state before generated char k lies: row win_pos of
+                                 the inputs of lane step win_step (ring of W steps), at k & (K - 1):
+                                 K is W rounded up to a power of two (a mask, not a division)
+    tokens [n, TOKENS]           characters generated since they were last saved; when a row's
+                                 fills, every row's are saved as arrays (saved), and written to
+                                 the Request's list when it leaves: a list of ints costs ~20 ns a
+                                 character to build, the one cost here that grows with the batch
 
 The Request and SlotState objects stay the truth for everything else, and
 are brought up to date (`leave`) before anything but the lane's own
@@ -45,7 +50,7 @@ from server.engine.scheduling.slot_state import (
 )
 
 _NONE = np.zeros(0, np.int64)  # no rows (read only: callers test .size)
-TOKENS = 256  # characters a row holds before every row's are written to its Request (a rare O(n) pass)
+TOKENS = 1024  # characters a row holds before every row's are saved (a rare O(n) pass)
 
 
 class SteadyLane:
@@ -53,6 +58,7 @@ class SteadyLane:
         self.lookahead, self.n = lookahead, 0
         self.window = lookahead + 2  # W: a row that keeps up holds at most lookahead + 1 undo states
         c, w = capacity, self.window
+        self._k_mask = (1 << (w - 1).bit_length()) - 1  # K - 1, K >= W: a row's live k are distinct mod K
         self.slot = np.zeros(c, np.int64)
         self.rid = np.zeros(c, np.int64)
         self.key = np.zeros(c, np.uint64)
@@ -69,13 +75,19 @@ class SteadyLane:
         self.entered = np.zeros(c, np.int64)  # stepped when the row entered: earlier undo states are the Request's
         self.last_step = np.zeros(c, np.int64)
         self.logits = np.zeros((c, vocab_size), np.float32)  # [n, V]
+        # A step that took every row leaves their logits in its own output (a fresh array each
+        # step, which the per-row path keeps views of too): rows 0 .. n-1 read them there, and
+        # `logits` is brought up to date only when a row enters, leaves, or misses a step.
+        self._step_logits: np.ndarray | None = None  # [n, V]
         self.has_logits = np.zeros(c, bool)
         self.waiting = np.full(c, -1, np.int64)
-        self.win_step = np.zeros((c, w), np.int64)  # [n, W]
-        self.win_pos = np.zeros((c, w), np.int64)  # [n, W]
-        self.tokens = np.zeros((c, TOKENS), np.int64)  # [n, TOKENS]
-        self.unwritten = np.zeros(c, np.int64)  # characters in `tokens` not yet in the Request
+        self.win_step = np.zeros((c, self._k_mask + 1), np.int64)  # [n, K]
+        self.win_pos = np.zeros((c, self._k_mask + 1), np.int64)  # [n, K]
+        self.tokens = np.zeros((c, TOKENS), np.int32)  # [n, TOKENS]
+        self._token_base = np.arange(c) * TOKENS  # [c]: row r's first entry in tokens' flat view
+        self.unwritten = np.zeros(c, np.int64)  # characters in `tokens` not yet saved
         self.requests: list[Request] = []  # lane row -> its Request, SlotState (for leave)
+        self.saved: list[list[np.ndarray]] = []  # lane row -> its characters' earlier blocks, in order
         self.states: list[SlotState] = []
         self.row_of_request: dict[int, int] = {}
         self.row_of_slot: dict[int, int] = {}
@@ -98,6 +110,7 @@ class SteadyLane:
     def enter(self, request: Request, state: SlotState) -> None:
         """Take a plainly running request whose logits are ready and nothing queued (the scheduler
         checks: may_enter). Its SlotState's logits move here."""
+        self._owned_logits()
         row, settings = self.n, request.spec.settings
         self.n += 1
         self.slot[row], self.rid[row] = request.slot, request.id
@@ -112,6 +125,7 @@ class SteadyLane:
         state.logits = None  # the lane's from here on
         own_window(request)  # undo states from before stay the Request's: as copies, pinning no whole step
         self.requests.append(request)
+        self.saved.append([])
         self.states.append(state)
         self.row_of_request[request.id] = self.row_of_slot[request.slot] = row
         self._least_left = min(self._least_left, request.spec.max_chars - len(request.tokens))
@@ -121,9 +135,11 @@ class SteadyLane:
         """Write the rows back to their Request and SlotState and drop them from the lane; returns
         their requests (a sampled character not yet consumed is queued in the state again)."""
         left = []
+        self._owned_logits()
         for row in sorted((int(r) for r in rows), reverse=True):  # the last row moves into a freed one
             request, state = self.requests[row], self.states[row]
-            request.tokens.extend(self.tokens[row, : self.unwritten[row]].tolist())
+            blocks = [*self.saved[row], self.tokens[row, : self.unwritten[row]]]
+            request.tokens.extend(np.concatenate(blocks).tolist())
             request.stepped = stepped = int(self.stepped[row])
             for k in range(max(int(self.delivered[row]), 1, int(self.entered[row]) + 1), stepped + 1):
                 request.window[k] = self.undo_state(row, k).copy()  # [L, H], owned: the ring moves on
@@ -140,12 +156,19 @@ class SteadyLane:
 
     def undo_state(self, row: int, k: int) -> np.ndarray:
         """The state before generated character k of `row` (a lane step consumed it): [L, H]."""
-        w = self.window
-        inputs = self._ring[int(self.win_step[row, k % w]) % w]
+        w, at = self.window, k & self._k_mask
+        inputs = self._ring[int(self.win_step[row, at]) % w]
         assert inputs is not None
-        return inputs[:, int(self.win_pos[row, k % w]), :]
+        return inputs[:, int(self.win_pos[row, at]), :]
+
+    def _owned_logits(self) -> None:
+        """Every row's logits into the lane's own array (before rows move, enter or miss a step)."""
+        if self._step_logits is not None:
+            self.logits[: self.n] = self._step_logits
+            self._step_logits = None
 
     def _remove(self, row: int) -> None:
+        self._owned_logits()
         last = self.n - 1
         self._order = None
         del self.row_of_request[int(self.rid[row])], self.row_of_slot[int(self.slot[row])]
@@ -155,9 +178,10 @@ class SteadyLane:
                            self.entered, self.last_step, self.logits, self.has_logits, self.waiting, self.win_step,
                            self.win_pos, self.tokens, self.unwritten):
                 column[row] = column[last]
-            self.requests[row], self.states[row] = self.requests[last], self.states[last]
+            self.requests[row], self.states[row], self.saved[row] = self.requests[last], self.states[last], self.saved[last]
             self.row_of_request[int(self.rid[row])], self.row_of_slot[int(self.slot[row])] = row, row
         self.requests.pop()
+        self.saved.pop()
         self.states.pop()
         self.n = last
 
@@ -189,7 +213,7 @@ class SteadyLane:
             return _NONE
         oldest = np.maximum(np.maximum(self.delivered[:n], 1), self.entered[:n] + 1)  # [n]
         live = oldest <= self.stepped[:n]
-        held = self.win_step[self._arange[:n], oldest % self.window]  # [n]
+        held = self.win_step[self._arange[:n], oldest & self._k_mask]  # [n]
         return (live & (held <= self._t + 1 - self.window)).nonzero()[0]
 
     def sample(self) -> CharBlock | None:
@@ -201,7 +225,7 @@ class SteadyLane:
             return None
         if rows.size == n:  # every row (the steady state): slices, cheaper than gathers
             rows = slice(0, n)  # type: ignore[assignment]
-        logits = self.logits[rows]  # [R, V]
+        logits = (self.logits if self._step_logits is None else self._step_logits)[rows]  # [R, V]
         uniforms = uniforms_at(self.key[rows], self.position[rows])  # [R]
         if self.plain[rows].all():
             tokens = sample_uncut(logits, self.temperature[rows], uniforms)  # [R]
@@ -209,18 +233,20 @@ class SteadyLane:
             tokens = sample_tokens(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], uniforms)
         self.position[rows] += self.draws[rows]
         self.waiting[rows], self.has_logits[rows] = tokens, False
-        self.tokens[self._arange[rows], self.unwritten[rows]] = tokens  # row by row: no outer indexing
+        self.tokens.ravel()[self._token_base[rows] + self.unwritten[rows]] = tokens  # one flat index a row
         self.unwritten[rows] += 1
         self.generated[rows] += 1
         self._least_left -= 1  # each row drew at most one character
         self._since_write += 1
         if self._since_write >= TOKENS and self.unwritten[:n].max() == TOKENS:
-            self._write_tokens()
+            self._save_tokens()
         return CharBlock(self.rid[rows].copy(), tokens)  # a copy: rows move when others leave
 
-    def _write_tokens(self) -> None:
-        for row in range(self.n):
-            self.requests[row].tokens.extend(self.tokens[row, : self.unwritten[row]].tolist())
+    def _save_tokens(self) -> None:
+        """Every row's characters since the last save as an array of its own (a copy: a view would
+        keep the whole block alive while any row of it stays)."""
+        for saved, tokens, count in zip(self.saved, self.tokens, self.unwritten[: self.n].tolist()):
+            saved.append(tokens[:count].copy())
         self.unwritten[: self.n] = 0
         self._since_write = 0
 
@@ -240,12 +266,16 @@ class SteadyLane:
         taken = slice(0, n) if every else rows
         positions = offset + self._arange[: rows.size]  # [R]
         consumed = self.stepped[taken] + 1  # [R]: generated char k, 1-based
-        # win_step[rows, k % W] and win_pos[rows, k % W] through their flat views: one index for both.
-        at = (self._arange[:n] if every else rows) * self.window + consumed % self.window  # [R]
+        # win_step[rows, k & (K - 1)] and win_pos[...] through their flat views: one index for both.
+        at = (self._arange[:n] if every else rows) * (self._k_mask + 1) + (consumed & self._k_mask)  # [R]
         self.win_step.ravel()[at], self.win_pos.ravel()[at] = self._t, positions
         self._ring[self._t % self.window] = inputs
         self.stepped[taken] = consumed
-        self.logits[taken] = logits[offset: offset + n] if every else logits[positions]
+        if every:
+            self._step_logits = logits[offset: offset + n]  # [n, V], a view: no copy
+        else:
+            self._owned_logits()
+            self.logits[taken] = logits[positions]
         self.has_logits[taken], self.waiting[taken], self.last_step[taken] = True, -1, iteration
 
     def ack(self, request_ids: np.ndarray, delivered: np.ndarray) -> np.ndarray:
