@@ -237,3 +237,42 @@ def test_repeated_acks_land_on_the_right_rows_after_rows_move() -> None:
     assert 2 not in lane.row_of_request
     scheduler.ack_many(ids, 5 + ids)
     assert delivered() == {int(r): 5 + int(r) for r in ids if r != 2}
+
+
+def test_long_streams_keep_every_character_through_the_lanes_saved_blocks() -> None:
+    """Rows that run past the lane's token store (steady_lane.TOKENS characters) several times,
+    entering at different iterations and with a row leaving midway (rows move), end with the very
+    characters, and sessions, that the per-row path gives."""
+    from server.engine.scheduling.steady_lane import TOKENS
+
+    class SlotRunner(NullRunner):  # each slot its own fixed logits, wherever its row sits in the batch
+        def step(self, token_ids, slots, start_mask, start_states=None):  # type: ignore[no-untyped-def]
+            out = super().step(token_ids, slots, start_mask, start_states)
+            logits = self._logits[slots] + np.float32(0.1) * token_ids[:, None].astype(np.float32)  # [B, V]
+            return type(out)(logits, out.inputs)
+
+    batch, iterations = 5, 2 * TOKENS + 300
+    drivers = []
+    for lane in (True, False):
+        scheduler = Scheduler(SlotRunner(batch), max_batch=batch, lookahead=8, stretch=False, lane=lane)
+        for slot in range(batch):
+            scheduler.open(slot, 40 + slot, [1])
+        drivers.append(Driver(scheduler))
+    settings = SamplingSettings(temperature=0.9)
+    for i in range(iterations):
+        for driver in drivers:
+            if i < batch * 37 and i % 37 == 0:  # one more stream every 37 iterations
+                driver.scheduler.submit(i // 37 + 1, i // 37, GenerationRequest((), 10**6, settings))
+            if i == TOKENS + 50:
+                driver.scheduler.abort(2, driver.taken.get(2, 0))  # its row leaves; the last row moves in
+            driver.iterate()
+            ids = np.array(sorted(driver.taken), np.int64)
+            driver.scheduler.ack_many(ids, np.array([driver.taken[r] for r in ids], np.int64))
+    with_lane, per_row = drivers
+    assert with_lane.most_in_lane == batch
+    with_lane.scheduler.leave_lane()
+    texts = [{rid: "".join(e[0] for e in events) for rid, events in d.seen.items()} for d in drivers]
+    assert texts[0] == texts[1]
+    assert min(len(text) for rid, text in texts[0].items() if rid != 2) > 2 * TOKENS
+    for request_id, request in per_row.scheduler.requests.items():
+        assert with_lane.scheduler.requests[request_id].tokens == request.tokens
