@@ -47,6 +47,8 @@ class LaneGlue:
         """Acknowledgements as the callers send them, request ids [N] and characters delivered in all
         [N]: the lane's requests in one array pass, the others one by one."""
         others = self.lane.ack(request_ids, delivered) if self.lane is not None and len(self.lane) else slice(None)
+        if others is None:  # every one was the lane's
+            return
         for request_id, count in zip(request_ids[others].tolist(), delivered[others].tolist()):
             self.ack(request_id, count)
 
@@ -87,8 +89,10 @@ class LaneGlue:
         if ready and len(ready) + lane_rows.size <= PREFILL_MAX_BATCH and self.runner.prefill_session is not None:
             ready = prefill(self.runner, ready, lambda state, exc: self._fail([state], exc))
         try:
-            output = run_step(self.runner, ready, self._zero_state, self._observer, lane.waiting[lane_rows],
-                              lane.slot[lane_rows])
+            every = lane_rows.size == len(lane)  # (ready() is sorted: rows 0 .. n-1, slices serve)
+            output = run_step(self.runner, ready, self._zero_state, self._observer,
+                              lane.waiting[: len(lane)].copy() if every else lane.waiting[lane_rows],
+                              lane.slot[: len(lane)] if every else lane.slot[lane_rows])
         except Exception as exc:  # noqa: BLE001 - one failed step must not kill the engine
             logger.exception("model step failed")
             lane_states = [lane.states[row] for row in lane_rows.tolist()]

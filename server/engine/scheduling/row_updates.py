@@ -72,8 +72,12 @@ def run_step(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]], zero_s
     slots = np.fromiter((slot for slot, _ in ready), np.int64, count)  # [B]
     start_mask = np.fromiter((state.start is not None for _, state in ready), bool, count)  # [B]
     if lane_tokens is not None and lane_slots is not None:
-        tokens, slots = np.concatenate([tokens, lane_tokens]), np.concatenate([slots, lane_slots])  # [B + R]
-        start_mask = np.concatenate([start_mask, np.zeros(len(lane_slots), bool)])  # [B + R]
+        if count:
+            tokens, slots = np.concatenate([tokens, lane_tokens]), np.concatenate([slots, lane_slots])  # [B + R]
+        else:  # the lane's rows alone (the steady state)
+            tokens, slots = lane_tokens, lane_slots  # [R]
+        start_mask = np.zeros(len(tokens), bool) if not count else np.concatenate(
+            [start_mask, np.zeros(len(lane_slots), bool)])  # [B + R]
         count = len(tokens)
     start_states = None
     if start_mask.any():

@@ -17,9 +17,10 @@ same few dozen NumPy calls at any batch size:
     logits [n, V], has_logits    what the next character is drawn from (after a step that took
                                  every row: that step's own logits, not copied; see _owned_logits)
     waiting [n]                  the sampled character a step has yet to consume (-1: none)
-    win_step, win_pos [n, K]     where the state before generated char k lies: row win_pos of
-                                 the inputs of lane step win_step (ring of W steps), at k & (K - 1):
-                                 K is W rounded up to a power of two (a mask, not a division)
+    win [n, K]                   where the state before generated char k lies, at k & (K - 1)
+                                 (K: W rounded up to a power of two, a mask, not a division): lane
+                                 step t and row p of its inputs (ring of W steps) as t << b | p,
+                                 b the bits of a row (a step has at most `capacity` rows)
     tokens [n, TOKENS]           characters generated since they were last saved; when a row's
                                  fills, every row's are saved as arrays (saved), and written to
                                  the Request's list when it leaves: a list of ints costs ~20 ns a
@@ -59,6 +60,7 @@ class SteadyLane:
         self.window = lookahead + 2  # W: a row that keeps up holds at most lookahead + 1 undo states
         c, w = capacity, self.window
         self._k_mask = (1 << (w - 1).bit_length()) - 1  # K - 1, K >= W: a row's live k are distinct mod K
+        self._bits = max(1, (c - 1).bit_length())  # b: 10 for 1,024 slots, leaving t 53 bits
         self.slot = np.zeros(c, np.int64)
         self.rid = np.zeros(c, np.int64)
         self.key = np.zeros(c, np.uint64)
@@ -81,8 +83,7 @@ class SteadyLane:
         self._step_logits: np.ndarray | None = None  # [n, V]
         self.has_logits = np.zeros(c, bool)
         self.waiting = np.full(c, -1, np.int64)
-        self.win_step = np.zeros((c, self._k_mask + 1), np.int64)  # [n, K]
-        self.win_pos = np.zeros((c, self._k_mask + 1), np.int64)  # [n, K]
+        self.win = np.zeros((c, self._k_mask + 1), np.int64)  # [n, K]: one entry (one cache line) a character
         self.tokens = np.zeros((c, TOKENS), np.int32)  # [n, TOKENS]
         self._token_base = np.arange(c) * TOKENS  # [c]: row r's first entry in tokens' flat view
         self.unwritten = np.zeros(c, np.int64)  # characters in `tokens` not yet saved
@@ -156,10 +157,10 @@ class SteadyLane:
 
     def undo_state(self, row: int, k: int) -> np.ndarray:
         """The state before generated character k of `row` (a lane step consumed it): [L, H]."""
-        w, at = self.window, k & self._k_mask
-        inputs = self._ring[int(self.win_step[row, at]) % w]
+        entry = int(self.win[row, k & self._k_mask])
+        inputs = self._ring[(entry >> self._bits) % self.window]
         assert inputs is not None
-        return inputs[:, int(self.win_pos[row, at]), :]
+        return inputs[:, entry & ((1 << self._bits) - 1), :]
 
     def _owned_logits(self) -> None:
         """Every row's logits into the lane's own array (before rows move, enter or miss a step)."""
@@ -175,8 +176,8 @@ class SteadyLane:
         if row != last:  # every column's last row into the freed one
             for column in (self.slot, self.rid, self.key, self.position, self.temperature, self.top_k, self.top_p,
                            self.draws, self.plain, self.max_chars, self.generated, self.delivered, self.stepped,
-                           self.entered, self.last_step, self.logits, self.has_logits, self.waiting, self.win_step,
-                           self.win_pos, self.tokens, self.unwritten):
+                           self.entered, self.last_step, self.logits, self.has_logits, self.waiting, self.win,
+                           self.tokens, self.unwritten):
                 column[row] = column[last]
             self.requests[row], self.states[row], self.saved[row] = self.requests[last], self.states[last], self.saved[last]
             self.row_of_request[int(self.rid[row])], self.row_of_slot[int(self.slot[row])] = row, row
@@ -213,7 +214,7 @@ class SteadyLane:
             return _NONE
         oldest = np.maximum(np.maximum(self.delivered[:n], 1), self.entered[:n] + 1)  # [n]
         live = oldest <= self.stepped[:n]
-        held = self.win_step[self._arange[:n], oldest & self._k_mask]  # [n]
+        held = self.win[self._arange[:n], oldest & self._k_mask] >> self._bits  # [n]: the lane step
         return (live & (held <= self._t + 1 - self.window)).nonzero()[0]
 
     def sample(self) -> CharBlock | None:
@@ -266,9 +267,9 @@ class SteadyLane:
         taken = slice(0, n) if every else rows
         positions = offset + self._arange[: rows.size]  # [R]
         consumed = self.stepped[taken] + 1  # [R]: generated char k, 1-based
-        # win_step[rows, k & (K - 1)] and win_pos[...] through their flat views: one index for both.
+        # win[rows, k & (K - 1)] through its flat view.
         at = (self._arange[:n] if every else rows) * (self._k_mask + 1) + (consumed & self._k_mask)  # [R]
-        self.win_step.ravel()[at], self.win_pos.ravel()[at] = self._t, positions
+        self.win.ravel()[at] = positions + (self._t << self._bits)
         self._ring[self._t % self.window] = inputs
         self.stepped[taken] = consumed
         if every:
@@ -278,9 +279,9 @@ class SteadyLane:
             self.logits[taken] = logits[positions]
         self.has_logits[taken], self.waiting[taken], self.last_step[taken] = True, -1, iteration
 
-    def ack(self, request_ids: np.ndarray, delivered: np.ndarray) -> np.ndarray:
+    def ack(self, request_ids: np.ndarray, delivered: np.ndarray) -> np.ndarray | None:
         """Acknowledgements (request id [N], characters delivered in all [N]): the lane's applied;
-        returns the mask of the others (requests not in the lane)."""
+        returns the mask of the others (requests not in the lane), None when there are none."""
         n = self.n
         if n == 0:
             return np.ones(len(request_ids), bool)
@@ -297,7 +298,13 @@ class SteadyLane:
             at = np.minimum(np.searchsorted(ids, request_ids), n - 1)  # [N]
             ours = ids[at] == request_ids  # [N]
             rows = order[at[ours]]
+            if len(request_ids) == rows.size == n and np.array_equal(rows, self._arange[:n]):  # every row, in order
+                rows = slice(0, n)  # (streams acknowledged in the order they entered): slices, no gathers
             self._last_ack = (order, request_ids.copy(), ours, rows)
+        if isinstance(rows, slice):
+            delivered_rows = self.delivered[rows]  # [n], a view: updated in place
+            np.maximum(delivered_rows, np.minimum(delivered, self.generated[rows]), out=delivered_rows)
+            return None
         self.delivered[rows] = np.maximum(self.delivered[rows], np.minimum(delivered[ours], self.generated[rows]))
         return ~ours
 
