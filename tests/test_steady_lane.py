@@ -212,9 +212,11 @@ def test_a_batch_stretch_block_expands_to_one_text_per_request() -> None:
     assert [(rid, e.text) for rid, e in expand_events([(BLOCK, lane)], text_events)] == [(7, "d"), (9, "d")]
 
 
-def test_repeated_acks_land_on_the_right_rows_after_rows_move() -> None:
-    """The lane reuses an ack's row lookup while its ids repeat and no row moved; a row leaving
-    (here: aborted, its row refilled by the last one) must not send a repeated ack to the wrong row."""
+@pytest.mark.parametrize("in_row_order", [False, True])
+def test_repeated_acks_land_on_the_right_rows_after_rows_move(in_row_order: bool) -> None:
+    """The lane reuses an ack's row lookup while its ids repeat and no row moved (acks of every row
+    in row order take slices); a row leaving (here: aborted, its row refilled by the last one) must
+    not send a repeated ack to the wrong row."""
     batch = 8
     scheduler = Scheduler(NullRunner(batch), max_batch=batch, lookahead=64, stretch=False)
     for slot in range(batch):
@@ -225,7 +227,8 @@ def test_repeated_acks_land_on_the_right_rows_after_rows_move() -> None:
         scheduler.step()
     lane = scheduler.lane
     assert lane is not None and len(lane) == batch
-    ids = np.arange(batch, 0, -1)  # not the lane's row order
+    ids = lane.rid[: lane.n].copy() if in_row_order else np.arange(batch, 0, -1)
+    assert in_row_order == np.array_equal(ids, lane.rid[: lane.n])
 
     def delivered() -> dict[int, int]:
         return {int(rid): int(count) for rid, count in zip(lane.rid[: lane.n], lane.delivered[: lane.n])}
@@ -237,6 +240,9 @@ def test_repeated_acks_land_on_the_right_rows_after_rows_move() -> None:
     assert 2 not in lane.row_of_request
     scheduler.ack_many(ids, 5 + ids)
     assert delivered() == {int(r): 5 + int(r) for r in ids if r != 2}
+    rest = lane.rid[: lane.n].copy()  # the rows now, in row order: slices again
+    scheduler.ack_many(rest, np.full(rest.size, 10**6))  # more than was generated: capped at it
+    assert delivered() == {int(r): int(lane.generated[lane.row_of_request[int(r)]]) for r in rest}
 
 
 def test_long_streams_keep_every_character_through_the_lanes_saved_blocks() -> None:
