@@ -71,10 +71,10 @@ done:
     return release(views, held);
 }
 
-static PyObject *exp_float32(PyObject *module, PyObject *args)
+static PyObject *exp2_float32(PyObject *module, PyObject *args)
 {
     PyObject *source, *destination;
-    if (!PyArg_ParseTuple(args, "OO:exp32", &source, &destination))
+    if (!PyArg_ParseTuple(args, "OO:exp2_32", &source, &destination))
         return NULL;
     Py_buffer in, out;
     if (get_buffer(source, &in, "values", 4, "f", 0) < 0)
@@ -87,7 +87,7 @@ static PyObject *exp_float32(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "values and out must have the same length");
     } else {
         Py_BEGIN_ALLOW_THREADS
-        exp32_values(in.buf, out.buf, in.len / 4);
+        exp2_values(in.buf, out.buf, in.len / 4);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&in);
@@ -159,8 +159,8 @@ static PyMethodDef methods[] = {
     {"screen", screen, METH_VARARGS,
      "screen(logits, vocab, temperature, uniforms, tokens, proven): the float32 screen of each row, in place "
      "(logits float32 [N, vocab], temperature and uniforms float64 [N], tokens int64 [N], proven bool [N])."},
-    {"exp32", exp_float32, METH_VARARGS,
-     "exp32(values, out): the screen's float32 exp of each value <= 0 (e^-87 below -87 and for NaN), for its tests."},
+    {"exp2_32", exp2_float32, METH_VARARGS,
+     "exp2_32(values, out): the screen's float32 2^x of each value <= 0 (2^-125 below -125 and for NaN), for its tests."},
     {"exp64", exp_float64, METH_VARARGS,
      "exp64(values, out): the float64 check's exp (libm's) of each value, for its tests."},
     {NULL, NULL, 0, NULL},

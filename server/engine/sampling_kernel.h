@@ -35,8 +35,8 @@
 void screen_rows(const float *logits, Py_ssize_t vocab, Py_ssize_t rows, const double *temperature,
                  const double *uniforms, int64_t *tokens, unsigned char *proven);
 
-/* The screen's float32 exp of each value <= 0, on the same build (clone) as the screen. */
-void exp32_values(const float *x, float *y, Py_ssize_t count);
+/* The screen's float32 2^x of each value <= 0, on the same build (clone) as the screen. */
+void exp2_values(const float *x, float *y, Py_ssize_t count);
 
 /* One row the screen left: 1 with *token set when the float64 check proves NumPy's token, else 0
  * (sampling_check64.c). */

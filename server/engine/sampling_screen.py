@@ -24,8 +24,7 @@ float32 logits x and float64 temperature T; D is the row's spread, min(-min d32,
     [-104, 0] was checked exhaustively: 3.6 ULP). A normal result has |d| <= 87.4, and
     |d| <= D(1 + 2^-22) anyway, so e = W * (1 + r) with |r| <= D * 3.001 * 2^-24 + 2^-21; a
     result below 2^-126 is within 2^-124 of W (absolute; flushed subnormals too, if a thread
-    flushes them), and so is the compiled exp's e^-87 for every d below -87 (it raises such
-    inputs to -87; e^-87 < 2^-125): A = 2^-110 covers V of those.
+    flushes them): A = 2^-110 covers V of those.
   - the blocked running sum adds each term through at most h = b + K - 1 roundings (b entries
     per block, K blocks): with non-negative terms, within gamma_h = h * 2^-24 * 1.001 of the
     exact sum (subnormals included). u32 * c[V-1] adds two roundings (2^-22 covers them).
@@ -41,6 +40,14 @@ float32 logits x and float64 temperature T; D is the row's spread, min(-min d32,
   0.009 R of slack in kappa.
   NaN or infinite logits make a comparison false (the row falls back); temperatures whose
   reciprocal float32 cannot hold within its relative rounding fall back too.
+
+  The compiled screen works in base 2: b = fl(fl(x - max x) * fl(log2(e) / T)), the weight
+  2^b. That is d * log2(e) with the same three float32 roundings (log2(e) / T is computed in
+  float64, 2^-52, before its one rounding to float32), and 2^b = e^(b ln 2) is e^d times
+  e^(d theta) with |theta| <= 3.0001 * 2^-24: the same term D * 3.001 * 2^-24 as above. Its
+  exp2 is within 2^-21 of 2^b like exp32 (checked at every float32 it is used on), inputs
+  below -125 become 2^-125 (within 2^-124 of the weight, absolute), and D is taken as
+  -min b * ln 2 * (1 + 2^-20), which covers b's roundings.
 
 Two implementations of the same screen, under the same bound: screen_compiled (sampling_kernel.c
 and sampling_screen32.c, built by setup.py where a C compiler is found: each tile of 16 rows

@@ -2,7 +2,7 @@
  * margin is safe; sampling_kernel.h the rules of arithmetic this file keeps).
  *
  * Per row of logits x [V] float32, temperature T (float64) and uniform u (float64):
- *     d = fl32(fl32(x - max x) * fl32(1 / T));  e = exp32(d);  c = sequential float32 sum of e;
+ *     b = fl32(fl32(x - max x) * fl32(log2(e) / T));  e = exp2_32(b);  c = sequential float32 sum of e;
  *     t = fl32(fl32(u) * c[V-1]);  i = #{j < V-1 : c[j] <= t}
  * then the row is proven when its target is further from c[i-1] and c[i] than the float32
  * and float64 computations can differ (the same test, in float64, as sampling_screen.py); a
@@ -21,7 +21,9 @@
 #define MAX_SCALED 524288.0                /* 2^19, sampling_screen.MAX_SCALED */
 #define RECIPROCAL_LOW 7.888609052210118e-31   /* 2^-100 */
 #define RECIPROCAL_HIGH 1.2676506002282294e30  /* 2^100 */
-#define EXP_FLOOR -87.0f  /* inputs below it are raised to it: e^-87 < 2^-125 is within the bound's A of any smaller weight */
+#define EXP2_FLOOR -125.0f  /* inputs below it are raised to it: 2^-125 is within the bound's A of any smaller weight */
+#define LOG2E 1.4426950408889634   /* log2(e): b = d log2(e), so that 2^b = e^d */
+#define LN2 0.6931471805599453
 
 /* GCC's vector extensions (GCC and Clang): a vfloat is LANES floats in one register where the
  * machine has one that wide (AVX2), two halves where it does not (SSE2); the same IEEE operation
@@ -68,32 +70,34 @@ static inline __attribute__((always_inline)) void transpose8(vfloat m[LANES])
 }
 #endif
 
-/* exp for d in [-87, 0] (callers clamp): e^d = 2^k e^f with k = round(d / ln 2) and |f| <= 0.35
- * (Cody and Waite's two-part ln 2, whose high part times k is exact), e^f = 1 + f + f^2 P(f) with
- * P of degree 4 fitted to minimise the largest relative error on |f| <= ln 2 / 2 (3e-9 before
- * rounding: a degree fewer than Cephes' expf, whose extra term only pays below that). Its
- * relative error is checked against float64 exp at every float32 in [-87, 0] by
- * tests/test_sampling_kernel.py (the bound needs 2^-21; it is about 8e-8, under 2^-23). */
-static inline __attribute__((always_inline)) vfloat exp32(vfloat d)
+/* 2^b for b in [-125, 0] (callers clamp): 2^k 2^f with k = round(b), f = b - k exact (Sterbenz)
+ * and |f| <= 1/2, 2^f = 1 + f q(f) with q of degree 5 fitted to minimise the largest relative
+ * error on |f| <= 1/2 (2e-9 before rounding). Working in base 2 saves exp's reduction (a multiply
+ * by log2(e) and Cody and Waite's two-part ln 2): the screen folds log2(e) into its scale, which
+ * adds no float32 rounding (sampling_screen.py). Its relative error is checked against float64
+ * exp2 at every float32 in [-125, 0] by tests/test_sampling_kernel.py (the bound needs 2^-21;
+ * it is about 1e-7, under 2^-23). */
+static inline __attribute__((always_inline)) vfloat exp2_32(vfloat b)
 {
     const vfloat magic = splat(12582912.0f);                        /* 1.5 * 2^23: adding it rounds to an integer */
-    vfloat k = (d * splat(1.44269504088896341f) + magic) - magic;   /* round(d * log2 e), in [-126, 0] */
-    vfloat f = (d - k * splat(0.693359375f)) - k * splat(-2.12194440e-4f);
-    vfloat p = splat(1.3814490521e-3f);
-    p = p * f + splat(8.3686886355e-3f);
-    p = p * f + splat(4.1668388993e-2f);
-    p = p * f + splat(1.6666521132e-1f);
-    p = p * f + splat(4.9999994040e-1f);
-    vfloat y = p * (f * f) + f + splat(1.0f);                       /* e^f */
+    vfloat k = (b + magic) - magic;                                 /* round(b), in [-125, 0] */
+    vfloat f = b - k;
+    vfloat q = splat(1.5353319759e-4f);
+    q = q * f + splat(1.3398857554e-3f);
+    q = q * f + splat(9.6184369177e-3f);
+    q = q * f + splat(5.5503323674e-2f);
+    q = q * f + splat(2.4022647738e-1f);
+    q = q * f + splat(6.9314718246e-1f);
+    vfloat y = f * q + splat(1.0f);                                 /* 2^f */
     vint exponent = (__builtin_convertvector(k, vint) + 127) << 23;  /* 2^k, a normal float for k >= -126 */
     return y * (vfloat)exponent;
 }
 
-/* exp32 for the screen's d <= 0 (or NaN, in rows never proven): inputs below EXP_FLOOR, and NaN,
- * are raised to it, so e^-87 stands for every smaller weight (within 2^-124 of it, absolute). */
-static inline __attribute__((always_inline)) vfloat exp32_clamped(vfloat d)
+/* exp2_32 for the screen's b <= 0 (or NaN, in rows never proven): inputs below EXP2_FLOOR, and
+ * NaN, are raised to it, so 2^-125 stands for every smaller weight (within 2^-124 of it). */
+static inline __attribute__((always_inline)) vfloat exp2_32_clamped(vfloat b)
 {
-    return exp32(choose(d >= splat(EXP_FLOOR), d, splat(EXP_FLOOR)));
+    return exp2_32(choose(b >= splat(EXP2_FLOOR), b, splat(EXP2_FLOOR)));
 }
 
 VECTOR_CLONES
@@ -107,7 +111,7 @@ static void screen_tile(const float *logits, Py_ssize_t vocab, int rows, const d
     for (int r = 0; r < TILE; r++) {  /* lanes past `rows` screen zeros and are never written out */
         int real = r < rows;
         reciprocal[r] = real ? 1.0 / temperature[r] : 1.0;
-        scale[r / LANES][r % LANES] = (float)reciprocal[r];
+        scale[r / LANES][r % LANES] = (float)(LOG2E / (real ? temperature[r] : 1.0));  /* one float32 rounding */
         target[r / LANES][r % LANES] = (float)uniforms[real ? r : 0];
     }
     static const float zeros[MAX_VOCAB];
@@ -145,29 +149,14 @@ static void screen_tile(const float *logits, Py_ssize_t vocab, int rows, const d
             odd[w] |= x != x;
             tile[j][w] = x;
         }
-    /* d = (x - max x) * (1 / T) and its minimum (-D); c[j] = c[j-1] + e^d[j], in order (0 + e is
-     * exact). NaN d only in rows never proven (odd, or top infinite). */
-    Py_ssize_t v = 0;
-    for (; v + 2 <= vocab; v += 2) {  /* two entries at a time: four independent exps in flight */
-        vfloat e[2][VECTORS];
-        for (int k = 0; k < 2; k++)
-            for (int w = 0; w < VECTORS; w++) {
-                vfloat d = (tile[v + k][w] - top[w]) * scale[w];
-                low[w] = choose(d < low[w], d, low[w]);
-                e[k][w] = exp32_clamped(d);
-            }
-        for (int k = 0; k < 2; k++)
-            for (int w = 0; w < VECTORS; w++) {
-                running[w] += e[k][w];
-                tile[v + k][w] = running[w];
-            }
-    }
-    for (; v < vocab; v++)
+    /* b = (x - max x) * (log2(e) / T) and its minimum (-D log2(e)); c[j] = c[j-1] + 2^b[j], in
+     * order (0 + e is exact). NaN b only in rows never proven (odd, or top infinite). */
+    for (Py_ssize_t j = 0; j < vocab; j++)
         for (int w = 0; w < VECTORS; w++) {
-            vfloat d = (tile[v][w] - top[w]) * scale[w];
-            low[w] = choose(d < low[w], d, low[w]);
-            running[w] += exp32_clamped(d);
-            tile[v][w] = running[w];
+            vfloat b = (tile[j][w] - top[w]) * scale[w];
+            low[w] = choose(b < low[w], b, low[w]);
+            running[w] += exp2_32_clamped(b);
+            tile[j][w] = running[w];
         }
     for (int w = 0; w < VECTORS; w++)
         target[w] *= running[w];  /* fl32(fl32(u) * c[V-1]) */
@@ -182,7 +171,8 @@ static void screen_tile(const float *logits, Py_ssize_t vocab, int rows, const d
     for (int r = 0; r < rows; r++) {
         int w = r / LANES, lane = r % LANES;
         int32_t i = count[w][lane];
-        double t64 = target[w][lane], row_low = low[w][lane], row_top = top[w][lane];
+        /* -D: the least b over ln 2 (b = d log2(e) within 3.0001 * 2^-24; 2^-20 covers it, and ln 2's rounding) */
+        double t64 = target[w][lane], row_low = low[w][lane] * (LN2 * (1.0 + 0x1p-20)), row_top = top[w][lane];
         double below = i > 0 ? tile[i - 1][w][lane] : 0.0, above = tile[i][w][lane];
         double widen = (row_low < -88.0 ? -88.0 : row_low) * per_spread + base;
         int ok = !odd[w][lane] && (i == 0 || below * widen + ABS_MARGIN < t64)
@@ -206,13 +196,13 @@ void screen_rows(const float *logits, Py_ssize_t vocab, Py_ssize_t rows, const d
 }
 
 VECTOR_CLONES
-void exp32_values(const float *x, float *y, Py_ssize_t count)  /* the same clone as screen_tile */
+void exp2_values(const float *x, float *y, Py_ssize_t count)  /* the same clone as screen_tile */
 {
     for (Py_ssize_t n = 0; n < count; n += LANES) {
         Py_ssize_t left = count - n < LANES ? count - n : LANES;
         vfloat values = splat(0.0f);
         memcpy(&values, x + n, (size_t)left * sizeof(float));
-        vfloat e = exp32_clamped(values);
+        vfloat e = exp2_32_clamped(values);
         memcpy(y + n, &e, (size_t)left * sizeof(float));
     }
 }
