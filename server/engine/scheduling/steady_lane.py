@@ -21,10 +21,11 @@ same few dozen NumPy calls at any batch size:
                                  (K: W rounded up to a power of two, a mask, not a division): lane
                                  step t and row p of its inputs (ring of W steps) as t << b | p,
                                  b the bits of a row (a step has at most `capacity` rows)
-    tokens [n, TOKENS]           characters generated since they were last saved; when a row's
-                                 fills, every row's are saved as arrays (saved), and written to
-                                 the Request's list when it leaves: a list of ints costs ~20 ns a
-                                 character to build, the one cost here that grows with the batch
+    drawn [TOKENS, n]            the characters of the last sample calls (up to TOKENS), one
+                                 line a call (-1: the row drew none): one contiguous write a
+                                 call. When it fills, each row's are saved as an array of its own
+                                 (saved), and they are written to the Request's list when it
+                                 leaves: a list of ints costs ~20 ns a character to build
 
 The Request and SlotState objects stay the truth for everything else, and
 are brought up to date (`leave`) before anything but the lane's own
@@ -51,7 +52,7 @@ from server.engine.scheduling.slot_state import (
 )
 
 _NONE = np.zeros(0, np.int64)  # no rows (read only: callers test .size)
-TOKENS = 1024  # characters a row holds before every row's are saved (a rare O(n) pass)
+TOKENS = 1024  # sample calls `drawn` holds before every row's characters are saved (a rare O(n) pass)
 
 
 class SteadyLane:
@@ -84,9 +85,8 @@ class SteadyLane:
         self.has_logits = np.zeros(c, bool)
         self.waiting = np.full(c, -1, np.int64)
         self.win = np.zeros((c, self._k_mask + 1), np.int64)  # [n, K]: one entry (one cache line) a character
-        self.tokens = np.zeros((c, TOKENS), np.int32)  # [n, TOKENS]
-        self._token_base = np.arange(c) * TOKENS  # [c]: row r's first entry in tokens' flat view
-        self.unwritten = np.zeros(c, np.int64)  # characters in `tokens` not yet saved
+        self.drawn = np.full((TOKENS, c), -1, np.int32)  # [TOKENS, n]
+        self._calls = 0  # lines of `drawn` in use: sample calls since the last save
         self.requests: list[Request] = []  # lane row -> its Request, SlotState (for leave)
         self.saved: list[list[np.ndarray]] = []  # lane row -> its characters' earlier blocks, in order
         self.states: list[SlotState] = []
@@ -99,7 +99,6 @@ class SteadyLane:
         # conservative: a check skipped is one that would have found nothing).
         self._least_left = 0  # <= every row's max_chars - generated (finishing)
         self._partial_step = 0  # the last lane step that left a lane row out (expiring)
-        self._since_write = 0  # >= every row's unwritten (sample)
         self._order: np.ndarray | None = None  # argsort of rid[:n] (ack), None when rows moved
         self._last_ack: tuple[np.ndarray, ...] | None = None  # (order, request ids, ours, rows) of the last ack
 
@@ -122,7 +121,8 @@ class SteadyLane:
         self.delivered[row], self.stepped[row] = request.delivered, request.stepped
         self.entered[row], self.last_step[row] = request.stepped, state.last_step
         self.logits[row] = state.logits  # type: ignore[assignment]  # the caller checked it is ready
-        self.has_logits[row], self.waiting[row], self.unwritten[row] = True, -1, 0
+        self.has_logits[row], self.waiting[row] = True, -1
+        self.drawn[: self._calls, row] = -1  # none of this block's calls drew for it
         state.logits = None  # the lane's from here on
         own_window(request)  # undo states from before stay the Request's: as copies, pinning no whole step
         self.requests.append(request)
@@ -139,7 +139,8 @@ class SteadyLane:
         self._owned_logits()
         for row in sorted((int(r) for r in rows), reverse=True):  # the last row moves into a freed one
             request, state = self.requests[row], self.states[row]
-            blocks = [*self.saved[row], self.tokens[row, : self.unwritten[row]]]
+            recent = self.drawn[: self._calls, row]  # [calls]
+            blocks = [*self.saved[row], recent[recent >= 0]]
             request.tokens.extend(np.concatenate(blocks).tolist())
             request.stepped = stepped = int(self.stepped[row])
             for k in range(max(int(self.delivered[row]), 1, int(self.entered[row]) + 1), stepped + 1):
@@ -176,9 +177,9 @@ class SteadyLane:
         if row != last:  # every column's last row into the freed one
             for column in (self.slot, self.rid, self.key, self.position, self.temperature, self.top_k, self.top_p,
                            self.draws, self.plain, self.max_chars, self.generated, self.delivered, self.stepped,
-                           self.entered, self.last_step, self.logits, self.has_logits, self.waiting, self.win,
-                           self.tokens, self.unwritten):
+                           self.entered, self.last_step, self.logits, self.has_logits, self.waiting, self.win):
                 column[row] = column[last]
+            self.drawn[: self._calls, row] = self.drawn[: self._calls, last]
             self.requests[row], self.states[row], self.saved[row] = self.requests[last], self.states[last], self.saved[last]
             self.row_of_request[int(self.rid[row])], self.row_of_slot[int(self.slot[row])] = row, row
         self.requests.pop()
@@ -234,22 +235,30 @@ class SteadyLane:
             tokens = sample_tokens(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], uniforms)
         self.position[rows] += self.draws[rows]
         self.waiting[rows], self.has_logits[rows] = tokens, False
-        self.tokens.ravel()[self._token_base[rows] + self.unwritten[rows]] = tokens  # one flat index a row
-        self.unwritten[rows] += 1
+        line = self.drawn[self._calls]  # [c]
+        if isinstance(rows, slice):
+            line[:n] = tokens
+        else:
+            line[:n] = -1
+            line[rows] = tokens
+        self._calls += 1
         self.generated[rows] += 1
         self._least_left -= 1  # each row drew at most one character
-        self._since_write += 1
-        if self._since_write >= TOKENS and self.unwritten[:n].max() == TOKENS:
+        if self._calls == TOKENS:
             self._save_tokens()
         return CharBlock(self.rid[rows].copy(), tokens)  # a copy: rows move when others leave
 
     def _save_tokens(self) -> None:
-        """Every row's characters since the last save as an array of its own (a copy: a view would
+        """Every row's characters of the calls in `drawn` as an array of its own (a copy: a view would
         keep the whole block alive while any row of it stays)."""
-        for saved, tokens, count in zip(self.saved, self.tokens, self.unwritten[: self.n].tolist()):
-            saved.append(tokens[:count].copy())
-        self.unwritten[: self.n] = 0
-        self._since_write = 0
+        block = self.drawn[: self._calls, : self.n].T  # [n, calls], a view
+        if (block >= 0).all():  # every row drew in every call (the steady state)
+            for saved, characters in zip(self.saved, block):
+                saved.append(characters.copy())
+        else:
+            for saved, characters in zip(self.saved, block):
+                saved.append(characters[characters >= 0])
+        self._calls = 0
 
     def ready(self) -> np.ndarray:
         """Rows with a sampled character for the next step to consume."""
