@@ -56,7 +56,7 @@ and screen_numpy (NumPy passes over the [V, N] batch, the running sum blocked). 
 one also checks each row it cannot prove in float64 (sampling_check64.c): NumPy's own
 arithmetic but for exp (libm's against NumPy's, both within a few ULP), with a margin of
 about 2^-35 relative, which leaves only targets on a boundary, NaN and infinities unproven
-(about one row in 10^9 against 0.2%). screen_uncut takes the compiled one
+(about one row in 10^9 against 0.1-1%). screen_uncut takes the compiled one
 when it is built and the vocabulary is at most MAX_DEPTH; a proven row's token is the float64
 one whichever ran, so the choice never changes a draw.
 """
