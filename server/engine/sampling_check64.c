@@ -11,9 +11,10 @@
  * sampling_screen.py already assumes of NumPy's; libm's and NumPy's are within a few ULP,
  * 2^-50, and tests/test_sampling_kernel.py compares them), each c and t is within
  * R = 2^-40 + gamma_512 + 2^-53 < 2^-39 of the exact value, relative, on either side (results
- * under 2^-1022 within 2^-1070 absolute; ABS64 covers 512 of them), so the screen's test with
- * kappa = 4.01 * 2^-38 (twice the 4.01 R that q^2 - 1 needs) proves NumPy's count is i.
- * What it leaves (a target within about 2^-35 of a boundary, relative: about one row in 10^9,
+ * under 2^-1022 within 2^-1022 absolute, even where a library flushes subnormals; ABS64 covers
+ * 512 of them), so the screen's test with kappa = 4.01 * 2^-38 (twice the 4.01 R that q^2 - 1
+ * needs) proves NumPy's count is i.
+ * What it leaves (a target within about 2^-36 of a boundary, relative: about one row in 10^9,
  * or NaN and infinite values) goes to NumPy. Writes *token and returns 1 when proven. */
 #define KAPPA64 (4.01 * 0x1p-38)
 #define ABS64 0x1p-1000

@@ -38,7 +38,8 @@ float32 logits x and float64 temperature T; D is the row's spread, min(-min d32,
   and t32 * (1 + kappa) + ABS < c32[i] proves c64[i] > t64 (both cdfs are non-decreasing, so the
   float64 count is i). Those tests run in float64, whose own rounding (2^-52) is far inside the
   0.009 R of slack in kappa.
-  NaN or infinite logits make a comparison false (the row falls back); temperatures whose
+  NaN logits, or an infinite maximum, make a comparison false (the row falls back; a -inf
+  logit under a finite maximum is a weight of 0, and provable); temperatures whose
   reciprocal float32 cannot hold within its relative rounding fall back too.
 
   The compiled screen works in base 2: b = fl(fl(x - max x) * fl(log2(e) / T)), the weight
@@ -55,7 +56,7 @@ stays in the first-level cache through every step, and its running sum is sequen
 and screen_numpy (NumPy passes over the [V, N] batch, the running sum blocked). The compiled
 one also checks each row it cannot prove in float64 (sampling_check64.c): NumPy's own
 arithmetic but for exp (libm's against NumPy's, both within a few ULP), with a margin of
-about 2^-35 relative, which leaves only targets on a boundary, NaN and infinities unproven
+about 2^-36 relative, which leaves only targets on a boundary, NaN and infinities unproven
 (about one row in 10^9 against 0.1-1%). screen_uncut takes the compiled one
 when it is built and the vocabulary is at most MAX_DEPTH; a proven row's token is the float64
 one whichever ran, so the choice never changes a draw.
