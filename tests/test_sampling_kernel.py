@@ -129,6 +129,11 @@ def test_bad_arguments_are_refused() -> None:
         kernel.uniforms(np.zeros(2, np.uint64), np.zeros(2, np.int64), np.zeros(2, np.float32))
     with pytest.raises(ValueError, match="same length"):
         kernel.uniforms(np.zeros(2, np.uint64), np.zeros(3, np.int64), np.zeros(2))
+    for exp, dtype, other in ((kernel.exp2_32, np.float32, np.float64), (kernel.exp64, np.float64, np.float32)):
+        with pytest.raises(TypeError, match="out"):
+            exp(np.zeros(2, dtype), np.zeros(2, other))
+        with pytest.raises(ValueError, match="same length"):
+            exp(np.zeros(2, dtype), np.zeros(3, dtype))
     assert kernel.MAX_VOCAB == sampling_screen.MAX_DEPTH  # the bound's h covers the sequential sum
 
 

@@ -158,7 +158,7 @@ def test_small_batches_draw_the_reference_token(count: int) -> None:
 @pytest.mark.parametrize("count", [1, 2, 3, 8, 16, 200])
 def test_a_row_with_odd_logits_draws_the_same_token_in_any_batch(count: int) -> None:
     """A NaN or infinite logit is never proven, and its row's fallback draw must not depend on how
-    many other rows fell back (one at a time, or as a batch) nor differ from the reference."""
+    many other rows fell back nor differ from the reference."""
     rng = np.random.default_rng(count)
     logits = rng.standard_normal((count, 65)).astype(np.float32)
     temperature, uniforms = np.full(count, 0.8), rng.random(count)

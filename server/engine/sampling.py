@@ -208,12 +208,8 @@ def sample_uncut(logits: np.ndarray, temperature: np.ndarray, uniforms: np.ndarr
         tokens, proven = screen_uncut(logits, temperature, uniforms)  # [B], [B]
         if not np.logical_and.reduce(proven):
             unproven = (~proven).nonzero()[0]  # [F]: 0.1-1% of the rows with NumPy's screen, ~0 compiled
-            if len(unproven) <= FEW_UNPROVEN:  # one at a time: the same float64 operations, less overhead
-                for row in unproven.tolist():
-                    tokens[row] = sample_plain_row(logits[row], float(temperature[row]), float(uniforms[row]))
-            else:
-                tokens[unproven] = _sample_uncut_float64(logits[unproven], temperature[unproven],
-                                                         np.asarray(uniforms)[unproven])  # [F]
+            tokens[unproven] = _sample_uncut_float64(logits[unproven], temperature[unproven],
+                                                     np.asarray(uniforms)[unproven])  # [F]
         return tokens
     return _sample_uncut_float64(logits, temperature, uniforms)
 
@@ -230,7 +226,6 @@ def _sample_uncut_float64(logits: np.ndarray, temperature: np.ndarray, uniforms:
     return _inverse_cdf(weights, uniforms)
 
 
-FEW_UNPROVEN = 2  # up to this many unproven rows are drawn one by one (sample_plain_row)
 COLUMN_ROWS = 128  # from this many rows sample_uncut works on the transposed batch (_sample_uncut_columns)
 
 

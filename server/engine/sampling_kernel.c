@@ -71,54 +71,50 @@ done:
     return release(views, held);
 }
 
-static PyObject *exp2_float32(PyObject *module, PyObject *args)
-{
-    PyObject *source, *destination;
-    if (!PyArg_ParseTuple(args, "OO:exp2_32", &source, &destination))
-        return NULL;
-    Py_buffer in, out;
-    if (get_buffer(source, &in, "values", 4, "f", 0) < 0)
-        return NULL;
-    if (get_buffer(destination, &out, "out", 4, "f", 1) < 0) {
-        PyBuffer_Release(&in);
-        return NULL;
-    }
-    if (in.len != out.len) {
-        PyErr_SetString(PyExc_ValueError, "values and out must have the same length");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        exp2_values(in.buf, out.buf, in.len / 4);
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&in);
-    PyBuffer_Release(&out);
-    if (PyErr_Occurred())
-        return NULL;
-    Py_RETURN_NONE;
-}
-
-/* libm's exp on each double (the float64 check's), for its tests against NumPy's. */
-static PyObject *exp_float64(PyObject *module, PyObject *args)
+/* values -> out, item by item, for the tests of the kernel's exps: two contiguous arrays of the
+ * same length and type ('f' or 'd'). */
+static PyObject *elementwise(PyObject *args, const char *format, Py_ssize_t itemsize, const char *kind,
+                             void (*apply)(const void *, void *, Py_ssize_t))
 {
     PyObject *objects[2];
-    if (!PyArg_ParseTuple(args, "OO:exp64", &objects[0], &objects[1]))
+    if (!PyArg_ParseTuple(args, format, &objects[0], &objects[1]))
         return NULL;
     static const char *names[2] = {"values", "out"};
     Py_buffer views[2];
     int held = 0;
     for (; held < 2; held++)
-        if (get_buffer(objects[held], &views[held], names[held], 8, "d", held == 1) < 0)
+        if (get_buffer(objects[held], &views[held], names[held], itemsize, kind, held == 1) < 0)
             goto done;
     if (views[0].len != views[1].len) {
         PyErr_SetString(PyExc_ValueError, "values and out must have the same length");
         goto done;
     }
-    const double *x = views[0].buf;
-    double *y = views[1].buf;
-    for (Py_ssize_t n = 0; n < views[0].len / 8; n++)
-        y[n] = exp(x[n]);
+    Py_BEGIN_ALLOW_THREADS
+    apply(views[0].buf, views[1].buf, views[0].len / itemsize);
+    Py_END_ALLOW_THREADS
 done:
     return release(views, held);
+}
+
+static void apply_exp2_32(const void *x, void *y, Py_ssize_t count)
+{
+    exp2_values(x, y, count);
+}
+
+static void apply_exp64(const void *x, void *y, Py_ssize_t count)  /* libm's: the float64 check's */
+{
+    for (Py_ssize_t n = 0; n < count; n++)
+        ((double *)y)[n] = exp(((const double *)x)[n]);
+}
+
+static PyObject *exp2_float32(PyObject *module, PyObject *args)
+{
+    return elementwise(args, "OO:exp2_32", 4, "f", apply_exp2_32);
+}
+
+static PyObject *exp_float64(PyObject *module, PyObject *args)
+{
+    return elementwise(args, "OO:exp64", 8, "d", apply_exp64);
 }
 
 /* SplitMix64 at (key, position): sampling.py's _mix of key + (position + 1) * gamma, whose top 53

@@ -74,10 +74,9 @@ def run_step(runner: ModelRunner, ready: Sequence[tuple[int, SlotState]], zero_s
     if lane_tokens is not None and lane_slots is not None:
         if count:
             tokens, slots = np.concatenate([tokens, lane_tokens]), np.concatenate([slots, lane_slots])  # [B + R]
-        else:  # the lane's rows alone (the steady state)
-            tokens, slots = lane_tokens, lane_slots  # [R]
-        start_mask = np.zeros(len(tokens), bool) if not count else np.concatenate(
-            [start_mask, np.zeros(len(lane_slots), bool)])  # [B + R]
+            start_mask = np.concatenate([start_mask, np.zeros(len(lane_slots), bool)])  # [B + R]
+        else:  # the lane's rows alone (the steady state): nothing to join
+            tokens, slots, start_mask = lane_tokens, lane_slots, np.zeros(len(lane_slots), bool)  # [R]
         count = len(tokens)
     start_states = None
     if start_mask.any():

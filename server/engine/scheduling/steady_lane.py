@@ -251,13 +251,8 @@ class SteadyLane:
     def _save_tokens(self) -> None:
         """Every row's characters of the calls in `drawn` as an array of its own (a copy: a view would
         keep the whole block alive while any row of it stays)."""
-        block = self.drawn[: self._calls, : self.n].T  # [n, calls], a view
-        if (block >= 0).all():  # every row drew in every call (the steady state)
-            for saved, characters in zip(self.saved, block):
-                saved.append(characters.copy())
-        else:
-            for saved, characters in zip(self.saved, block):
-                saved.append(characters[characters >= 0])
+        for saved, characters in zip(self.saved, self.drawn[: self._calls, : self.n].T):  # [n, calls]
+            saved.append(characters[characters >= 0])
         self._calls = 0
 
     def ready(self) -> np.ndarray:
