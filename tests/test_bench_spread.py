@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from server.bench import bench, clients
+from server.bench import bench, clients, floor_server
 from server.bench import ceiling as bench_ceiling
 from server.bench import process as bench_process
 from server.bench import spread as bench_spread
@@ -68,10 +68,12 @@ def test_ceiling_flags_and_rows() -> None:
 
     assert bench.SERVER_MAX_SESSIONS == ServerConfig.max_sessions  # the copy in bench.py still says the truth
     rows = bench.expected_rows(args)
-    assert [row for row in rows if row.startswith("ceiling_")][-2:] == ["ceiling_raw_2000", "ceiling_streams_2000"]
+    assert [row for row in rows if row.startswith("ceiling_")][-3:] == ["ceiling_raw_2000", "ceiling_streams_2000",
+                                                                       "ceiling_floor_2000"]
     assert rows["ceiling_streams_4"] == (12, "ceiling: server, 1x16 GRU, 4 streams")
+    assert rows["ceiling_floor_4"] == (12, "ceiling: gRPC alone, no engine, 4 streams")
     skipping = parser.parse_args(["--model", "m", "--skip-standard-rows", "--ceiling-streams", "8"])
-    assert list(bench.expected_rows(skipping)) == ["ceiling_raw_8", "ceiling_streams_8"]
+    assert list(bench.expected_rows(skipping)) == ["ceiling_raw_8", "ceiling_streams_8", "ceiling_floor_8"]
     assert bench.target_ratios([], skipping) == []
     assert "ceiling_raw_256" in bench.expected_rows(parser.parse_args(["--model", "m"]))  # the default
     assert not any(i.startswith("ceiling") for i in bench.expected_rows(
@@ -140,6 +142,19 @@ def test_ctrl_c_while_the_streams_run_leaves_no_client_process(tiny_server: benc
     assert multiprocessing.active_children() == []
 
 
+def _floor_server_pids() -> list[int]:
+    """Live `python -m server.bench.floor_server` processes on this machine."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"server.bench.floor_server" in argv and entry.name.isdigit():
+            pids.append(int(entry.name))
+    return pids
+
+
 def _ceiling_run(tiny_model_dir: Path, json_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
     return bench.main(["--model", str(tiny_model_dir), "--device", "cpu", "--skip-standard-rows", "--chars",
                        str(CHARS), "--timeout", "60", "--json", str(json_path), *extra])
@@ -170,13 +185,21 @@ def test_the_ceiling_model_is_built_served_and_removed(tiny_model_dir: Path, tmp
     assert code == 0, out.getvalue()
     data = json.loads(json_path.read_text(encoding="utf-8"))
     rows = {row["id"]: row for row in data["rows"]}
-    assert list(rows) == ["ceiling_raw_4", "ceiling_streams_4"] and data["ratios"] == []
-    raw, streams = rows["ceiling_raw_4"], rows["ceiling_streams_4"]
-    assert raw["status"] == streams["status"] == "ok" and raw["row"] == streams["row"] == 12
+    assert list(rows) == ["ceiling_raw_4", "ceiling_streams_4", "ceiling_floor_4"] and data["ratios"] == []
+    raw, streams, floor = rows["ceiling_raw_4"], rows["ceiling_streams_4"], rows["ceiling_floor_4"]
+    assert raw["status"] == streams["status"] == floor["status"] == "ok"
+    assert raw["row"] == streams["row"] == floor["row"] == 12
     assert raw["batch"] == 4 and raw["steps"] == CHARS and raw["chars_per_s"] > 0
     assert streams["total_chars"] == 4 * CHARS and streams["client_processes"] == 2
     assert streams["server_flags"] == ["--device", "cpu", "--variant", "fp32", "--max-batch", "4"]
     assert "2 client processes" in streams["note"] and "of the raw loop at batch 4" in streams["note"]
+    # The floor: the same streams and clients, the server row's mean message size, and the share it leaves.
+    size = max(1, round(streams["chars_per_message"]))
+    assert floor["total_chars"] == 4 * CHARS and floor["client_processes"] == 2
+    assert floor["server_flags"][-2:] == ["--message-chars", str(size)]
+    assert floor["messages"] == 4 * len(floor_server.message_sizes(CHARS, size))
+    share = streams["chars_per_s"] / floor["chars_per_s"]
+    assert f"{size} characters a message (the server row's mean); the server row is {share:.3f}" in floor["note"]
     info, flags = served[0]
     assert flags == streams["server_flags"]
     vocabulary = bench_ceiling.served_vocabulary(tiny_model_dir)
@@ -185,6 +208,7 @@ def test_the_ceiling_model_is_built_served_and_removed(tiny_model_dir: Path, tmp
     assert built and not built[0].exists()  # the temporary model directory is gone
     assert "ceiling: server, 1x16 GRU, 4 streams" in out.getvalue()
     assert multiprocessing.active_children() == []
+    assert _floor_server_pids() == []  # the floor's server was stopped too
 
 
 def test_the_ceiling_row_is_skipped_without_torch(tiny_model_dir: Path, tmp_path: Path,
@@ -195,5 +219,6 @@ def test_the_ceiling_row_is_skipped_without_torch(tiny_model_dir: Path, tmp_path
         assert _ceiling_run(tiny_model_dir, json_path, monkeypatch, "--ceiling-streams", "4") == 0
     rows = json.loads(json_path.read_text(encoding="utf-8"))["rows"]
     assert [(row["id"], row["status"]) for row in rows] == [("ceiling_raw_4", "skipped"),
-                                                           ("ceiling_streams_4", "skipped")]
+                                                           ("ceiling_streams_4", "skipped"),
+                                                           ("ceiling_floor_4", "skipped")]
     assert "torch is not installed" in rows[0]["note"]

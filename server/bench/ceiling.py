@@ -15,7 +15,10 @@ For each --ceiling-streams N, a server on it with --variant fp32 --max-batch N
 (and the pass-through flags) is started, warmed up (N streams of 8
 characters), then measured: the raw ONNX Runtime loop at batch N on the same
 file (the model alone), then N streams of --chars characters with the
-clients spread over processes as in rows 5 and 6 (spread.py).
+clients spread over processes as in rows 5 and 6 (spread.py), then the same
+streams against the transport's floor (floor_server.py: the Generator service
+with no engine, in messages of the server row's mean size), so that each run
+says how much of the row gRPC and the clients take on this machine.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +35,7 @@ import onnxruntime as ort
 
 from server.bench import clients, spread
 from server.bench.context import BenchContext
-from server.bench.process import ServerProcess
+from server.bench.process import ServerProcess, running_server
 from server.bench.raw import load_cell, raw_loop
 from server.bench.results import RawResult, StreamsResult, ratio_of
 from server.engine.model.model_contract import META_VOCAB, MODEL_FILE
@@ -70,12 +74,22 @@ def server_id(streams: int) -> str:
     return f"ceiling_streams_{streams}"
 
 
+def floor_id(streams: int) -> str:
+    return f"ceiling_floor_{streams}"
+
+
+def floor_command(message_chars: int) -> list[str]:
+    return [sys.executable, "-m", "server.bench.floor_server", "--host", "127.0.0.1", "--port", "0",
+            "--message-chars", str(message_chars)]
+
+
 def ceiling_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
-    """id -> (row number, title) of row 12's rows, in order: per N the raw loop, then the server."""
+    """id -> (row number, title) of row 12's rows, in order: per N the raw loop, the server, the floor."""
     rows: dict[str, tuple[int, str]] = {}
     for n in ceiling_streams(args):
         rows[raw_id(n)] = (CEILING_ROW, f"ceiling: raw loop, {MODEL_WORDS}, batch {n}")
         rows[server_id(n)] = (CEILING_ROW, f"ceiling: server, {MODEL_WORDS}, {n} streams")
+        rows[floor_id(n)] = (CEILING_ROW, f"ceiling: gRPC alone, no engine, {n} streams")
     return rows
 
 
@@ -111,13 +125,14 @@ def ceiling_model(vocabulary: list[str]) -> Iterator[Path]:
 
 
 def measure_ceiling(bench: BenchContext, server: ServerProcess, model_dir: Path, streams: int, prompt: str) -> None:
-    """Row 12 for one N against its server: warm-up, the raw loop at batch N, then N streams."""
+    """Row 12 for one N against its server: warm-up, the raw loop at batch N, N streams, then the floor."""
     args = bench.args
     clients.bounded(clients.run_streams(server.address, prompt, streams, WARM_UP_CHARS, 10**6), args.timeout)
     info = clients.model_info(server.address, args.timeout)
     # The file, provider and thread settings the ceiling server runs, as rows 1 and 2 do for the served model.
     cell = load_cell(model_dir / info.model_file, info.execution_provider, server.settings())
     raws: list[RawResult] = []
+    served_rows: list[StreamsResult] = []
 
     def raw(row: int, row_id: str, title: str) -> RawResult:
         raws.append(raw_loop(cell, streams, args.chars, bench.deadline(), row=row, row_id=row_id, title=title))
@@ -130,10 +145,26 @@ def measure_ceiling(bench: BenchContext, server: ServerProcess, model_dir: Path,
         over = ratio_of(result.chars_per_s, raws[0].chars_per_s) if raws else None
         result.note = (f"{result.client_processes} client process{'es' if result.client_processes > 1 else ''}"
                        + (f"; {over:.3f} of the raw loop at batch {streams}" if over is not None else ""))
+        served_rows.append(result)
+        return result
+
+    def floor(row: int, row_id: str, title: str) -> StreamsResult:
+        # The server row's mean message, so both rows write about as many messages a stream.
+        size = max(1, round(served_rows[0].chars_per_message)) if served_rows else clients.PROMPT_CHARS
+        with running_server("", [], args.timeout, command=floor_command(size)) as floor_server:
+            processes = spread.client_processes(args.client_processes, streams)
+            result = spread.measure_streams(floor_server, prompt, streams, args.chars, processes, args.timeout,
+                                            row=row, row_id=row_id, title=title)
+        share = ratio_of(served_rows[0].chars_per_s, result.chars_per_s) if served_rows else None
+        result.server_flags = floor_command(size)[3:]
+        result.note = (f"{size} characters a message"
+                       + (" (the server row's mean)" if served_rows else "")
+                       + (f"; the server row is {share:.3f} of this" if share is not None else ""))
         return result
 
     bench.attempt(raw_id(streams), raw)
     bench.attempt(server_id(streams), served)
+    bench.attempt(floor_id(streams), floor)
 
 
 def run_ceiling_rows(bench: BenchContext, serve: Serve) -> None:
@@ -156,6 +187,6 @@ def run_ceiling_rows(bench: BenchContext, serve: Serve) -> None:
         with ceiling_model(vocabulary) as model_dir:
             for n in sizes:
                 serve(str(model_dir), n, lambda server, n=n: measure_ceiling(bench, server, model_dir, n, prompt),
-                      [raw_id(n), server_id(n)])
+                      [raw_id(n), server_id(n), floor_id(n)])
     except Exception as exc:  # noqa: BLE001 - a model that cannot be built fails its rows, not the run
         bench.fail_unmeasured(wanted, exc)

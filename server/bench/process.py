@@ -85,8 +85,8 @@ def _read_stderr(server: ServerProcess) -> None:
             server.events.append(event)
 
 
-def _start(model: str, flags: list[str], timeout: float) -> ServerProcess:
-    command = server_command(model, flags)
+def _start(command: list[str], flags: list[str], timeout: float) -> ServerProcess:
+    """Start `command`, a server that prints `listening on ADDRESS` on stdout and logs JSON events on stderr."""
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, encoding="utf-8", errors="replace")
     server = ServerProcess(process, command, flags)
@@ -128,11 +128,13 @@ def stop(server: ServerProcess) -> None:
 
 
 @contextmanager
-def running_server(model: str, flags: list[str], timeout: float) -> Iterator[ServerProcess]:
-    """A server process for the block; terminated on the way out, whatever happens (Ctrl-C included)."""
+def running_server(model: str, flags: list[str], timeout: float,
+                   command: list[str] | None = None) -> Iterator[ServerProcess]:
+    """A server process for the block (`python -m server` on `model` with `flags`, or `command`); terminated on
+    the way out, whatever happens (Ctrl-C included)."""
     server: ServerProcess | None = None
     try:
-        server = _start(model, flags, timeout)
+        server = _start(command or server_command(model, flags), flags, timeout)
         yield server
     finally:
         if server is not None:
