@@ -62,6 +62,7 @@ def run_scenario(model: Path, seed: int, stretch: bool, max_batch: int, batch_st
         for driver in drivers:
             driver.scheduler.open(slot, seed + slot, prompt)
     snapshots: list[tuple] = []
+    stalled: dict[int, int] = {}  # request id -> iterations its reader still takes nothing
     for _ in range(160):
         action = rng.random()
         slot = rng.randrange(SLOTS)
@@ -85,9 +86,14 @@ def run_scenario(model: Path, seed: int, stretch: bool, max_batch: int, batch_st
                 driver.scheduler.abort(request_id, driver.taken.get(request_id, 0))
         elif action < 0.35:
             snapshots.append(tuple(snapshot_fields(driver.scheduler, slot) for driver in drivers))
-        # Acknowledge what each request received so far, but only some of the time: readers stall.
+        # Acknowledge what each request received so far, but only some of the time: readers stall,
+        # now and then for long enough that a lane row's undo states would fall out of the ring.
+        for request_id in running.values():
+            if request_id not in stalled and rng.random() < 0.04:
+                stalled[request_id] = rng.randint(6, 30)
+        stalled = {r: left - 1 for r, left in stalled.items() if left > 1}
         acks = [(request_id, drivers[0].taken.get(request_id, 0)) for request_id in running.values()
-                if rng.random() < 0.7]
+                if request_id not in stalled and rng.random() < 0.7]
         for driver in drivers:
             assert all(driver.taken.get(r, 0) == count for r, count in acks), "callers saw different text"
             if acks:
@@ -139,14 +145,18 @@ def test_the_lane_holds_steady_streams_and_emits_blocks() -> None:
     assert sorted(scheduler.events[0][1].request_ids.tolist()) == list(range(1, batch + 1))
 
 
-def test_a_stalled_reader_leaves_the_lane_with_its_undo_states() -> None:
+def test_a_stalled_reader_spills_its_undo_states_and_stays_in_the_lane() -> None:
     """A reader that takes nothing while the others go on: its undo states would fall out of the
-    lane's ring, so it leaves with copies, and undoing it still lands exactly."""
+    lane's ring, so they move to its Request's window as copies and the row stays in the lane
+    (the lane-against-per-row scenarios check that undoing it still lands exactly)."""
     scheduler = Scheduler(NullRunner(4), max_batch=4, lookahead=4, stretch=False)
     for slot in range(4):
         scheduler.open(slot, slot, [1])
         scheduler.submit(slot + 1, slot, GenerationRequest((), 10**6, SamplingSettings(temperature=0.0)))
     delivered = dict.fromkeys(range(1, 5), 0)
+    lane = scheduler.lane
+    assert lane is not None
+    in_lane = []  # whether request 1 was in the lane after each iteration
     for _ in range(30):
         scheduler.sample()
         scheduler.step()
@@ -155,10 +165,17 @@ def test_a_stalled_reader_leaves_the_lane_with_its_undo_states() -> None:
         for request_id in (2, 3, 4):  # request 1 is never acknowledged past its first character
             scheduler.ack(request_id, delivered[request_id])
         scheduler.ack(1, 1)
-    assert scheduler.lane is not None and 1 not in scheduler.lane.row_of_request
+        in_lane.append(1 in lane.row_of_request)
+    assert in_lane[2:] == [True] * 28  # in from its first lane steps on, and it never left
+    row = lane.row_of_request[1]
     request = scheduler.requests[1]
-    assert sorted(request.window) == list(range(1, request.stepped + 1))
-    assert all(kept.base is None for kept in request.window.values())
+    stepped = int(lane.stepped[row])
+    assert stepped == 1 + 4 and lane.entered[row] == stepped  # stalled at its lookahead, every state spilled
+    assert sorted(request.window) == list(range(1, stepped + 1))  # what undoing to 1 .. stepped needs
+    assert all(kept.base is None or kept.base.base is None for kept in request.window.values())  # copies
+    assert lane.expiring().size == 0  # nothing left in the ring to expire
+    scheduler.leave_lane()  # leaving adds nothing twice: the window is as it was
+    assert sorted(request.window) == list(range(1, stepped + 1))
 
 
 def test_the_column_sampler_is_the_reference_sampler() -> None:
@@ -282,3 +299,31 @@ def test_long_streams_keep_every_character_through_the_lanes_saved_blocks() -> N
     assert min(len(text) for rid, text in texts[0].items() if rid != 2) > 2 * TOKENS
     for request_id, request in per_row.scheduler.requests.items():
         assert with_lane.scheduler.requests[request_id].tokens == request.tokens
+
+
+def test_lagging_readers_in_the_engine_cost_stall_in_turns_and_make_rows_spill(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """server.bench.engine_cost --lagging: a share of the readers stalled at a time, each for its
+    turn of `stall` iterations; long enough that lane rows spill their undo states (and stay)."""
+    from server.bench import engine_cost
+    from server.engine.scheduling.steady_lane import SteadyLane
+
+    batch, stall, lagging = 40, 16, 0.25
+    turns = np.array([engine_cost.stalled_readers(batch, i, lagging, stall) for i in range(200)])  # [200, batch]
+    assert turns.sum(axis=1).min() >= batch * lagging - 1 and turns.sum(axis=1).max() <= batch * lagging + 1
+    cycle = round(stall / lagging)
+    assert (turns[:cycle].sum(axis=0) == stall).all()  # every reader stalls one turn a cycle, of `stall`
+    assert not engine_cost.stalled_readers(batch, 3, 0.0, stall).any()
+    spilled: list[int] = []
+    spill = SteadyLane.spill
+
+    def counting(lane: SteadyLane, rows: np.ndarray) -> None:
+        spilled.extend(rows.tolist())
+        spill(lane, rows)
+
+    monkeypatch.setattr(SteadyLane, "spill", counting)
+    engine_cost.measure(16, 40, repeats=1, lookahead=4, lagging=0.25)
+    assert spilled
+    spilled.clear()
+    engine_cost.measure(16, 40, repeats=1, lookahead=4)  # readers that keep up: nothing to spill
+    assert not spilled

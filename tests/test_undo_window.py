@@ -1,5 +1,6 @@
 """The undo window (server/engine/scheduling/undo_window.py) against a plain dict doing the same:
-single entries and blocks of consecutive keys, acknowledgements dropping keys, copies on own()."""
+single entries and blocks of consecutive keys, acknowledgements dropping keys, copies on own() (blocks that
+are arrays of their own kept as they are)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ def test_the_window_reads_as_a_dict_of_its_states() -> None:
                 window[next_key] = state
                 reference[next_key] = state
                 next_key += 1
-            elif action < 0.6:  # a stretch's call: a block of consecutive keys
+            elif action < 0.6:  # a block of consecutive keys: a stretch's view of its call, or lane copies
                 n = rng.randrange(0, 17)
                 start = rng.randrange(0, 64 - n + 1)
-                window.put_block(next_key, call[start:start + n])
-                reference.update({next_key + i: call[start + i] for i in range(n)})
+                block = call[start:start + n]
+                if rng.random() < 0.3:  # the steady lane's copies: an array of its own
+                    block = block.copy()
+                window.put_block(next_key, block)
+                reference.update({next_key + i: block[i] for i in range(n)})
                 next_key += n
             elif action < 0.9:  # an acknowledgement
                 floor = max(floor, rng.randrange(1, next_key + 1))
@@ -34,7 +38,9 @@ def test_the_window_reads_as_a_dict_of_its_states() -> None:
                 reference = {k: v for k, v in reference.items() if k >= floor}
             else:  # a stall or a finish: every state its own copy
                 window.own()
-                assert all(state.base is None for state in window.values())
+                # Every state is its own array, or a row of a block that is (it holds no one else's)
+                assert all(state.base is None or (state.base.base is None and state.base is not call)
+                           for state in window.values())
             assert sorted(window) == sorted(reference) and len(window) == len(reference)
             assert bool(window) == bool(reference)
             for k, state in reference.items():

@@ -12,7 +12,11 @@ step costs about the same at batch 1024 as at batch 1, it is the limit of
 the whole service. Each session samples with a plain temperature (the
 common case), and every character is acknowledged as soon as it is drawn, as
 a client that keeps up would; the pipe and gRPC are not part of it (the
-benchmark's ceiling row measures those).
+benchmark's ceiling row measures those). With --lagging F, a share F of the
+readers is stalled at any time instead, each for twice the lookahead's
+iterations in turn: long enough that a row's oldest undo state would fall out
+of the steady lane's ring (a slow client, or a fast model that outruns the
+writes).
 """
 
 from __future__ import annotations
@@ -69,11 +73,23 @@ class EngineCost:
     repeats: list[float]
 
 
-def measure(batch: int, iterations: int, repeats: int = 5, lookahead: int = 128, lane: bool = True) -> EngineCost:
+def stalled_readers(batch: int, iteration: int, lagging: float, stall: int) -> np.ndarray:
+    """Which of `batch` readers take nothing in `iteration` ([batch] bool): each one `stall`
+    iterations out of every stall / lagging, the readers' turns spread evenly (a share `lagging`)."""
+    if lagging <= 0:
+        return np.zeros(batch, bool)
+    cycle = max(stall, round(stall / lagging))
+    phase = (np.arange(batch) * cycle) // batch  # [batch]
+    return (iteration + phase) % cycle < stall
+
+
+def measure(batch: int, iterations: int, repeats: int = 5, lookahead: int = 128, lane: bool = True,
+            lagging: float = 0.0) -> EngineCost:
     """Median microseconds per scheduler iteration with `batch` sessions streaming at once: the
     acknowledgements (as the engine process takes them, one list per message), sampling, the
     step's bookkeeping and the events as they go down the pipe (wire_events). What the callers do
-    with the events is theirs, outside the clock."""
+    with the events is theirs, outside the clock. `lagging`: the share of readers stalled at a
+    time (stalled_readers), each for 2 x lookahead iterations."""
     runner = NullRunner(num_slots=batch)
     scheduler = Scheduler(runner, max_batch=batch, lookahead=lookahead, stretch=False, batch_stretch=0, lane=lane)
     settings = SamplingSettings(temperature=0.8)
@@ -81,11 +97,15 @@ def measure(batch: int, iterations: int, repeats: int = 5, lookahead: int = 128,
         scheduler.open(slot, seed=slot, prompt_tokens=[1])
         scheduler.submit(slot + 1, slot, GenerationRequest((), max_chars=10**9, settings=settings))
     delivered = np.zeros(batch + 1, np.int64)  # request id -> characters the caller took
+    acked = np.zeros(batch, np.int64)  # request id - 1 -> characters acknowledged (a stalled reader's stay)
     request_ids = np.arange(1, batch + 1)
+    count = iter(range(10**12))
 
     def iteration() -> float:
+        reading = ~stalled_readers(batch, next(count), lagging, 2 * lookahead)  # [batch]
+        acked[reading] = delivered[1:][reading]
         started = time.perf_counter()
-        scheduler.ack_many(request_ids, delivered[1:].copy())
+        scheduler.ack_many(request_ids, acked.copy())
         scheduler.sample()
         scheduler.step()
         events, scheduler.events = scheduler.events, []
@@ -116,15 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sample with NumPy only, not the compiled kernel (sampling_kernel.c), to compare")
     parser.add_argument("--no-lane", dest="lane", action="store_false",
                         help="every row through the per-row path (steady_lane.py off), to compare")
+    parser.add_argument("--lagging", type=float, default=0.0, metavar="F",
+                        help="share of readers stalled at any time, each for twice the lookahead's iterations "
+                             "(default: 0, every reader keeps up)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.lagging < 1.0:
+        parser.error(f"--lagging must be in [0, 1), got {args.lagging}")
     if args.numpy_screen:
         sampling_screen.COMPILED = False
-    print(f"screen: {'compiled' if sampling_screen.COMPILED else 'NumPy'}")
-    results = [measure(batch, args.iterations, args.repeats, lane=args.lane) for batch in args.batches]
+    print(f"screen: {'compiled' if sampling_screen.COMPILED else 'NumPy'}; lagging readers: {args.lagging:g}")
+    results = [measure(batch, args.iterations, args.repeats, lane=args.lane, lagging=args.lagging)
+               for batch in args.batches]
     print(f"{'batch':>6} {'us/iteration':>13} {'us/row':>8}  vs first")
     for result in results:
         ratio = result.microseconds_per_iteration / results[0].microseconds_per_iteration

@@ -204,7 +204,7 @@ class Scheduler(SessionCommands):
         if lane is not None and len(lane):
             expiring = lane.expiring()
             if expiring.size:
-                self._leave_lane(expiring)
+                lane.spill(expiring)
         ready = self._ready_slots()
         if lane is not None and len(lane):
             lane_rows = lane.ready()

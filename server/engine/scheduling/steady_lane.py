@@ -75,7 +75,8 @@ class SteadyLane:
         self.generated = np.zeros(c, np.int64)
         self.delivered = np.zeros(c, np.int64)
         self.stepped = np.zeros(c, np.int64)
-        self.entered = np.zeros(c, np.int64)  # stepped when the row entered: earlier undo states are the Request's
+        # stepped when the row entered or last spilled: the undo states up to it are the Request's
+        self.entered = np.zeros(c, np.int64)
         self.last_step = np.zeros(c, np.int64)
         self.logits = np.zeros((c, vocab_size), np.float32)  # [n, V]
         # A step that took every row leaves their logits in its own output (a fresh array each
@@ -142,9 +143,8 @@ class SteadyLane:
             recent = self.drawn[: self._calls, row]  # [calls]
             blocks = [*self.saved[row], recent[recent >= 0]]
             request.tokens.extend(np.concatenate(blocks).tolist())
-            request.stepped = stepped = int(self.stepped[row])
-            for k in range(max(int(self.delivered[row]), 1, int(self.entered[row]) + 1), stepped + 1):
-                request.window[k] = self.undo_state(row, k).copy()  # [L, H], owned: the ring moves on
+            request.stepped = int(self.stepped[row])
+            self._copy_out_undo_states(row)  # owned: the ring moves on
             state.position = int(self.position[row])
             state.logits = self.logits[row].copy() if self.has_logits[row] else None
             state.last_step = int(self.last_step[row])
@@ -156,12 +156,32 @@ class SteadyLane:
             self._remove(row)
         return left
 
-    def undo_state(self, row: int, k: int) -> np.ndarray:
-        """The state before generated character k of `row` (a lane step consumed it): [L, H]."""
-        entry = int(self.win[row, k & self._k_mask])
-        inputs = self._ring[(entry >> self._bits) % self.window]
-        assert inputs is not None
-        return inputs[:, entry & ((1 << self._bits) - 1), :]
+    def spill(self, rows: np.ndarray) -> None:
+        """Rows whose oldest undo state the next lane step would push out of the ring (expiring():
+        their reader stalled while the others stepped): those states move to the Request's window,
+        and the rows stay. Leaving instead costs a row its whole write-back and a later entry, and
+        where steps are fast (a small model, a GPU) a reader lags that many steps often."""
+        for row in rows.tolist():
+            # What the lane's acknowledgements released goes first: the window holds at most the
+            # lookahead's states however often a row spills.
+            self.requests[row].window.drop_below(max(int(self.delivered[row]), 1))
+            self._copy_out_undo_states(row)
+
+    def _copy_out_undo_states(self, row: int) -> None:
+        """The ring's undo states of `row` (characters entered + 1 .. stepped still undoable) into
+        its Request's window as one owned block [n, L, H]; from then on those are the Request's."""
+        first, last = max(int(self.delivered[row]), 1, int(self.entered[row]) + 1), int(self.stepped[row])
+        if first <= last:
+            self.requests[row].window.put_block(first, self.undo_states(row, first, last))
+        self.entered[row] = last
+
+    def undo_states(self, row: int, first: int, last: int) -> np.ndarray:
+        """The states before generated characters first .. last of `row` (lane steps consumed them),
+        copied into one array: [last - first + 1, L, H]."""
+        entries = self.win[row, np.arange(first, last + 1) & self._k_mask]  # [n]: t << b | position
+        steps = ((entries >> self._bits) % self.window).tolist()
+        positions = (entries & ((1 << self._bits) - 1)).tolist()
+        return np.stack([self._ring[t][:, p, :] for t, p in zip(steps, positions)])  # type: ignore[index]
 
     def _owned_logits(self) -> None:
         """Every row's logits into the lane's own array (before rows move, enter or miss a step)."""
@@ -202,7 +222,7 @@ class SteadyLane:
 
     def expiring(self) -> np.ndarray:
         """Rows whose oldest undo state the next lane step would push out of the ring (their reader
-        stalled while the others stepped): they leave first, keeping copies."""
+        stalled while the others stepped): spill() copies those states out first."""
         n = self.n
         # None can while the last `lookahead` lane steps took every lane row. A row holds undo
         # states for characters oldest .. stepped, where oldest >= delivered, so at most

@@ -59,15 +59,20 @@ class UndoWindow:
 
     def own(self) -> None:
         """Each state a copy of its own row, not a view of a whole call's or step's output
-        (which a stalled or finished request would otherwise keep alive); blocks become single
-        entries."""
+        (which a stalled or finished request would otherwise keep alive). A block that is a
+        view becomes single entries; one that is an array of its own (the steady lane's copies)
+        stays: it holds this request's states and nothing else."""
         for k, state in self._single.items():
             if state.base is not None:
                 self._single[k] = state.copy()
+        kept = []
         for first, states in self._blocks:
+            if states.base is None:
+                kept.append((first, states))
+                continue
             for i in range(max(0, self._floor - first), len(states)):
                 self._single[first + i] = states[i].copy()
-        self._blocks.clear()
+        self._blocks = kept
 
     def __iter__(self) -> Iterator[int]:
         yield from self._single
