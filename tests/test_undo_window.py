@@ -15,6 +15,7 @@ def test_the_window_reads_as_a_dict_of_its_states() -> None:
     for seed in range(20):
         rng = random.Random(seed)
         window, reference, floor, next_key = UndoWindow(), {}, 1, 1
+        owned: list[tuple[int, np.ndarray]] = []  # (first key, block) of the blocks put as arrays of their own
         call = np.arange(64 * 2 * 3, dtype=np.float32).reshape(64, 2, 3) + seed  # a call's inputs [K, L, H]
         for _ in range(200):
             action = rng.random()
@@ -29,6 +30,7 @@ def test_the_window_reads_as_a_dict_of_its_states() -> None:
                 block = call[start:start + n]
                 if rng.random() < 0.3:  # the steady lane's copies: an array of its own
                     block = block.copy()
+                    owned.append((next_key, block))
                 window.put_block(next_key, block)
                 reference.update({next_key + i: block[i] for i in range(n)})
                 next_key += n
@@ -41,6 +43,10 @@ def test_the_window_reads_as_a_dict_of_its_states() -> None:
                 # Every state is its own array, or a row of a block that is (it holds no one else's)
                 assert all(state.base is None or (state.base.base is None and state.base is not call)
                            for state in window.values())
+                # Blocks of their own are kept as they were put (no copy), while any key of theirs is live.
+                live = [(first, block) for first, block in owned if len(block) and first + len(block) > floor]
+                kept = [(first, block) for first, block in window._blocks]
+                assert all(any(b is block for _, b in kept) for _, block in live)
             assert sorted(window) == sorted(reference) and len(window) == len(reference)
             assert bool(window) == bool(reference)
             for k, state in reference.items():

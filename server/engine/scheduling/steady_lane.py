@@ -30,8 +30,9 @@ same few dozen NumPy calls at any batch size:
 The Request and SlotState objects stay the truth for everything else, and
 are brought up to date (`leave`) before anything but the lane's own
 iteration reads them: a snapshot, an abort, a close, the last character
-(max_chars), a failed step, draining, or a row whose oldest undo state would
-fall out of the ring (a reader stalled for W steps). The text is the one the
+(max_chars), a failed step, or draining. A row whose oldest undo state would
+fall out of the ring (a reader stalled for W steps) copies its undo states
+out to its Request instead and stays (spill). The text is the one the
 per-row path gives: the same sampler functions on the same logits and random
 numbers (sample_tokens and sample_uncut agree bit for bit), the same states.
 """
