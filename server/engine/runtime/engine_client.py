@@ -223,22 +223,30 @@ class EngineClient:
             logger.exception("engine message failed")
 
     def _route(self, wire: list[tuple[int, Any]]) -> None:
+        """Each event to its stream, in order. A stream on this loop takes its plain text at once,
+        with no StreamEvent made (one text per stream and message, a few hundred a message); a
+        stream on another loop gets its events posted there, one hand-off per loop."""
         by_hub: dict[StreamHub, list] = {}
         if any(request_id == BLOCK for request_id, _ in wire):
             wire = self._wire.expand_blocks(wire)
+        routes, here = self._routes, self._loop
         for request_id, payload in wire:
-            hub = self._routes.get(request_id)
+            hub = routes.get(request_id)
             if hub is None:
                 continue
-            event = self._wire.text_event(payload) if isinstance(payload, str) else payload
-            by_hub.setdefault(hub, []).append((request_id, event))
-            if event.ends_stream:
-                del self._routes[request_id]
-        for hub, events in by_hub.items():
-            if hub.loop is self._loop:
-                hub.dispatch(events)  # already on its loop
+            if hub.loop is here:
+                if payload.__class__ is str:
+                    hub.receive_text(request_id, payload)
+                    continue
+                hub.dispatch([(request_id, payload)])
             else:
-                hub.post(events)
+                event = self._wire.text_event(payload) if isinstance(payload, str) else payload
+                by_hub.setdefault(hub, []).append((request_id, event))
+                payload = event
+            if payload.ends_stream:
+                del routes[request_id]
+        for hub, events in by_hub.items():
+            hub.post(events)
 
     def _settle_snapshot(self, token: int, result: SlotSnapshot | None,
                          error: tuple[str, str] | Exception | None) -> None:

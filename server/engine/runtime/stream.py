@@ -71,6 +71,13 @@ class GenerationStream:
         if self._ready >= self._wanted or event.ends_stream or event.accepted or event.refused:
             self._arrived.set()
 
+    def receive_text(self, text: str) -> None:
+        """Engine -> stream, on the loop thread: characters and nothing else (receive's plain case)."""
+        self._text.append(text)
+        self._ready += len(text)
+        if self._ready >= self._wanted:
+            self._arrived.set()
+
     async def opening(self) -> StreamEvent:
         """Wait for the engine to accept the request (prompt queued) or refuse it."""
         while self._opening is None:
@@ -152,6 +159,12 @@ class StreamHub:
         with self._lock:
             events, self._posted, self._scheduled = self._posted, [], False
         self.dispatch(events)
+
+    def receive_text(self, request_id: int, text: str) -> None:
+        """On the loop: characters for one stream (dispatch's plain case, with no event made)."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.receive_text(text)
 
     def dispatch(self, events: list[tuple[int, StreamEvent]]) -> None:
         """On the loop: hand each event to its stream."""
