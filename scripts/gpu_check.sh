@@ -51,6 +51,7 @@ step() {  # step NAME COMMAND...: run it, its output to OUT/NAME.log, note a fai
 "$PY" -c 'import server.engine._sampling_kernel' 2>/dev/null \
     || step build-kernel "$PY" setup.py -q build_ext --inplace
 step engine-cost "$PY" -m server.bench.engine_cost --json "$OUT/engine-cost.json"  # the host's own cost
+step engine-cost-lagging "$PY" -m server.bench.engine_cost --lagging 0.1 --json "$OUT/engine-cost-lagging.json"
 
 if [ "$DEVICE" = cuda ]; then
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || { echo "nvidia-smi failed: no NVIDIA driver here" >&2; exit 2; }
