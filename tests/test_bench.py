@@ -18,6 +18,7 @@ from server.bench import bench
 from server.bench import process as bench_process
 from server.bench import sessions as bench_sessions
 from server.bench.raw import CPU
+from tests.live_processes import pids_with_args
 
 STREAMS, CHARS, LONG_PROMPT, BATCH, STORE_CALLS, IDLE_SESSIONS = 4, 30, 200, 4, 10, 50
 ROW_IDS = ["raw_batch_1", "raw_batch_4", "torch_eager", "server_1_stream", "server_streams",
@@ -61,15 +62,7 @@ def started(started_redis: tuple[list, list]) -> list[bench_process.ServerProces
 
 def _server_pids(model_dir: Path) -> list[int]:
     """Live `python -m server --model model_dir` processes on this machine."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"server" in argv and str(model_dir).encode() in argv and entry.name.isdigit():
-            pids.append(int(entry.name))
-    return pids
+    return pids_with_args("server", str(model_dir))
 
 
 def _argv(model_dir: Path, json_path: Path, *extra: str) -> list[str]:

@@ -21,6 +21,7 @@ from server.bench import ceiling as bench_ceiling
 from server.bench import process as bench_process
 from server.bench import spread as bench_spread
 from server.bench.clients import StreamsRun, StreamStats
+from tests.live_processes import pids_with_args
 
 CHARS = 20
 
@@ -142,19 +143,6 @@ def test_ctrl_c_while_the_streams_run_leaves_no_client_process(tiny_server: benc
     assert multiprocessing.active_children() == []
 
 
-def _floor_server_pids() -> list[int]:
-    """Live `python -m server.bench.floor_server` processes on this machine."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"server.bench.floor_server" in argv and entry.name.isdigit():
-            pids.append(int(entry.name))
-    return pids
-
-
 def _ceiling_run(tiny_model_dir: Path, json_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> int:
     return bench.main(["--model", str(tiny_model_dir), "--device", "cpu", "--skip-standard-rows", "--chars",
                        str(CHARS), "--timeout", "60", "--json", str(json_path), *extra])
@@ -208,7 +196,7 @@ def test_the_ceiling_model_is_built_served_and_removed(tiny_model_dir: Path, tmp
     assert built and not built[0].exists()  # the temporary model directory is gone
     assert "ceiling: server, 1x16 GRU, 4 streams" in out.getvalue()
     assert multiprocessing.active_children() == []
-    assert _floor_server_pids() == []  # the floor's server was stopped too
+    assert pids_with_args("server.bench.floor_server") == []  # the floor's server was stopped too
 
 
 def test_the_ceiling_row_is_skipped_without_torch(tiny_model_dir: Path, tmp_path: Path,
