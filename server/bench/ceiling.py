@@ -78,9 +78,12 @@ def floor_id(streams: int) -> str:
     return f"ceiling_floor_{streams}"
 
 
+def floor_flags(message_chars: int) -> list[str]:
+    return ["--host", "127.0.0.1", "--port", "0", "--message-chars", str(message_chars)]
+
+
 def floor_command(message_chars: int) -> list[str]:
-    return [sys.executable, "-m", "server.bench.floor_server", "--host", "127.0.0.1", "--port", "0",
-            "--message-chars", str(message_chars)]
+    return [sys.executable, "-m", "server.bench.floor_server", *floor_flags(message_chars)]
 
 
 def ceiling_rows(args: argparse.Namespace) -> dict[str, tuple[int, str]]:
@@ -151,12 +154,11 @@ def measure_ceiling(bench: BenchContext, server: ServerProcess, model_dir: Path,
     def floor(row: int, row_id: str, title: str) -> StreamsResult:
         # The server row's mean message, so both rows write about as many messages a stream.
         size = max(1, round(served_rows[0].chars_per_message)) if served_rows else clients.PROMPT_CHARS
-        with running_server("", [], args.timeout, command=floor_command(size)) as floor_server:
+        with running_server("", floor_flags(size), args.timeout, command=floor_command(size)) as floor_server:
             processes = spread.client_processes(args.client_processes, streams)
             result = spread.measure_streams(floor_server, prompt, streams, args.chars, processes, args.timeout,
-                                            row=row, row_id=row_id, title=title)
+                                            row=row, row_id=row_id, title=title)  # server_flags: floor_flags
         share = ratio_of(served_rows[0].chars_per_s, result.chars_per_s) if served_rows else None
-        result.server_flags = floor_command(size)[3:]
         result.note = (f"{size} characters a message"
                        + (" (the server row's mean)" if served_rows else "")
                        + (f"; the server row is {share:.3f} of this" if share is not None else ""))
