@@ -37,6 +37,9 @@ from tests.test_server_engine import collect, request
 from tests.test_stretch import StretchCounts
 
 PROMPTS = ["To be", "Or not", "The sea", "W", "a", "fortune,"]
+# On a host-state runner a batch of plain requests stretches in the steady lane (lane_stretch.py);
+# with states on a device, or without the lane's stretches, batch_stretch.py's per-row path does.
+LANE_STRETCH = [pytest.param(True, id="lane"), pytest.param(False, id="per-row")]
 
 
 class Recording:
@@ -69,11 +72,13 @@ class Recording:
 
 
 def start(tiny_model_dir: Path, device: str = "cpu", lookahead: int = 32, max_batch: int = 8,
-          batch_stretch: int = DEFAULT_BATCH_STRETCH, **recording: bool | int) -> tuple[Engine, Recording, StretchCounts]:
+          batch_stretch: int = DEFAULT_BATCH_STRETCH, lane_stretch: bool = True,
+          **recording: bool | int) -> tuple[Engine, Recording, StretchCounts]:
     runner = load_runner(tiny_model_dir, device=device, num_slots=8)
     recorder = Recording(runner, **recording)  # type: ignore[arg-type]
     counts = StretchCounts()
-    engine = Engine(runner, max_batch=max_batch, observer=counts, lookahead=lookahead, batch_stretch=batch_stretch)
+    engine = Engine(runner, max_batch=max_batch, observer=counts, lookahead=lookahead, batch_stretch=batch_stretch,
+                    lane_stretch=lane_stretch)
     engine.start()
     return engine, recorder, counts
 
@@ -106,10 +111,27 @@ def references(tiny_model_dir: Path, count: int, chars: int, temperature: float,
             for i in range(count)]
 
 
+@pytest.mark.parametrize("lane_stretch", LANE_STRETCH)
 @pytest.mark.parametrize("device", SERVING_DEVICES)
 @pytest.mark.parametrize("lookahead", [8, 32])
-def test_sessions_stretching_together_give_their_text_alone(tiny_model_dir: Path, device: str, lookahead: int) -> None:
-    recorder, counts = same_texts_together(tiny_model_dir, 6, 250, 0.9, device=device, lookahead=lookahead)
+def test_sessions_stretching_together_give_their_text_alone(tiny_model_dir: Path, device: str, lookahead: int,
+                                                            lane_stretch: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.engine.scheduling import lane_glue
+
+    in_lane = []  # rows of each call the lane made
+    real = lane_glue.stretch_lane
+
+    def counting(runner: ModelRunner, lane: object, rows: np.ndarray, *args: object) -> object:
+        call = real(runner, lane, rows, *args)  # type: ignore[arg-type]
+        in_lane.extend([rows.size] if call is not None else [])
+        return call
+
+    monkeypatch.setattr(lane_glue, "stretch_lane", counting)
+    recorder, counts = same_texts_together(tiny_model_dir, 6, 250, 0.9, device=device, lookahead=lookahead,
+                                           lane_stretch=lane_stretch)
+    # Which path made the batches' calls: the lane's on a host-state runner, else batch_stretch.py's.
+    assert (max(in_lane, default=0) >= 2) == (lane_stretch and device == "cpu")
     assert recorder.batched_calls > 0 and counts.kept > 6 * 100 and counts.sampled == counts.kept  # none redrawn
     # Calls start small (a fresh request joined) and never sample more than the lookahead allows.
     assert recorder.sampled[0] == 2 and max(recorder.sampled) == min(DEFAULT_BATCH_STRETCH, lookahead // 2 - 1)
@@ -122,10 +144,11 @@ def test_batch_stretch_bounds_what_a_call_samples(tiny_model_dir: Path, most: in
     assert (max(recorder.sampled) == most) if most >= 2 else not recorder.sampled
 
 
-def test_more_sessions_than_max_batch_stretch_in_turns(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("lane_stretch", LANE_STRETCH)
+def test_more_sessions_than_max_batch_stretch_in_turns(tiny_model_dir: Path, lane_stretch: bool) -> None:
     """Six sessions, batches of at most four: calls take the least recently stepped, every session
     gets its text alone."""
-    recorder, counts = same_texts_together(tiny_model_dir, 6, 200, 1.0, max_batch=4)
+    recorder, counts = same_texts_together(tiny_model_dir, 6, 200, 1.0, max_batch=4, lane_stretch=lane_stretch)
     assert recorder.batched_calls > 0 and max(recorder.batches) == 4 and counts.kept > 6 * 100
 
 
@@ -148,15 +171,18 @@ def test_an_idle_session_after_a_batch_holds_only_its_own_state(tiny_model_dir: 
             assert kept is None or kept.base is None or kept.base.size == kept.size
 
 
-def test_a_disagreement_in_a_batch_is_redrawn_for_its_row_only(tiny_model_dir: Path) -> None:
-    recorder, counts = same_texts_together(tiny_model_dir, 4, 200, 1.0, perturb=True)
+@pytest.mark.parametrize("lane_stretch", LANE_STRETCH)
+def test_a_disagreement_in_a_batch_is_redrawn_for_its_row_only(tiny_model_dir: Path, lane_stretch: bool) -> None:
+    recorder, counts = same_texts_together(tiny_model_dir, 4, 200, 1.0, perturb=True, lane_stretch=lane_stretch)
     assert recorder.batched_calls > 0 and counts.sampled > counts.kept > 0  # characters were discarded
 
 
-def test_cancel_and_continue_under_batch_stretches_gives_the_uninterrupted_text(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("lane_stretch", LANE_STRETCH)
+def test_cancel_and_continue_under_batch_stretches_gives_the_uninterrupted_text(tiny_model_dir: Path,
+                                                                               lane_stretch: bool) -> None:
     """Sessions cancelled at random points while the others stretch on, then continued: each gets
     exactly its uninterrupted text, and its consumed count is its prompt plus what it was handed."""
-    engine, recorder, _ = start(tiny_model_dir)
+    engine, recorder, _ = start(tiny_model_dir, lane_stretch=lane_stretch)
     rng = random.Random(7)
     cuts = [rng.choice([0, 1, 5, 17, 40, 90, 150]) for _ in range(6)]
     pauses = [rng.choice([0.0, 0.02]) for _ in range(6)]
@@ -211,8 +237,9 @@ def test_stops_and_max_chars_in_a_batch_end_where_single_steps_end(tiny_model_di
     assert recorder.batched_calls > 0
 
 
-def test_a_failed_batch_call_fails_its_requests_and_the_engine_serves_on(tiny_model_dir: Path) -> None:
-    engine, recorder, _ = start(tiny_model_dir, fail_batch=3)
+@pytest.mark.parametrize("lane_stretch", LANE_STRETCH)
+def test_a_failed_batch_call_fails_its_requests_and_the_engine_serves_on(tiny_model_dir: Path, lane_stretch: bool) -> None:
+    engine, recorder, _ = start(tiny_model_dir, fail_batch=3, lane_stretch=lane_stretch)
     try:
         async def scenario() -> tuple[list[str | None], tuple[str, str]]:
             for slot in range(3):

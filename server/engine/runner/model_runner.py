@@ -113,6 +113,22 @@ class ModelRunner:
         """The states of `slots` as a host [L, B, H] array (tests and diagnostics)."""
         raise NotImplementedError
 
+    # Whether states can be taken out and put back as host arrays at no extra cost (the steady
+    # lane's stretches: lane_stretch.py); with states on a device they would cross twice a call.
+    host_states = False
+
+    def take_states(self, slots: np.ndarray) -> np.ndarray:
+        """The states of `slots` [B] as an [L, B, H] host array the caller must not write to."""
+        raise NotImplementedError
+
+    def put_states(self, slots: np.ndarray, states: np.ndarray) -> None:
+        """`states` [L, B, H] (never written to afterwards) are the newest states of `slots` [B]."""
+        raise NotImplementedError
+
+    def put_state(self, slot: int, state: np.ndarray) -> None:
+        """Copy `state` [L, H] into the pool as the state of `slot`."""
+        raise NotImplementedError
+
 
 class HostStateRunner(ModelRunner):
     """States in host memory; the plain step model."""
@@ -133,6 +149,18 @@ class HostStateRunner(ModelRunner):
 
     def read_states(self, slots: np.ndarray) -> np.ndarray:
         return self.pool.read(slots)
+
+    host_states = True
+
+    def take_states(self, slots: np.ndarray) -> np.ndarray:
+        # The last call's own output when it was over the same slots: no gather, no copy.
+        return self.pool.gather(slots, np.zeros(len(slots), bool))
+
+    def put_states(self, slots: np.ndarray, states: np.ndarray) -> None:
+        self.pool.scatter(slots, states)
+
+    def put_state(self, slot: int, state: np.ndarray) -> None:
+        self.pool.write(slot, state)
 
 
 class DeviceStateRunner(ModelRunner):

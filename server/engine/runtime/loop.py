@@ -40,11 +40,12 @@ DEFAULT_LOOKAHEAD = 128
 class Engine:
     def __init__(self, runner: ModelRunner, max_batch: int = 256, observer: StepObserver | None = None,
                  lookahead: int = DEFAULT_LOOKAHEAD, prefix_cache: PrefixCache | None = None, stretch: bool = True,
-                 batch_stretch: int = DEFAULT_BATCH_STRETCH):
+                 batch_stretch: int = DEFAULT_BATCH_STRETCH, lane_stretch: bool = True):
         self.runner = runner
         self.vocab = Vocabulary(runner.info.spec.vocab)
         # Engine thread only:
-        self.scheduler = Scheduler(runner, max_batch, lookahead, observer, prefix_cache, stretch, batch_stretch)
+        self.scheduler = Scheduler(runner, max_batch, lookahead, observer, prefix_cache, stretch, batch_stretch,
+                                   lane_stretch=lane_stretch)
         self._commands: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._ids = itertools.count(1)

@@ -12,13 +12,20 @@ import logging
 
 import numpy as np
 
-from server.engine.generation import StreamEvent, expand_events
+from server.engine.generation import (
+    BLOCK,
+    LENGTH,
+    RequestStatus,
+    StreamEvent,
+    expand_events,
+)
 from server.engine.observer import StepObserver
 from server.engine.runner.model_runner import ModelRunner
+from server.engine.scheduling.lane_stretch import stretch_lane
 from server.engine.scheduling.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.scheduling.prefix_states import PrefixStates
 from server.engine.scheduling.row_updates import run_step, take_step
-from server.engine.scheduling.slot_state import Request, SlotState
+from server.engine.scheduling.slot_state import Request, SlotState, own_window
 from server.engine.scheduling.steady_lane import SteadyLane
 
 logger = logging.getLogger("charstream.server")
@@ -30,6 +37,7 @@ class LaneGlue:
     lookahead: int
     max_batch: int
     stretch: bool
+    batch_stretch: int
     draining: bool
     prefixes: PrefixStates
     slots: dict[int, SlotState]
@@ -78,6 +86,34 @@ class LaneGlue:
         expanded), and none kept."""
         events, self.events = self.events, []
         return expand_events(events, self._text_events)
+
+    def _stretch_lane(self, lane_rows: np.ndarray) -> bool:
+        """One stretch call over the lane's ready rows when they may take one (lane_stretch.py);
+        False leaves them to an ordinary step."""
+        lane = self.lane
+        assert lane is not None
+        try:
+            call = stretch_lane(self.runner, lane, lane_rows, self.batch_stretch, self._iteration, self._observer)
+        except Exception as exc:  # noqa: BLE001 - as a failed step: these sessions only
+            logger.exception("model step failed")
+            lane_states = [lane.states[row] for row in lane_rows.tolist()]
+            self._leave_lane(lane_rows)
+            self._fail(lane_states, exc)
+            return True
+        if call is None:
+            return False
+        if call.block is not None:
+            self.events.append((BLOCK, call.block))
+        if call.ended.size:  # max_chars reached in the call: the finish travels with their last characters
+            ended = [lane.requests[row] for row in call.ended.tolist()]
+            self._leave_lane(call.ended)
+            for request, tokens in zip(ended, call.ended_tokens):
+                request.status = RequestStatus.FINISHED_LENGTH
+                own_window(request)
+                text = "".join([self._text_events[token].text for token in tokens])
+                self.events.append((request.id, StreamEvent(text=text, finish=LENGTH)))
+        self._observe_lookahead()  # a stretch ran ahead: the gauges must say how far
+        return True
 
     def _step_with_lane(self, ready: list[tuple[int, SlotState]], lane_rows: np.ndarray) -> None:
         """One ordinary step over the ready slots outside the lane and the lane's rows after them.

@@ -49,7 +49,11 @@ from server.engine.observer import StepObserver
 from server.engine.prefix_cache import PrefixCache
 from server.engine.runner.model_runner import ModelRunner
 from server.engine.sampling import sample_batch
-from server.engine.scheduling.batch_stretch import DEFAULT_BATCH_STRETCH, step_together
+from server.engine.scheduling.batch_stretch import (
+    BATCH_STRETCH_MIN,
+    DEFAULT_BATCH_STRETCH,
+    step_together,
+)
 from server.engine.scheduling.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.scheduling.prefix_states import PrefixStates
 from server.engine.scheduling.row_updates import run_step, take_drawn, take_step
@@ -64,7 +68,8 @@ logger = logging.getLogger("charstream.server")
 class Scheduler(SessionCommands):
     def __init__(self, runner: ModelRunner, max_batch: int, lookahead: int, observer: StepObserver | None = None,
                  prefix_cache: PrefixCache | None = None, stretch: bool = True,
-                 batch_stretch: int = DEFAULT_BATCH_STRETCH, lane: bool = True):
+                 batch_stretch: int = DEFAULT_BATCH_STRETCH, lane: bool = True,
+                 lane_stretch: bool = True):
         if max_batch <= 0 or lookahead <= 0:
             raise ValueError(f"max_batch and lookahead must be positive, got {max_batch} and {lookahead}")
         self.runner = runner
@@ -82,7 +87,12 @@ class Scheduler(SessionCommands):
         self.requests: dict[int, Request] = {}
         # Plainly running requests keep their per-step bookkeeping in arrays (steady_lane.py); the
         # rest are `_outside`, the only requests an iteration looks at one by one.
-        self.lane = SteadyLane(runner.info.num_slots, len(self.chars), lookahead) if lane else None
+        # Plain-temperature requests of a batch stretch in the lane itself where states are host
+        # arrays (lane_stretch.py); elsewhere batch_stretch.py's per-row path takes them.
+        self.lane_stretches = (lane and lane_stretch and self.stretch and batch_stretch >= BATCH_STRETCH_MIN and max_batch >= 2
+                               and runner.host_states)
+        self.lane = SteadyLane(runner.info.num_slots, len(self.chars), lookahead,
+                               batch_stretch if self.lane_stretches else 0) if lane else None
         self._outside: dict[int, Request] = {}
         # Slots that may have tokens waiting (a dict as an ordered set): steps look here, not at every slot.
         self._active: dict[int, None] = {}
@@ -144,22 +154,24 @@ class Scheduler(SessionCommands):
             finishing = lane.finishing()
             if finishing.size:  # their last character's event finishes them: the per-row path's
                 self._leave_lane(finishing)
+            if self.lane_stretches and len(lane) == 1 and len(self.requests) == 1 and lane.plain[0]:
+                self._leave_lane([0])  # a lone stream's calls are stretch.py's: longer, and the graph draws
         # _can_sample for every request outside the lane, inlined: this runs once per iteration.
         rows, states, slots, lookahead, generating = [], [], self.slots, self.lookahead, RequestStatus.GENERATING
         entering = []
         may_join = lane is not None and not self.draining and len(self.requests) <= self.max_batch
+        # Whether a stretch outside the lane takes plain requests: all of them, or a lone one.
+        stretches_outside = self.stretch and not (self.lane_stretches and len(self.requests) > 1)
         for request in self._outside.values():
             if request.status is generating and len(request.tokens) - request.delivered < lookahead:
                 state = slots[request.slot]
                 if state.logits is not None and not state.pending:
-                    if may_join and may_enter(request, state, lookahead, self.stretch):
+                    if may_join and may_enter(request, state, lookahead, stretches_outside, self.lane_stretches):
                         entering.append((request, state))
                         continue
                     rows.append(request)
                     states.append(state)
-        for request, state in entering:
-            lane.enter(request, state)  # type: ignore[union-attr]
-            del self._outside[request.id]
+        self._enter_lane(entering)
         block = lane.sample() if lane is not None and len(lane) else None
         if block is not None:
             self.events.append((BLOCK, block))
@@ -173,7 +185,20 @@ class Scheduler(SessionCommands):
         tokens, draws = sample_batch([s.logits for s in states], [r.spec.settings for r in rows],
                                      [(s.key, s.position) for s in states], all(r.plain for r in rows))
         take_drawn(rows, states, tokens, draws, self.chars, self._text_events, self.events, self._active)
+        if may_join and self.lane_stretches:
+            # Requests that just drew a character (a new one's first) join now, with it queued: this
+            # step is then the lane's stretch, not an ordinary step for their sake.
+            self._enter_lane([(request, state) for request, state in zip(rows, states)
+                              if may_enter(request, state, lookahead, stretches_outside, True, sampled=True)])
         self._observe_lookahead()
+
+    def _enter_lane(self, entering: list[tuple[Request, SlotState]]) -> None:
+        for request, state in entering:
+            if state.start is not None:  # its last call's state (batch_stretch.py's), into the pool
+                self.runner.put_state(request.slot, state.start)
+                state.start = None
+            self.lane.enter(request, state)  # type: ignore[union-attr]
+            del self._outside[request.id]
 
     def _graph_may_draw(self, request: Request) -> bool:
         """Whether the lone sampling request's next character is left to the stretch graph, which
@@ -212,6 +237,8 @@ class Scheduler(SessionCommands):
                 self.leave_lane()  # more than one batch: the per-row path's fairness decides
                 ready = self._ready_slots()
             elif lane_rows.size:
+                if not (ready or self._graph_draws is not None) and self.lane_stretches and self._stretch_lane(lane_rows):
+                    return
                 self._step_with_lane(ready, lane_rows)
                 return
         drawing, self._graph_draws = self._graph_draws, None

@@ -57,9 +57,15 @@ TOKENS = 1024  # sample calls `drawn` holds before every row's characters are sa
 
 
 class SteadyLane:
-    def __init__(self, capacity: int, vocab_size: int, lookahead: int):
+    def __init__(self, capacity: int, vocab_size: int, lookahead: int, stretch_most: int = 0):
         self.lookahead, self.n = lookahead, 0
-        self.window = lookahead + 2  # W: a row that keeps up holds at most lookahead + 1 undo states
+        # A call advances the lane by at most `advance` steps: 1, or a stretch's forced character
+        # and the `stretch_most` it samples (lane_stretch.py): one lane step a character consumed.
+        self.advance = 1 + max(0, stretch_most)
+        # W: a row that keeps up holds at most lookahead + 1 undo states, and a call must not
+        # overwrite them while it writes its own.
+        self.window = lookahead + 1 + self.advance
+        self.stretch_step_seconds = 0.0  # the last stretch call's seconds per step (lane_stretch.py)
         c, w = capacity, self.window
         self._k_mask = (1 << (w - 1).bit_length()) - 1  # K - 1, K >= W: a row's live k are distinct mod K
         self._bits = max(1, (c - 1).bit_length())  # b: 10 for 1,024 slots, leaving t 53 bits
@@ -110,8 +116,9 @@ class SteadyLane:
     # ---- rows entering and leaving ----
 
     def enter(self, request: Request, state: SlotState) -> None:
-        """Take a plainly running request whose logits are ready and nothing queued (the scheduler
-        checks: may_enter). Its SlotState's logits move here."""
+        """Take a plainly running request whose logits are ready and nothing queued, or whose
+        sampled character alone is queued (the scheduler checks: may_enter). Its SlotState's
+        logits, or that character, move here."""
         self._owned_logits()
         row, settings = self.n, request.spec.settings
         self.n += 1
@@ -122,8 +129,10 @@ class SteadyLane:
         self.max_chars[row], self.generated[row] = request.spec.max_chars, len(request.tokens)
         self.delivered[row], self.stepped[row] = request.delivered, request.stepped
         self.entered[row], self.last_step[row] = request.stepped, state.last_step
-        self.logits[row] = state.logits  # type: ignore[assignment]  # the caller checked it is ready
-        self.has_logits[row], self.waiting[row] = True, -1
+        sampled = state.logits is None  # its character is drawn and queued: the next step consumes it
+        if not sampled:
+            self.logits[row] = state.logits
+        self.has_logits[row], self.waiting[row] = not sampled, state.pending.popleft() if sampled else -1
         self.drawn[: self._calls, row] = -1  # none of this block's calls drew for it
         state.logits = None  # the lane's from here on
         own_window(request)  # undo states from before stay the Request's: as copies, pinning no whole step
@@ -232,12 +241,14 @@ class SteadyLane:
         # character per step: t - held <= lookahead, so held > t + 1 - W (W = lookahead + 2). A
         # row left out of some step, but of none of the last `lookahead`, consumed a character in
         # each of those: its oldest was consumed within them, the same case.
+        # The next call overwrites the ring's entries of lane steps t + 1 - W .. t + advance - W,
+        # which, by the same count, are older than any such row's oldest.
         if self._t - self._partial_step > self.lookahead:
             return _NONE
         oldest = np.maximum(np.maximum(self.delivered[:n], 1), self.entered[:n] + 1)  # [n]
         live = oldest <= self.stepped[:n]
         held = self.win[self._arange[:n], oldest & self._k_mask] >> self._bits  # [n]: the lane step
-        return (live & (held <= self._t + 1 - self.window)).nonzero()[0]
+        return (live & (held <= self._t + self.advance - self.window)).nonzero()[0]
 
     def sample(self) -> CharBlock | None:
         """Draw the next character of every row that may run ahead; None when none may."""
@@ -346,13 +357,20 @@ class SteadyLane:
         return self.generated[: self.n] - self.delivered[: self.n]
 
 
-def may_enter(request: Request, state: SlotState, lookahead: int, stretches: bool) -> bool:
+def may_enter(request: Request, state: SlotState, lookahead: int, stretches: bool, pools_start: bool,
+              sampled: bool = False) -> bool:
     """Whether a request belongs in the lane: generating with a character out, no stop strings,
-    at least two characters before max_chars, its logits ready, nothing queued or overriding the
-    pool's state, room to run ahead, and none of the stretch graph's paths take it (`stretches`:
-    they take plain-temperature requests)."""
+    at least two characters before max_chars, its logits ready and nothing queued (or, with
+    `sampled`, the character just drawn from them alone queued), room to run ahead, and none of
+    the stretch graph's paths outside the lane take it (`stretches`: they take plain-temperature
+    requests). A state overriding the pool's (a stretch's outside the lane) must first go into
+    the pool, which the caller does where `pools_start`."""
     generated = len(request.tokens)
-    return (request.status is RequestStatus.GENERATING and generated >= 1 and not request.matcher.stops
+    if sampled:
+        ready = (state.logits is None and len(state.pending) == 1 and request.stepped == generated - 1
+                 and generated - request.delivered <= lookahead)
+    else:
+        ready = state.logits is not None and not state.pending and generated - request.delivered < lookahead
+    return (ready and request.status is RequestStatus.GENERATING and generated >= 1 and not request.matcher.stops
             and generated + 1 < request.spec.max_chars and not (stretches and request.plain)
-            and state.logits is not None and not state.pending and state.start is None and not state.lost
-            and generated - request.delivered < lookahead)
+            and (state.start is None or pools_start) and not state.lost)

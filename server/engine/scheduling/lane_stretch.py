@@ -1,0 +1,188 @@
+"""A batch's stretch over the steady lane's arrays: one stretch-graph call for every ready lane row,
+and its bookkeeping as array operations, not a Python pass over the rows.
+
+batch_stretch.py makes the same call for sessions outside the lane, and takes
+each row's outputs into its Request and SlotState one by one: at a few
+hundred rows of a model whose step costs microseconds that per-row Python
+was about 40% of the engine's time. Here plain-temperature requests stay in
+the lane (steady_lane.py) and a call's outputs go into its columns whole:
+
+  - the lane has drawn each row's next character (SteadyLane.sample: the
+    server's NumPy sampler); the call consumes it, then samples and
+    consumes K more per row with the rows' own random numbers;
+  - the draws are checked against the NumPy sampler in one pass
+    (stretch.agreed_lengths) and each row keeps its characters up to its
+    first disagreement and its limit (lane_plan), as batch_stretch.py's rows
+    do; the lane draws the next one itself, so a disputed character is
+    always NumPy's;
+  - a call is K + 1 lane steps: the ring holds the state before each
+    character consumed (the forced one's, then each drawn one's), so
+    undoing, spilling and leaving read them as they read an ordinary step's;
+  - the states after the call go back to the pool as the call's own output
+    (HostStatePool keeps it resident: the next call over the same rows
+    starts from it with no gather), a row that kept fewer taking the state
+    after its last kept character.
+
+Only host-state runners stretch in the lane (ModelRunner.host_states): with
+states on a device each call would copy them out and back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from server.engine.generation import CharBlock
+from server.engine.graphs.stretch_graph import (
+    INPUT_FORCED,
+    INPUT_STRETCH_LOGITS,
+    INPUT_STRETCH_START,
+    INPUT_TEMPERATURE,
+    INPUT_UNIFORMS,
+)
+from server.engine.observer import StepObserver
+from server.engine.runner.model_runner import ModelRunner
+from server.engine.sampling import uniforms_at
+from server.engine.scheduling.batch_stretch import BATCH_STRETCH_MIN
+from server.engine.scheduling.steady_lane import TOKENS, SteadyLane
+from server.engine.scheduling.stretch import agreed_lengths
+
+RAMP_BUDGET = 0.002  # seconds a call may take whatever its youngest row (lane_plan)
+
+
+def lane_plan(lane: SteadyLane, rows: np.ndarray, most: int) -> tuple[int, np.ndarray] | None:
+    """(K, each row's keepable count [R]) for a call over lane rows `rows` (each with its sampled
+    character waiting), or None when they take an ordinary step: a row that is not plain, or a
+    call that could not keep two characters.
+    A row keeps at most its lookahead room, half the lookahead with the waiting character (the
+    next call has room once the client took this one's), and what is left of max_chars (a row
+    that reaches it ends in the call: stretch_lane). K grows with the youngest row (2, 4, 8,
+    ...), as batch_stretch.py's calls do, so that what arrives during a call waits a few steps;
+    but where steps are fast (a small model, a GPU) a call of up to RAMP_BUDGET seconds is
+    allowed whatever the youngest: with requests arriving all the time, the ramp alone kept
+    most calls at 2-4 characters a row."""
+    if not lane.plain[rows].all():
+        return None
+    generated = lane.generated[rows]  # [R], the waiting character included
+    lookahead = lane.lookahead
+    limits = np.minimum(np.minimum(lookahead - (generated - lane.delivered[rows]), lookahead // 2 - 1),
+                        lane.max_chars[rows] - generated).clip(0)  # [R]
+    quick = int(RAMP_BUDGET / lane.stretch_step_seconds) if lane.stretch_step_seconds else 0  # steps in budget
+    count = min(int(limits.max()), most, max(BATCH_STRETCH_MIN, int(generated.min()), quick))
+    return (count, limits) if count >= BATCH_STRETCH_MIN else None
+
+
+class LaneCall(NamedTuple):
+    """What a lane stretch kept: the characters of the rows that run on, and the rows that reached
+    their max_chars in the call (lane rows [E], and each one's characters of the call, which its
+    finishing event carries: they must leave the lane with it)."""
+
+    block: CharBlock | None
+    ended: np.ndarray
+    ended_tokens: list[list[int]]
+
+
+def stretch_lane(runner: ModelRunner, lane: SteadyLane, rows: np.ndarray, most: int, iteration: int,
+                 observer: StepObserver | None) -> LaneCall | None:
+    """One stretch call over lane rows `rows` (sorted, each with a character waiting), or None
+    (nothing run) when they take an ordinary step. Raises what the model call raised, the lane
+    untouched."""
+    assert runner.stretch_session is not None
+    plan = lane_plan(lane, rows, most)
+    if plan is None:
+        return None
+    count, limits = plan
+    taken = slice(0, lane.n) if rows.size == lane.n else rows  # every row: slices, not gathers
+    slots = lane.slot[taken].copy()  # [R]: the pool keeps it as the resident states' key
+    batch = len(slots)
+    temperature = np.ascontiguousarray(lane.temperature[taken])  # [R] float64
+    steps = np.arange(count, dtype=np.uint64)[:, None]  # [K, 1]
+    uniforms = uniforms_at(np.broadcast_to(lane.key[taken], (count, batch)).ravel(),
+                           (lane.position[taken][None, :] + steps).ravel()).reshape(count, batch)  # [K, R]
+    started = time.perf_counter()
+    forced_inputs, tokens, inputs, drawn, final_logits, final = runner.stretch_session.run(None, {
+        INPUT_FORCED: lane.waiting[taken][None, :].copy(),  # [1, R]
+        INPUT_STRETCH_LOGITS: np.zeros((batch, lane.logits.shape[1]), np.float32),  # [R, V], unread: F = 1
+        INPUT_STRETCH_START: runner.take_states(slots),  # [L, R, H]
+        INPUT_UNIFORMS: uniforms,  # [K, R] float64
+        INPUT_TEMPERATURE: temperature,  # [R]
+    })  # [1, L, R, H], [K, R], [K, L, R, H], [K, R, V], [R, V], [L, R, H]
+    seconds = time.perf_counter() - started
+    lane.stretch_step_seconds = seconds / (count + 1)  # the next call's ramp (lane_plan)
+    if observer is not None:
+        observer.observe_step(batch, seconds)
+    kept = np.minimum(agreed_lengths(tokens, drawn, uniforms, temperature), limits)  # [R]
+    short = (kept < count).nonzero()[0]  # rows whose state is the one after their last kept character
+    states, logits = final, final_logits
+    if short.size:
+        states, logits = final.copy(), final_logits.copy()
+        states[:, short, :] = inputs[kept[short], :, short, :].transpose(1, 0, 2)  # [S, L, H] -> [L, S, H]
+        logits[short] = drawn[kept[short], short]  # [S, V]
+    runner.put_states(slots, states)
+    ending = kept == lane.max_chars[taken] - lane.generated[taken]  # [R]: the call took them to max_chars
+    ended = ending.nonzero()[0]
+    ended_tokens = [tokens[: kept[p], p].tolist() for p in ended.tolist()]
+    block = take_stretch(lane, rows, forced_inputs[0], tokens, inputs, kept, logits, iteration, ~ending)
+    if observer is not None:
+        observer.observe_stretch(int(np.minimum(limits, count).sum()), int(kept.sum()))
+    return LaneCall(block, rows[ended], ended_tokens)
+
+
+def take_stretch(lane: SteadyLane, rows: np.ndarray, forced_input: np.ndarray, tokens: np.ndarray,
+                 inputs: np.ndarray, kept: np.ndarray, logits: np.ndarray, iteration: int,
+                 sent: np.ndarray) -> CharBlock | None:
+    """The lane's bookkeeping of a call over `rows` [R]: each consumed its waiting character
+    (input states forced_input [L, R, H]) and kept[r] of the K it drew (tokens [K, R], input states
+    inputs [K, L, R, H]); logits [R, V] are what each row's next character is drawn from. Returns
+    the kept characters of the rows where `sent` [R] as one block, a row's in order (None when
+    they kept none)."""
+    n, count = lane.n, len(tokens)
+    every = rows.size == n
+    taken = slice(0, n) if every else rows
+    lane_rows = lane._arange[:n] if every else rows
+    first = lane._t + 1  # the lane step of the forced characters; drawn character k's is first + 1 + k
+    window = lane.window
+    lane._ring[first % window] = forced_input
+    for k in range(count):
+        lane._ring[(first + 1 + k) % window] = inputs[k]
+    lane._t = first + count
+    if not every or int(kept.min()) < count:  # some lane row consumed fewer characters than steps passed
+        lane._partial_step = lane._t
+    # win[row, c & (K' - 1)] = t << b | p for each character c consumed (generated chars stepped + 1 ..
+    # stepped + 1 + kept), t its lane step and p the row's place in the call.
+    offsets = np.arange(count + 1)[:, None]  # [K + 1, 1]
+    consumed_mask = offsets <= kept[None, :]  # [K + 1, R]
+    consumed = lane.stepped[taken][None, :] + 1 + offsets  # [K + 1, R]: generated char c, 1-based
+    at = lane_rows[None, :] * (lane._k_mask + 1) + (consumed & lane._k_mask)  # [K + 1, R]
+    entries = ((first + offsets) << lane._bits) | lane._arange[: rows.size][None, :]  # [K + 1, R]
+    lane.win.ravel()[at[consumed_mask]] = entries[consumed_mask]
+    # The kept characters, one line of `drawn` per drawn position (-1: not kept), as sample() writes.
+    if lane._calls + count > TOKENS:
+        lane._save_tokens()
+    kept_mask = consumed_mask[1:]  # [K, R]: drawn character k is kept when k < kept
+    lines = lane.drawn[lane._calls: lane._calls + count]  # [K, c]
+    if every:
+        lines[:, :n] = np.where(kept_mask, tokens, -1)
+    else:
+        lines[:, :n] = -1
+        lines[:, rows] = np.where(kept_mask, tokens, -1)
+    lane._calls += count
+    if lane._calls == TOKENS:
+        lane._save_tokens()
+    lane.stepped[taken] += 1 + kept
+    lane.generated[taken] += kept
+    lane.position[taken] += kept.astype(np.uint64)  # plain rows: one random number a character
+    lane._least_left -= count  # each row drew at most K characters
+    lane.waiting[taken], lane.has_logits[taken], lane.last_step[taken] = -1, True, iteration
+    if every:
+        lane._step_logits = logits  # [n, V]: the call's own output, no copy (SteadyLane._owned_logits)
+    else:
+        lane._owned_logits()
+        lane.logits[rows] = logits
+    if not sent.all():
+        kept, kept_mask = np.where(sent, kept, 0), kept_mask & sent[None, :]
+    if not kept.any():
+        return None
+    return CharBlock(np.repeat(lane.rid[taken], kept), tokens.T[kept_mask.T], several=True)  # a row's in order
