@@ -25,6 +25,7 @@ from server.engine.runner.model_runner import load_runner
 from server.engine.sampling import SamplingSettings
 from server.engine.scheduling import lane_glue
 from server.engine.scheduling.scheduler import Scheduler
+from server.engine.scheduling.steady_lane import TOKENS
 from tests.test_steady_lane import snapshot_fields
 
 SLOTS = 6
@@ -140,3 +141,68 @@ def test_lane_stretches_give_what_the_other_paths_give(tiny_model_dir: Path, see
     assert [fields[3:] for fields in lane_states] == [fields[3:] for fields in single_states]
     assert sum(len(text) for text, _ in lane_ends.values()) > 300  # the script did generate
     assert any(end == CUT for _, end in lane_ends.values())
+
+
+def test_a_stop_string_request_outside_the_lane_does_not_hold_it_to_single_steps(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request with stop strings stays outside the lane and samples every iteration; the lane's
+    rows still stretch (a call of their own beside the outside row's), and every text is the one
+    single steps give."""
+    calls = []
+    real = lane_glue.stretch_lane
+
+    def counting(*args: object) -> object:
+        call = real(*args)  # type: ignore[arg-type]
+        calls.extend([args[2].size] if call is not None else [])  # type: ignore[attr-defined]
+        return call
+
+    monkeypatch.setattr(lane_glue, "stretch_lane", counting)
+    single_steps = []  # lane rows of each ordinary step the lane took
+    step_with_lane = Scheduler._step_with_lane
+
+    def counting_steps(scheduler: Scheduler, ready: list, lane_rows: np.ndarray) -> None:
+        single_steps.append(lane_rows.size)
+        step_with_lane(scheduler, ready, lane_rows)
+
+    monkeypatch.setattr(Scheduler, "_step_with_lane", counting_steps)
+    plan: dict[int, list[Scripted]] = {slot: [] for slot in range(SLOTS)}
+    for slot in range(4):  # plain streams, and one with a stop string that does not occur in 300
+        stops = ("QZ",) if slot == 0 else ()
+        plan[slot].append(Scripted(slot + 1, GenerationRequest((), 300, SamplingSettings(1.0), stops=stops), None))
+    lane_ends, lane_states = play(tiny_model_dir, plan, 0, 8)
+    stretched, stepped = len(calls), len(single_steps)
+    single_ends, _ = play(tiny_model_dir, plan, 0, 8, stretch=False, lane=False)
+    assert lane_ends == single_ends and lane_ends[1][1] == "length"  # the stop string never matched
+    # The lane's three rows stretched, and (the stop-string row beside them) hardly ever took a
+    # single step: holding them to single steps took 77 of them in this script.
+    assert stretched >= 10 and max(calls) == 3
+    assert stepped <= stretched // 10, (stepped, stretched)
+
+
+def test_a_huge_batch_stretch_is_bounded_by_what_the_lane_holds(tiny_model_dir: Path) -> None:
+    """--batch-stretch far above half the lookahead and the lane's store of characters: the lane's
+    calls (and its undo ring) are sized by what a call can keep, and the text is unchanged."""
+    plan: dict[int, list[Scripted]] = {slot: [] for slot in range(SLOTS)}
+    for slot in range(2):
+        plan[slot].append(Scripted(slot + 1, GenerationRequest((), 2500, SamplingSettings(1.0)), None))
+    texts = []
+    for lane_stretch in (True, False):
+        runner = load_runner(tiny_model_dir, device="cpu", num_slots=SLOTS)
+        scheduler = Scheduler(runner, max_batch=8, lookahead=4096, batch_stretch=5000, lane_stretch=lane_stretch)
+        if lane_stretch:
+            assert scheduler.lane is not None and scheduler.lane.advance == 1 + TOKENS
+        for slot in range(2):
+            scheduler.open(slot, 1000 + slot, [0])
+            scheduler.submit(slot + 1, slot, plan[slot][0].spec)
+        got = {1: "", 2: ""}
+        for _ in range(3000):
+            scheduler.sample()
+            scheduler.step()
+            for request_id, event in scheduler.take_events():
+                assert not event.error, event.error
+                got[request_id] += event.text
+            scheduler.ack_many(np.array([1, 2]), np.array([len(got[1]), len(got[2])]))
+            if len(got[1]) == len(got[2]) == 2500:
+                break
+        texts.append(got)
+    assert texts[0] == texts[1] and len(texts[0][1]) == 2500

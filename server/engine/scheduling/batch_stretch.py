@@ -1,5 +1,10 @@
 """A batch's stretches: every ready session samples and consumes several characters in one model call.
 
+Where states are host arrays, a batch's plain-temperature requests are the
+steady lane's and their calls are lane_stretch.py's, over its columns; this
+per-row path takes the batches outside the lane (states on a device, rows
+with stop strings or near max_chars).
+
 Many streams step together in ordinary steps, and each step costs the engine
 Python per row besides the model call: sampling, bookkeeping, events, the
 state pool (0.27 ms of a 1.58 ms int8 iteration at 64 streams on a 2-core

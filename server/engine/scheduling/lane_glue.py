@@ -21,6 +21,7 @@ from server.engine.generation import (
 )
 from server.engine.observer import StepObserver
 from server.engine.runner.model_runner import ModelRunner
+from server.engine.scheduling.batch_stretch import plan_together
 from server.engine.scheduling.lane_stretch import stretch_lane
 from server.engine.scheduling.prefill import PREFILL_MAX_BATCH, prefill
 from server.engine.scheduling.prefix_states import PrefixStates
@@ -115,10 +116,27 @@ class LaneGlue:
         self._observe_lookahead()  # a stretch ran ahead: the gauges must say how far
         return True
 
+    def _stretched_apart(self, ready: list[tuple[int, SlotState]], lane_rows: np.ndarray) -> bool:
+        """The lane's ready rows in a stretch call of their own (lane_stretch.py), and the ready
+        slots outside the lane (stop strings, near max_chars) in theirs when they may all stretch
+        (batch_stretch.py, or stretch.py for one): a row outside must not hold the lane to one
+        character a step. False when neither ran (an ordinary step over all of them follows);
+        when only the outside call ran, the lane's rows take an ordinary step alone."""
+        if ready and plan_together(ready, self.lookahead) is None:
+            return False  # a prompt or a request that cannot stretch: one ordinary step for all
+        if ready and not self._stretched(ready):
+            return False
+        if not self._stretch_lane(lane_rows):
+            if not ready:
+                return False
+            self._step_with_lane([], lane_rows)
+        self._observe_lookahead()
+        return True
+
     def _step_with_lane(self, ready: list[tuple[int, SlotState]], lane_rows: np.ndarray) -> None:
         """One ordinary step over the ready slots outside the lane and the lane's rows after them.
-        No stretch: the lane's requests are ones a stretch does not take, and neither path takes a
-        batch holding one (batch_stretch.plan_together)."""
+        No stretch: the caller found that one would not run (a prompt queued, a row that samples
+        with top-k/top-p or greedily, or lane stretches off: Scheduler._stretched_apart)."""
         lane = self.lane
         assert lane is not None
         self._graph_draws = None

@@ -70,6 +70,7 @@ def lane_plan(lane: SteadyLane, rows: np.ndarray, most: int) -> tuple[int, np.nd
     limits = np.minimum(np.minimum(lookahead - (generated - lane.delivered[rows]), lookahead // 2 - 1),
                         lane.max_chars[rows] - generated).clip(0)  # [R]
     quick = int(RAMP_BUDGET / lane.stretch_step_seconds) if lane.stretch_step_seconds else 0  # steps in budget
+    most = min(most, lane.advance - 1)  # the lane's undo ring holds a call of at most this
     count = min(int(limits.max()), most, max(BATCH_STRETCH_MIN, int(generated.min()), quick))
     return (count, limits) if count >= BATCH_STRETCH_MIN else None
 

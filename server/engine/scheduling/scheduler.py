@@ -13,13 +13,17 @@ collects to the callers. One iteration (the engine calls `sample()`, then `step(
      recently stepped first; or, when the ready sessions all sample with a
      plain temperature, one call of the stretch graph that also samples and
      consumes several more characters for each (stretch.py for a lone
-     session, batch_stretch.py for a batch).
+     session, batch_stretch.py for a batch outside the lane, lane_stretch.py
+     for the steady lane's rows).
 The per-row work of both (taking drawn characters, a step's inputs and
-outputs) is row_updates.py's. Requests that are plainly running and that no
-stretch takes (greedy, top-k/top-p, or every request with --no-stretch) are
-the steady lane's instead (steady_lane.py): their sampling, step bookkeeping,
-events and acknowledgements are array operations over all of them, so an
-iteration's cost hardly grows with their number. The commands (open, submit,
+outputs) is row_updates.py's. Requests that are plainly running (no stop
+strings, short of max_chars) and that no stretch outside the lane takes are
+the steady lane's instead (steady_lane.py): with host-state runners every
+such request of a batch, whose stretches then run over the lane's columns;
+with states on a device the greedy and top-k/top-p ones (every one with
+--no-stretch). Their sampling, step bookkeeping, events and
+acknowledgements are array operations over all of them, so an iteration's
+cost hardly grows with their number. The commands (open, submit,
 ack, abort, ...) are scheduler_commands.py's; the lane's side of them
 lane_glue.py's.
 
@@ -59,7 +63,7 @@ from server.engine.scheduling.prefix_states import PrefixStates
 from server.engine.scheduling.row_updates import run_step, take_drawn, take_step
 from server.engine.scheduling.scheduler_commands import SessionCommands
 from server.engine.scheduling.slot_state import Request, SlotState, lose
-from server.engine.scheduling.steady_lane import SteadyLane, may_enter
+from server.engine.scheduling.steady_lane import TOKENS, SteadyLane, may_enter
 from server.engine.scheduling.stretch import step_alone, stretch_length
 
 logger = logging.getLogger("charstream.server")
@@ -91,8 +95,10 @@ class Scheduler(SessionCommands):
         # arrays (lane_stretch.py); elsewhere batch_stretch.py's per-row path takes them.
         self.lane_stretches = (lane and lane_stretch and self.stretch and batch_stretch >= BATCH_STRETCH_MIN and max_batch >= 2
                                and runner.host_states)
-        self.lane = SteadyLane(runner.info.num_slots, len(self.chars), lookahead,
-                               batch_stretch if self.lane_stretches else 0) if lane else None
+        # A lane call keeps at most half the lookahead a row, and the lane's store of characters holds
+        # TOKENS calls: what sizes its undo ring (SteadyLane.advance) is the most a call can sample.
+        most = min(batch_stretch, lookahead // 2 - 1, TOKENS) if self.lane_stretches else 0
+        self.lane = SteadyLane(runner.info.num_slots, len(self.chars), lookahead, most) if lane else None
         self._outside: dict[int, Request] = {}
         # Slots that may have tokens waiting (a dict as an ordered set): steps look here, not at every slot.
         self._active: dict[int, None] = {}
@@ -237,7 +243,7 @@ class Scheduler(SessionCommands):
                 self.leave_lane()  # more than one batch: the per-row path's fairness decides
                 ready = self._ready_slots()
             elif lane_rows.size:
-                if not (ready or self._graph_draws is not None) and self.lane_stretches and self._stretch_lane(lane_rows):
+                if self.lane_stretches and self._graph_draws is None and self._stretched_apart(ready, lane_rows):
                     return
                 self._step_with_lane(ready, lane_rows)
                 return

@@ -238,7 +238,7 @@ class SteadyLane:
         # states for characters oldest .. stepped, where oldest >= delivered, so at most
         # generated - delivered <= lookahead of them (a row samples only below its lookahead). Had
         # every step since its oldest was consumed (lane step `held`) taken it, it consumed one
-        # character per step: t - held <= lookahead, so held > t + 1 - W (W = lookahead + 2). A
+        # character per step: t - held <= lookahead, so held > t + advance - W (W = lookahead + 1 + advance). A
         # row left out of some step, but of none of the last `lookahead`, consumed a character in
         # each of those: its oldest was consumed within them, the same case.
         # The next call overwrites the ring's entries of lane steps t + 1 - W .. t + advance - W,
