@@ -111,11 +111,10 @@ def play(model: Path, plan: dict[int, list[Scripted]], seed: int, max_batch: int
     return ends, [snapshot_fields(scheduler, slot) for slot in range(SLOTS)]
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("max_batch", [8, 4])
-def test_lane_stretches_give_what_the_other_paths_give(tiny_model_dir: Path, seed: int, max_batch: int,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []  # rows of each call the lane's stretches made
+@pytest.fixture
+def lane_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of each call the lane's stretches made, while the test runs."""
+    calls: list[int] = []
     real = lane_glue.stretch_lane
 
     def counting(*args: object) -> object:
@@ -124,6 +123,14 @@ def test_lane_stretches_give_what_the_other_paths_give(tiny_model_dir: Path, see
         return call
 
     monkeypatch.setattr(lane_glue, "stretch_lane", counting)
+    return calls
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("max_batch", [8, 4])
+def test_lane_stretches_give_what_the_other_paths_give(tiny_model_dir: Path, seed: int, max_batch: int,
+                                                       lane_calls: list[int]) -> None:
+    calls = lane_calls
     plan = script(seed, 20)
     lane_ends, lane_states = play(tiny_model_dir, plan, seed, max_batch)
     # More requests than a batch keep the lane empty (the per-row path's fairness decides): the lane
@@ -144,19 +151,11 @@ def test_lane_stretches_give_what_the_other_paths_give(tiny_model_dir: Path, see
 
 
 def test_a_stop_string_request_outside_the_lane_does_not_hold_it_to_single_steps(
-        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, lane_calls: list[int]) -> None:
     """A request with stop strings stays outside the lane and samples every iteration; the lane's
     rows still stretch (a call of their own beside the outside row's), and every text is the one
     single steps give."""
-    calls = []
-    real = lane_glue.stretch_lane
-
-    def counting(*args: object) -> object:
-        call = real(*args)  # type: ignore[arg-type]
-        calls.extend([args[2].size] if call is not None else [])  # type: ignore[attr-defined]
-        return call
-
-    monkeypatch.setattr(lane_glue, "stretch_lane", counting)
+    calls = lane_calls
     single_steps = []  # lane rows of each ordinary step the lane took
     step_with_lane = Scheduler._step_with_lane
 
