@@ -94,7 +94,7 @@ class LaneGlue:
         lane = self.lane
         assert lane is not None
         try:
-            call = stretch_lane(self.runner, lane, lane_rows, self.batch_stretch, self._iteration, self._observer)
+            call = stretch_lane(self.runner, lane, lane_rows, self._iteration, self._observer)
         except Exception as exc:  # noqa: BLE001 - as a failed step: these sessions only
             logger.exception("model step failed")
             lane_states = [lane.states[row] for row in lane_rows.tolist()]
@@ -136,7 +136,7 @@ class LaneGlue:
     def _step_with_lane(self, ready: list[tuple[int, SlotState]], lane_rows: np.ndarray) -> None:
         """One ordinary step over the ready slots outside the lane and the lane's rows after them.
         No stretch: the caller found that one would not run (a prompt queued, a row that samples
-        with top-k/top-p or greedily, or lane stretches off: Scheduler._stretched_apart)."""
+        with top-k/top-p or greedily, or lane stretches off: _stretched_apart)."""
         lane = self.lane
         assert lane is not None
         self._graph_draws = None

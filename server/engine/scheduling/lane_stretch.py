@@ -52,7 +52,7 @@ from server.engine.scheduling.stretch import agreed_lengths
 RAMP_BUDGET = 0.002  # seconds a call may take whatever its youngest row (lane_plan)
 
 
-def lane_plan(lane: SteadyLane, rows: np.ndarray, most: int) -> tuple[int, np.ndarray] | None:
+def lane_plan(lane: SteadyLane, rows: np.ndarray) -> tuple[int, np.ndarray] | None:
     """(K, each row's keepable count [R]) for a call over lane rows `rows` (each with its sampled
     character waiting), or None when they take an ordinary step: a row that is not plain, or a
     call that could not keep two characters.
@@ -70,7 +70,7 @@ def lane_plan(lane: SteadyLane, rows: np.ndarray, most: int) -> tuple[int, np.nd
     limits = np.minimum(np.minimum(lookahead - (generated - lane.delivered[rows]), lookahead // 2 - 1),
                         lane.max_chars[rows] - generated).clip(0)  # [R]
     quick = int(RAMP_BUDGET / lane.stretch_step_seconds) if lane.stretch_step_seconds else 0  # steps in budget
-    most = min(most, lane.advance - 1)  # the lane's undo ring holds a call of at most this
+    most = lane.advance - 1  # the most a call samples: what the lane's undo ring was sized for (Scheduler)
     count = min(int(limits.max()), most, max(BATCH_STRETCH_MIN, int(generated.min()), quick))
     return (count, limits) if count >= BATCH_STRETCH_MIN else None
 
@@ -85,13 +85,13 @@ class LaneCall(NamedTuple):
     ended_tokens: list[list[int]]
 
 
-def stretch_lane(runner: ModelRunner, lane: SteadyLane, rows: np.ndarray, most: int, iteration: int,
+def stretch_lane(runner: ModelRunner, lane: SteadyLane, rows: np.ndarray, iteration: int,
                  observer: StepObserver | None) -> LaneCall | None:
     """One stretch call over lane rows `rows` (sorted, each with a character waiting), or None
     (nothing run) when they take an ordinary step. Raises what the model call raised, the lane
     untouched."""
     assert runner.stretch_session is not None
-    plan = lane_plan(lane, rows, most)
+    plan = lane_plan(lane, rows)
     if plan is None:
         return None
     count, limits = plan
