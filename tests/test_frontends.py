@@ -136,14 +136,17 @@ def test_a_killed_frontend_ends_only_its_streams_and_its_sessions_keep_what_was_
 
 
 def test_sigterm_drains_every_frontend_and_exits_zero(tiny_model_dir: Path) -> None:
-    server = FrontendsServer(tiny_model_dir, 2, "--lookahead", "16").start()
+    # Streams far longer than the tiny model generates before the grace ends: with 10,000 characters
+    # a fast run finished some of them first (acknowledged as written, the rest waiting in gRPC's
+    # buffers), and they ended by length instead.
+    server = FrontendsServer(tiny_model_dir, 2, "--lookahead", "16", "--max-chars", "1000000").start()
     try:
         async def scenario() -> list[list[pb.GenerateResponse]]:
             async def read(seed: int) -> list[pb.GenerateResponse]:
                 async with grpc.aio.insecure_channel(server.address, options=OWN_CONNECTION) as aio_channel:
                     stub = pb_grpc.GeneratorStub(aio_channel)
                     replies = []
-                    async for reply in stub.Generate(pb.GenerateRequest(prompt=PROMPT, seed=seed, max_chars=10000)):
+                    async for reply in stub.Generate(pb.GenerateRequest(prompt=PROMPT, seed=seed, max_chars=1_000_000)):
                         replies.append(reply)
                         await asyncio.sleep(0.01)
                     return replies
