@@ -23,7 +23,7 @@ import pytest
 from server.engine.generation import GenerationRequest
 from server.engine.runner.model_runner import load_runner
 from server.engine.sampling import SamplingSettings
-from server.engine.scheduling import lane_glue
+from server.engine.scheduling import lane_glue, lane_stretch
 from server.engine.scheduling.scheduler import Scheduler
 from server.engine.scheduling.steady_lane import TOKENS
 from tests.test_steady_lane import snapshot_fields
@@ -61,11 +61,15 @@ def script(seed: int, chars: int) -> dict[int, list[Scripted]]:
     return plan
 
 
-def play(model: Path, plan: dict[int, list[Scripted]], seed: int, max_batch: int, **paths: bool) -> tuple[dict, list]:
-    """Run the script on one scheduler; (request id -> (delivered text, end), final slot snapshots)."""
-    runner = load_runner(model, device="cpu", num_slots=SLOTS)
+def play(model: Path, plan: dict[int, list[Scripted]], seed: int, max_batch: int, device_pool: bool = False,
+         **paths: bool) -> tuple[dict, list]:
+    """Run the script on one scheduler; (request id -> (delivered text, end), final slot snapshots).
+    `device_pool`: states in the device runner's pool (device_runner.py), on the CPU provider."""
+    runner = load_runner(model, device="cpu", num_slots=SLOTS, device_pool=device_pool)
+    assert runner.info.states_on_device == device_pool
     scheduler = Scheduler(runner, max_batch=max_batch, lookahead=12, **paths)  # type: ignore[arg-type]
-    rng = random.Random(seed * 7 + len(paths) + sum(paths.values()))  # the readers differ per scheduler
+    # The readers differ per scheduler.
+    rng = random.Random(seed * 7 + len(paths) + sum(paths.values()) + 3 * device_pool)
     for slot in range(SLOTS):
         scheduler.open(slot, 1000 + slot, [slot % len(scheduler.chars)])
     queue = {slot: list(requests) for slot, requests in plan.items()}
@@ -140,6 +144,10 @@ def test_lane_stretches_give_what_the_other_paths_give(tiny_model_dir: Path, see
     per_row_ends, per_row_states = play(tiny_model_dir, plan, seed, max_batch, lane_stretch=False)
     single_ends, single_states = play(tiny_model_dir, plan, seed, max_batch, stretch=False, lane=False)
     assert len(calls) == lane_calls  # the other two never took the lane's path
+    # The same calls over a device state pool (the path CUDA takes), on the CPU provider.
+    device_ends, device_states = play(tiny_model_dir, plan, seed, max_batch, device_pool=True)
+    assert len(calls) > lane_calls or lane_calls == 0, "the lane never stretched over the device pool"
+    assert device_ends == lane_ends and device_states == lane_states
     assert lane_ends == per_row_ends == single_ends
     # Both stretching paths leave each session with the same state, logits and queue, bit for bit.
     # Single steps may leave a sampled character consumed where a stretch left it queued: the same
@@ -205,3 +213,34 @@ def test_a_huge_batch_stretch_is_bounded_by_what_the_lane_holds(tiny_model_dir: 
                 break
         texts.append(got)
     assert texts[0] == texts[1] and len(texts[0][1]) == 2500
+
+
+@pytest.mark.parametrize("device_pool", [False, True])
+def test_draws_the_check_disputes_are_drawn_again_and_their_rows_states_rewritten(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, lane_calls: list[int], device_pool: bool) -> None:
+    """A call's state for each row is the one after the characters it may keep; where the NumPy
+    check disputes a draw the row keeps fewer, and its pooled state must be written again (the one
+    after its last kept character). Disputes are all but unseen in real draws, so here the check
+    reports one at random in about a third of the rows: the lane then draws those characters
+    itself, and texts, ends and sessions must still be those of single steps."""
+    rng = np.random.default_rng(5)
+    disputes = []
+    real = lane_stretch.agreed_lengths
+
+    def disputing(tokens: np.ndarray, *args: object) -> np.ndarray:
+        agreed = real(tokens, *args)  # type: ignore[arg-type]
+        early = rng.integers(0, len(tokens), agreed.shape)  # [R]
+        chosen = rng.random(agreed.shape) < 0.35
+        disputes.append(int((chosen & (early < agreed)).sum()))
+        return np.where(chosen, np.minimum(agreed, early), agreed)
+
+    monkeypatch.setattr(lane_stretch, "agreed_lengths", disputing)
+    plan = script(3, 20)
+    lane_ends, lane_states = play(tiny_model_dir, plan, 3, 8, device_pool=device_pool)
+    assert len(lane_calls) >= 5 and sum(disputes) >= 10, (len(lane_calls), sum(disputes))
+    # batch_stretch.py's per-row path has a check of its own, not disputed here: bit for bit the same
+    # sessions, so the rewritten states are the right ones.
+    per_row_ends, per_row_states = play(tiny_model_dir, plan, 3, 8, lane_stretch=False)
+    single_ends, _ = play(tiny_model_dir, plan, 3, 8, stretch=False, lane=False)
+    assert lane_ends == per_row_ends == single_ends
+    assert lane_states == per_row_states

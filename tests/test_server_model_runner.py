@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from server.engine.model.providers import CUDA, DeviceError, cuda_device_count
-from server.engine.runner.model_runner import build_device_runner, load_runner
+from server.engine.runner.device_runner import build_device_runner
+from server.engine.runner.model_runner import load_runner
 from tests.plain_loop import plain_step
 
 HAS_CUDA = CUDA in ort.get_available_providers() and cuda_device_count()[0] > 0
@@ -78,6 +79,45 @@ def test_start_states_replace_the_pooled_state_on_both_paths(tiny_model_dir: Pat
         np.testing.assert_array_equal(out.logits[0], again.logits[0])
     np.testing.assert_array_equal(restored[0].logits, restored[1].logits)
     np.testing.assert_array_equal(restored[0].inputs, restored[1].inputs)
+
+
+def test_stretch_rows_over_a_device_pool_equal_the_host_path_on_cpu(tiny_model_dir: Path) -> None:
+    """The steady lane's call over pooled rows (stretch_rows) and writing states in (put_states,
+    put_state): the device path's graphs against the host pool, bit for bit, on the CPU provider."""
+    host = load_runner(tiny_model_dir, device="cpu", num_slots=8)
+    device = load_runner(tiny_model_dir, device="cpu", num_slots=8, device_pool=True)
+    assert device.info.states_on_device and device.stretches_rows() and host.stretches_rows()
+    spec = host.info.spec
+    rng = np.random.default_rng(3)
+    every = np.arange(8)
+    tokens = rng.integers(0, spec.vocab_size, 8)
+    for runner in (host, device):
+        runner.step(tokens, every, np.ones(8, bool))
+    for _ in range(12):
+        rows = int(rng.integers(1, 7))
+        slots = np.sort(rng.choice(8, rows, replace=False))
+        count = int(rng.integers(2, 6))
+        forced = rng.integers(0, spec.vocab_size, (1, rows))
+        uniforms = rng.random((count, rows))
+        temperature = rng.choice([0.6, 1.0, 1.4], rows)
+        keep = rng.integers(0, count + 1, rows)  # [R]: some rows keep every draw, some fewer, some none
+        got = [runner.stretch_rows(slots, forced, uniforms, temperature, keep) for runner in (host, device)]
+        for a, b in zip(*got):
+            np.testing.assert_array_equal(a, b)
+        after = got[0].inputs.copy()  # [K, L, R, H], then the state after the last draw
+        assert after.shape == (count, spec.num_layers, rows, spec.hidden_size)
+        np.testing.assert_array_equal(host.read_states(every), device.read_states(every))
+        # Row r's pooled state is the one before its draw keep[r] (after every draw when it kept all).
+        kept_some = (keep < count).nonzero()[0]
+        np.testing.assert_array_equal(device.read_states(slots[kept_some]),
+                                      after[keep[kept_some], :, kept_some, :].transpose(1, 0, 2))
+        if rng.random() < 0.5:  # a row's state written in, as the lane does for a disputed draw
+            states = rng.standard_normal((spec.num_layers, 2, spec.hidden_size)).astype(np.float32)
+            for runner in (host, device):
+                runner.put_states(np.array([slots[0], (slots[0] + 3) % 8]), states)
+                runner.put_state(int(slots[-1]), states[:, 0, :])
+            np.testing.assert_array_equal(device.read_states(np.array([slots[-1]]))[:, 0], states[:, 0])
+    np.testing.assert_array_equal(host.read_states(every), device.read_states(every))
 
 
 def test_device_state_pool_buffers_never_share_memory(tiny_model_dir: Path) -> None:
@@ -149,6 +189,7 @@ def test_a_failing_device_state_pool_falls_back_to_host_states(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Where the pooled CUDA graph cannot be built, the plain cell still serves (states on the host)."""
+    import server.engine.runner.device_runner as device_runner
     import server.engine.runner.model_runner as model_runner
 
     real_create = model_runner.create_session
@@ -167,7 +208,7 @@ def test_a_failing_device_state_pool_falls_back_to_host_states(
         raise RuntimeError("pooled graph rejected by the provider\nsecond line")
 
     monkeypatch.setattr(model_runner, "create_session", lambda *a: ReportsCuda(real_create(a[0], "cpu", *a[2:])))
-    monkeypatch.setattr(model_runner, "build_device_runner", failing_pool)
+    monkeypatch.setattr(device_runner, "build_device_runner", failing_pool)
     with caplog.at_level(logging.WARNING, logger="charstream.server"):
         runner = load_runner(tiny_model_dir, device="cuda", num_slots=2)
     assert runner.info.provider == CUDA and not runner.info.states_on_device

@@ -47,10 +47,11 @@ class Driver:
             self.taken[request_id] = self.taken.get(request_id, 0) + len(event.text)
 
 
-def run_scenario(model: Path, seed: int, stretch: bool, max_batch: int, batch_stretch: int) -> list[Driver]:
+def run_scenario(model: Path, seed: int, stretch: bool, max_batch: int, batch_stretch: int,
+                 device_pool: bool = False) -> list[Driver]:
     drivers = []
     for lane in (True, False):
-        runner = load_runner(model, device="cpu", num_slots=SLOTS)
+        runner = load_runner(model, device="cpu", num_slots=SLOTS, device_pool=device_pool)
         # In step with the per-row path: the lane's own stretches (lane_stretch.py) keep different
         # characters per call than batch_stretch.py's, which test_lane_stretch.py compares apart.
         drivers.append(Driver(Scheduler(runner, max_batch=max_batch, lookahead=6, stretch=stretch,
@@ -140,9 +141,10 @@ def test_the_scenarios_stall_readers_long_enough_to_spill(tiny_model_dir: Path,
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("stretch,max_batch,batch_stretch", [(False, 8, 16), (True, 8, 16), (True, 8, 0), (False, 3, 16)])
+@pytest.mark.parametrize("device_pool", [False, True])  # True: the states CUDA keeps on the device
 def test_the_lane_gives_what_the_per_row_path_gives(tiny_model_dir: Path, seed: int, stretch: bool,
-                                                    max_batch: int, batch_stretch: int) -> None:
-    with_lane, per_row = run_scenario(tiny_model_dir, seed, stretch, max_batch, batch_stretch)
+                                                    max_batch: int, batch_stretch: int, device_pool: bool) -> None:
+    with_lane, per_row = run_scenario(tiny_model_dir, seed, stretch, max_batch, batch_stretch, device_pool)
     assert with_lane.seen == per_row.seen
     assert sum(len(events) for events in with_lane.seen.values()) > 50  # the scenario did generate
     assert with_lane.most_in_lane >= 2 and per_row.most_in_lane == 0

@@ -13,8 +13,9 @@ start_mask[i], from start_states[:, i] (zeros when start_states is None: a
 fresh session). The scheduler keeps `inputs` rows to undo characters that
 were generated ahead but never delivered. On the CPU
 provider states are a numpy pool; on CUDA they stay on the device (IOBinding
-with a graph that gathers and scatters them itself), so only token ids, slot
-ids and logits cross between host and device.
+with graphs that gather and scatter them themselves: device_runner.py), so
+only token ids, slot ids, logits and the undo window's states cross between
+host and device.
 """
 
 from __future__ import annotations
@@ -27,22 +28,21 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from server.engine.graphs.pooled_graph import (
-    INPUT_KEEP,
-    INPUT_POOL,
-    INPUT_SLOTS,
-    INPUT_START,
-    OUTPUT_POOL,
-    OUTPUT_START_STATE,
-    build_pooled_step,
-)
+from server.engine.graphs.pooled_stretch_graph import build_pooled_stretch
 from server.engine.graphs.prefill_graph import (
     INPUT_CHUNK,
     INPUT_CHUNK_START,
     build_prefill,
 )
-from server.engine.graphs.stretch_graph import build_stretch
-from server.engine.model.model_contract import INPUT_HIDDEN, INPUT_TOKENS, OUTPUT_LOGITS
+from server.engine.graphs.stretch_graph import (
+    INPUT_FORCED,
+    INPUT_STRETCH_LOGITS,
+    INPUT_STRETCH_START,
+    INPUT_TEMPERATURE,
+    INPUT_UNIFORMS,
+    build_stretch,
+)
+from server.engine.model.model_contract import INPUT_HIDDEN, INPUT_TOKENS
 from server.engine.model.model_dir import (
     AUTO,
     ModelDirError,
@@ -59,7 +59,7 @@ from server.engine.model.providers import (
     create_session,
     expected_provider,
 )
-from server.engine.runner.state_pool import DeviceStatePool, HostStatePool
+from server.engine.runner.state_pool import HostStatePool
 from server.structured_log import log_event
 
 if TYPE_CHECKING:
@@ -82,6 +82,17 @@ class RunnerInfo:
 class StepOutput(NamedTuple):
     logits: np.ndarray  # [B, V] on the host
     inputs: np.ndarray  # [L, B, H] on the host: the state each row started from
+
+
+class RowStretch(NamedTuple):
+    """A stretch call over pooled rows, as the host sees it: the stretch graph's outputs
+    (stretch_graph.py) less the states after the call, which stay in the pool."""
+
+    forced_inputs: np.ndarray  # [F, L, R, H]: the state before each forced character
+    tokens: np.ndarray  # [K, R]: the characters drawn
+    inputs: np.ndarray  # [K, L, R, H]: the state before each drawn character (undo window)
+    drawn: np.ndarray  # [K, R, V]: the logits each was drawn from
+    final_logits: np.ndarray  # [R, V]: the logits after the last drawn character
 
 
 class ModelRunner:
@@ -113,12 +124,16 @@ class ModelRunner:
         """The states of `slots` as a host [L, B, H] array (tests and diagnostics)."""
         raise NotImplementedError
 
-    # Whether states can be taken out and put back as host arrays at no extra cost (the steady
-    # lane's stretches: lane_stretch.py); with states on a device they would cross twice a call.
-    host_states = False
+    def stretches_rows(self) -> bool:
+        """Whether stretch_rows can run (the steady lane's stretches: lane_stretch.py)."""
+        return False
 
-    def take_states(self, slots: np.ndarray) -> np.ndarray:
-        """The states of `slots` [B] as an [L, B, H] host array the caller must not write to."""
+    def stretch_rows(self, slots: np.ndarray, forced: np.ndarray, uniforms: np.ndarray, temperature: np.ndarray,
+                     keep: np.ndarray) -> RowStretch:
+        """One stretch-graph call from the pooled states of `slots` [R]: each row consumes its
+        forced character (forced [1, R]), then draws and consumes K more with its random numbers
+        uniforms [K, R] at its temperature [R]. Afterwards the pool holds each row's state after
+        its forced character and its first keep[r] (<= K) drawn ones."""
         raise NotImplementedError
 
     def put_states(self, slots: np.ndarray, states: np.ndarray) -> None:
@@ -150,56 +165,33 @@ class HostStateRunner(ModelRunner):
     def read_states(self, slots: np.ndarray) -> np.ndarray:
         return self.pool.read(slots)
 
-    host_states = True
+    def stretches_rows(self) -> bool:
+        return self.stretch_session is not None
 
-    def take_states(self, slots: np.ndarray) -> np.ndarray:
-        # The last call's own output when it was over the same slots: no gather, no copy.
-        return self.pool.gather(slots, np.zeros(len(slots), bool))
+    def stretch_rows(self, slots: np.ndarray, forced: np.ndarray, uniforms: np.ndarray, temperature: np.ndarray,
+                     keep: np.ndarray) -> RowStretch:
+        assert self.stretch_session is not None, "stretch_rows() without a stretch graph"
+        forced_inputs, tokens, inputs, drawn, final_logits, final = self.stretch_session.run(None, {
+            INPUT_FORCED: forced,  # [1, R]
+            INPUT_STRETCH_LOGITS: np.zeros((len(slots), self.info.spec.vocab_size), np.float32),  # unread: F = 1
+            # The last call's own output when it was over the same slots: no gather, no copy.
+            INPUT_STRETCH_START: self.pool.gather(slots, np.zeros(len(slots), bool)),  # [L, R, H]
+            INPUT_UNIFORMS: uniforms,  # [K, R] float64
+            INPUT_TEMPERATURE: temperature,  # [R]
+        })  # [1, L, R, H], [K, R], [K, L, R, H], [K, R, V], [R, V], [L, R, H]
+        short = (keep < len(tokens)).nonzero()[0]  # rows whose state is the one after their keep[r]-th
+        states = final
+        if short.size:
+            states = final.copy()
+            states[:, short, :] = inputs[keep[short], :, short, :].transpose(1, 0, 2)  # [S, L, H] -> [L, S, H]
+        self.pool.scatter(slots, states)  # kept resident: the next call over the same rows starts from it
+        return RowStretch(forced_inputs, tokens, inputs, drawn, final_logits)
 
     def put_states(self, slots: np.ndarray, states: np.ndarray) -> None:
         self.pool.scatter(slots, states)
 
     def put_state(self, slot: int, state: np.ndarray) -> None:
         self.pool.write(slot, state)
-
-
-class DeviceStateRunner(ModelRunner):
-    """States in device memory; the pooled step graph run with IOBinding.
-
-    `device_type` is "cuda" in service; "cpu" runs the same code path on the
-    CPU provider so that it can be tested on machines without a GPU.
-    """
-
-    def __init__(self, session: ort.InferenceSession, info: RunnerInfo, device_type: str = "cuda", device_id: int = 0):
-        self.session = session
-        self.info = info
-        spec = info.spec
-        self.pool = DeviceStatePool(spec.num_layers, info.num_slots, spec.hidden_size, device_type, device_id)
-
-    def step(
-        self, token_ids: np.ndarray, slots: np.ndarray, start_mask: np.ndarray, start_states: np.ndarray | None = None
-    ) -> StepOutput:
-        spec = self.info.spec
-        if start_states is None:
-            start_states = np.zeros((spec.num_layers, len(slots), spec.hidden_size), np.float32)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_TOKENS, np.ascontiguousarray(token_ids, dtype=np.int64))
-        binding.bind_cpu_input(INPUT_SLOTS, np.ascontiguousarray(slots, dtype=np.int64))
-        binding.bind_cpu_input(INPUT_KEEP, np.logical_not(start_mask))  # bool [B]
-        binding.bind_cpu_input(INPUT_START, np.ascontiguousarray(start_states, dtype=np.float32))  # [L, B, H]
-        binding.bind_ortvalue_input(INPUT_POOL, self.pool.current)
-        # Outputs come back in binding order. Only logits and the step's input
-        # states cross to the host; the pool stays on the device.
-        binding.bind_output(OUTPUT_LOGITS, "cpu")
-        binding.bind_output(OUTPUT_START_STATE, "cpu")
-        binding.bind_ortvalue_output(OUTPUT_POOL, self.pool.spare)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.pool.swap()
-        return StepOutput(outputs[0].numpy(), outputs[1].numpy())  # [B, V], [L, B, H]
-
-    def read_states(self, slots: np.ndarray) -> np.ndarray:
-        return self.pool.read(slots)
 
 
 def _session_spec(session: ort.InferenceSession, where: str) -> ModelSpec:
@@ -209,19 +201,6 @@ def _session_spec(session: ort.InferenceSession, where: str) -> ModelSpec:
         [o.name for o in session.get_outputs()],
         where,
     )
-
-
-def build_device_runner(
-    model_file: ModelFile, spec: ModelSpec, num_slots: int, device: str, threads: ThreadSettings | None = None
-) -> DeviceStateRunner:
-    """The IOBinding runner: `device` "cuda" in service, "cpu" to test the same path without a GPU."""
-    import onnx  # only the device path edits graphs
-
-    pooled = build_pooled_step(onnx.load(str(model_file.path)), num_slots, spec.num_layers, spec.hidden_size)
-    session = create_session(pooled.SerializeToString(), device, threads)
-    provider = session.get_providers()[0]
-    info = RunnerInfo(spec, model_file, provider, num_slots, states_on_device=True)
-    return DeviceStateRunner(session, info, device_type="cuda" if provider == CUDA else "cpu")
 
 
 def _loop_session(what: str, build: Callable[[onnx.ModelProto], onnx.ModelProto], model_file: ModelFile,
@@ -290,6 +269,7 @@ def load_runner(
     device: str = "auto",
     num_slots: int = 1024,
     threads: ThreadSettings | int | None = None,
+    device_pool: bool | None = None,
 ) -> ModelRunner:
     """Load the model directory's chosen variant on the provider `device` selects.
 
@@ -301,6 +281,9 @@ def load_runner(
     provider actually in use; the reason is in info.model_file.reason.
     threads: ONNX Runtime threading (default ThreadSettings()); a bare int is
     read as intra_op_threads with the default spinning setting (older callers).
+    device_pool: keep states in a pool of ONNX Runtime values, read and written by graphs
+    (device_runner.py); None: where the provider is CUDA. True on the CPU provider runs that
+    path there (tests).
 
     Raises ModelDirError (bad directory/model) or DeviceError (device unavailable).
     """
@@ -313,9 +296,15 @@ def load_runner(
     warn_if_rows_share_a_scale(model_file)
     provider = session.get_providers()[0]
     runner: ModelRunner | None = None
-    if provider == CUDA:
+    loop_device = "cuda" if provider == CUDA else "cpu"
+    pooled = provider == CUDA if device_pool is None else device_pool
+    if pooled:
+        from server.engine.runner.device_runner import (
+            build_device_runner,  # only this path edits graphs
+        )
+
         try:
-            runner = build_device_runner(model_file, spec, num_slots, "cuda", threads)
+            runner = build_device_runner(model_file, spec, num_slots, loop_device, threads)
         except Exception as exc:  # noqa: BLE001 - any failure of the optional pooled graph
             # The plain cell already runs on CUDA: serve it with states on the host
             # rather than refuse to start.
@@ -324,12 +313,16 @@ def load_runner(
         runner = HostStateRunner(session, RunnerInfo(spec, model_file, provider, num_slots, states_on_device=False))
     else:
         del session  # replaced by the pooled graph on the same provider
-    loop_device = "cuda" if provider == CUDA else "cpu"
     runner.prefill_session = _loop_session(
         "prefill", lambda cell: build_prefill(cell, spec.num_layers, spec.hidden_size), model_file, loop_device, threads)
     runner.stretch_session = _loop_session(
         "stretch", lambda cell: build_stretch(cell, spec.num_layers, spec.hidden_size, spec.vocab_size), model_file,
         loop_device, threads)
+    if runner.info.states_on_device and runner.stretch_session is not None:
+        runner.pooled_stretch_session = _loop_session(  # type: ignore[attr-defined]
+            "pooled_stretch", lambda cell: build_pooled_stretch(
+                build_stretch(cell, spec.num_layers, spec.hidden_size, spec.vocab_size), num_slots, spec.num_layers,
+                spec.hidden_size), model_file, loop_device, threads)
     log_event(
         logger,
         "model_loaded",

@@ -18,13 +18,14 @@ the lane (steady_lane.py) and a call's outputs go into its columns whole:
   - a call is K + 1 lane steps: the ring holds the state before each
     character consumed (the forced one's, then each drawn one's), so
     undoing, spilling and leaving read them as they read an ordinary step's;
-  - the states after the call go back to the pool as the call's own output
-    (HostStatePool keeps it resident: the next call over the same rows
-    starts from it with no gather), a row that kept fewer taking the state
-    after its last kept character.
-
-Only host-state runners stretch in the lane (ModelRunner.host_states): with
-states on a device each call would copy them out and back.
+  - the call starts from the rows' pooled states and leaves in the pool each
+    row's state after the characters it may keep (ModelRunner.stretch_rows):
+    with host states the call's own output, which HostStatePool keeps
+    resident so that the next call over the same rows starts from it with no
+    gather; with states on a device (device_runner.py) the graph gathers and
+    scatters them there, and only the undo window's states come to the host.
+    A row whose draws the check disputed kept fewer than planned: its state
+    is written again, the one after its last kept character.
 """
 
 from __future__ import annotations
@@ -35,13 +36,6 @@ from typing import NamedTuple
 import numpy as np
 
 from server.engine.generation import CharBlock
-from server.engine.graphs.stretch_graph import (
-    INPUT_FORCED,
-    INPUT_STRETCH_LOGITS,
-    INPUT_STRETCH_START,
-    INPUT_TEMPERATURE,
-    INPUT_UNIFORMS,
-)
 from server.engine.observer import StepObserver
 from server.engine.runner.model_runner import ModelRunner
 from server.engine.sampling import uniforms_at
@@ -90,7 +84,6 @@ def stretch_lane(runner: ModelRunner, lane: SteadyLane, rows: np.ndarray, iterat
     """One stretch call over lane rows `rows` (sorted, each with a character waiting), or None
     (nothing run) when they take an ordinary step. Raises what the model call raised, the lane
     untouched."""
-    assert runner.stretch_session is not None
     plan = lane_plan(lane, rows)
     if plan is None:
         return None
@@ -102,26 +95,23 @@ def stretch_lane(runner: ModelRunner, lane: SteadyLane, rows: np.ndarray, iterat
     steps = np.arange(count, dtype=np.uint64)[:, None]  # [K, 1]
     uniforms = uniforms_at(np.broadcast_to(lane.key[taken], (count, batch)).ravel(),
                            (lane.position[taken][None, :] + steps).ravel()).reshape(count, batch)  # [K, R]
+    planned = np.minimum(limits, count)  # [R]: what each row keeps unless the check disputes a draw
     started = time.perf_counter()
-    forced_inputs, tokens, inputs, drawn, final_logits, final = runner.stretch_session.run(None, {
-        INPUT_FORCED: lane.waiting[taken][None, :].copy(),  # [1, R]
-        INPUT_STRETCH_LOGITS: np.zeros((batch, lane.logits.shape[1]), np.float32),  # [R, V], unread: F = 1
-        INPUT_STRETCH_START: runner.take_states(slots),  # [L, R, H]
-        INPUT_UNIFORMS: uniforms,  # [K, R] float64
-        INPUT_TEMPERATURE: temperature,  # [R]
-    })  # [1, L, R, H], [K, R], [K, L, R, H], [K, R, V], [R, V], [L, R, H]
+    forced_inputs, tokens, inputs, drawn, logits = runner.stretch_rows(
+        slots, lane.waiting[taken][None, :].copy(), uniforms, temperature, planned)
+    # [1, L, R, H], [K, R], [K, L, R, H], [K, R, V], [R, V]
     seconds = time.perf_counter() - started
     lane.stretch_step_seconds = seconds / (count + 1)  # the next call's ramp (lane_plan)
     if observer is not None:
         observer.observe_step(batch, seconds)
     kept = np.minimum(agreed_lengths(tokens, drawn, uniforms, temperature), limits)  # [R]
-    short = (kept < count).nonzero()[0]  # rows whose state is the one after their last kept character
-    states, logits = final, final_logits
+    disputed = (kept < planned).nonzero()[0]  # the pool holds their state after `planned`: one after `kept`
+    if disputed.size:
+        runner.put_states(slots[disputed], inputs[kept[disputed], :, disputed, :].transpose(1, 0, 2))  # [L, D, H]
+    short = (kept < count).nonzero()[0]  # rows whose next logits are those after their last kept character
     if short.size:
-        states, logits = final.copy(), final_logits.copy()
-        states[:, short, :] = inputs[kept[short], :, short, :].transpose(1, 0, 2)  # [S, L, H] -> [L, S, H]
+        logits = logits.copy()
         logits[short] = drawn[kept[short], short]  # [S, V]
-    runner.put_states(slots, states)
     ending = kept == lane.max_chars[taken] - lane.generated[taken]  # [R]: the call took them to max_chars
     ended = ending.nonzero()[0]
     ended_tokens = [tokens[: kept[p], p].tolist() for p in ended.tolist()]

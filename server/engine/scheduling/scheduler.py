@@ -91,10 +91,11 @@ class Scheduler(SessionCommands):
         self.requests: dict[int, Request] = {}
         # Plainly running requests keep their per-step bookkeeping in arrays (steady_lane.py); the
         # rest are `_outside`, the only requests an iteration looks at one by one.
-        # Plain-temperature requests of a batch stretch in the lane itself where states are host
-        # arrays (lane_stretch.py); elsewhere batch_stretch.py's per-row path takes them.
-        self.lane_stretches = (lane and lane_stretch and self.stretch and batch_stretch >= BATCH_STRETCH_MIN and max_batch >= 2
-                               and runner.host_states)
+        # Plain-temperature requests of a batch stretch in the lane itself where the runner can make
+        # the call over pooled rows (lane_stretch.py: host states, or a device pool with its stretch
+        # graph); elsewhere batch_stretch.py's per-row path takes them.
+        self.lane_stretches = (lane and lane_stretch and self.stretch and batch_stretch >= BATCH_STRETCH_MIN
+                               and max_batch >= 2 and runner.stretches_rows())
         # A lane call keeps at most half the lookahead a row, and the lane's store of characters holds
         # TOKENS calls: what sizes its undo ring (SteadyLane.advance) is the most a call can sample.
         most = min(batch_stretch, lookahead // 2 - 1, TOKENS) if self.lane_stretches else 0
