@@ -82,8 +82,8 @@ def test_start_states_replace_the_pooled_state_on_both_paths(tiny_model_dir: Pat
 
 
 def test_stretch_rows_over_a_device_pool_equal_the_host_path_on_cpu(tiny_model_dir: Path) -> None:
-    """The steady lane's call over pooled rows (stretch_rows) and writing states in (put_states,
-    put_state): the device path's graphs against the host pool, bit for bit, on the CPU provider."""
+    """The steady lane's call over pooled rows (stretch_rows) and writing states in (put_states):
+    the device path's graphs against the host pool, bit for bit, on the CPU provider."""
     host = load_runner(tiny_model_dir, device="cpu", num_slots=8)
     device = load_runner(tiny_model_dir, device="cpu", num_slots=8, device_pool=True)
     assert device.info.states_on_device and device.stretches_rows() and host.stretches_rows()
@@ -113,10 +113,10 @@ def test_stretch_rows_over_a_device_pool_equal_the_host_path_on_cpu(tiny_model_d
                                       after[keep[kept_some], :, kept_some, :].transpose(1, 0, 2))
         if rng.random() < 0.5:  # a row's state written in, as the lane does for a disputed draw
             states = rng.standard_normal((spec.num_layers, 2, spec.hidden_size)).astype(np.float32)
+            written = np.array([slots[0], (slots[0] + 3) % 8])
             for runner in (host, device):
-                runner.put_states(np.array([slots[0], (slots[0] + 3) % 8]), states)
-                runner.put_state(int(slots[-1]), states[:, 0, :])
-            np.testing.assert_array_equal(device.read_states(np.array([slots[-1]]))[:, 0], states[:, 0])
+                runner.put_states(written, states)
+            np.testing.assert_array_equal(device.read_states(written), states)
     np.testing.assert_array_equal(host.read_states(every), device.read_states(every))
 
 

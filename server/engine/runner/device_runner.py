@@ -145,9 +145,6 @@ class DeviceStateRunner(ModelRunner):
         self._pool_write.run_with_iobinding(binding)
         self.pool.swap()
 
-    def put_state(self, slot: int, state: np.ndarray) -> None:
-        self.put_states(np.array([slot], np.int64), state[:, None, :])  # [L, H] -> [L, 1, H]
-
 
 def build_device_runner(
     model_file: ModelFile, spec: ModelSpec, num_slots: int, device: str, threads: ThreadSettings | None = None

@@ -140,10 +140,6 @@ class ModelRunner:
         """`states` [L, B, H] (never written to afterwards) are the newest states of `slots` [B]."""
         raise NotImplementedError
 
-    def put_state(self, slot: int, state: np.ndarray) -> None:
-        """Copy `state` [L, H] into the pool as the state of `slot`."""
-        raise NotImplementedError
-
 
 class HostStateRunner(ModelRunner):
     """States in host memory; the plain step model."""
@@ -189,9 +185,6 @@ class HostStateRunner(ModelRunner):
 
     def put_states(self, slots: np.ndarray, states: np.ndarray) -> None:
         self.pool.scatter(slots, states)
-
-    def put_state(self, slot: int, state: np.ndarray) -> None:
-        self.pool.write(slot, state)
 
 
 def _session_spec(session: ort.InferenceSession, where: str) -> ModelSpec:

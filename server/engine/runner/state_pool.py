@@ -71,11 +71,6 @@ class HostStatePool:
         self._write_back()
         return self.states[:, slots, :]  # [L, B, H]
 
-    def write(self, slot: int, state: np.ndarray) -> None:
-        """`state` [L, H] (copied) is the newest state of `slot`."""
-        self._write_back()
-        self.states[:, slot, :] = state
-
     def _write_back(self) -> None:
         if self._resident_slots is not None:
             self.states[:, self._resident_slots, :] = self._resident

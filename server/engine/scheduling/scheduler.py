@@ -200,10 +200,15 @@ class Scheduler(SessionCommands):
         self._observe_lookahead()
 
     def _enter_lane(self, entering: list[tuple[Request, SlotState]]) -> None:
-        for request, state in entering:
-            if state.start is not None:  # its last call's state (batch_stretch.py's), into the pool
-                self.runner.put_state(request.slot, state.start)
+        # Their last calls' states (batch_stretch.py's) into the pool in one write: on a device
+        # each write is a graph call that copies the pool.
+        starting = [(request.slot, state) for request, state in entering if state.start is not None]
+        if starting:
+            self.runner.put_states(np.array([slot for slot, _ in starting], np.int64),
+                                   np.stack([state.start for _, state in starting], axis=1))  # [L, B, H]
+            for _, state in starting:
                 state.start = None
+        for request, state in entering:
             self.lane.enter(request, state)  # type: ignore[union-attr]
             del self._outside[request.id]
 
